@@ -1,0 +1,52 @@
+"""The `glide-jax` command: one entry point, one subcommand per job.
+
+Each subcommand lives in `glide_jax/commands/<module>.py`, exposing `add_arguments(parser)` and
+`run(args) -> int`; it is imported only when chosen, so `glide-jax --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module under glide_jax.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("train", "Train a GLIDE stage (base, upsample, inpaint, clip) from a config."),
+    "sample": ("sample", "Sample images from prompts with a trained or imported model."),
+    "export": ("export", "Write an inference bundle from a training workdir."),
+    "eval": ("eval", "Evaluate samples: caption accuracy, CLIP score, FID, guidance sweeps."),
+    "data": ("data", "Build datasets and train tokenizers."),
+    "plan": ("plan", "Compile a config ahead of time for a TPU topology: memory, FLOPs, fit."),
+    "import-torch": ("import_torch", "Convert a glide-text2im PyTorch checkpoint to glide-jax params."),
+    "export-torch": ("export_torch", "Convert glide-jax params to a glide-text2im state_dict."),
+    "parity": ("parity", "Check our models and diffusion against reference dumps (.npz)."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="glide-jax", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+  for name, (_, help_text) in COMMANDS.items():
+    sub.add_parser(name, help=help_text, add_help=False)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    parser = build_parser()
+    if argv and argv[0] not in ("-h", "--help"):
+      parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}")
+    parser.print_help()
+    return 0 if argv else 2
+  name, rest = argv[0], argv[1:]
+  module_name, help_text = COMMANDS[name]
+  module = importlib.import_module(f"glide_jax.commands.{module_name}")
+  parser = argparse.ArgumentParser(prog=f"glide-jax {name}", description=help_text)
+  module.add_arguments(parser)
+  args = parser.parse_args(rest)
+  return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

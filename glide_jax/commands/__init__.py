@@ -1,0 +1,1 @@
+"""Subcommands of the `glide-jax` command (see glide_jax/cli.py)."""

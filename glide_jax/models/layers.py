@@ -1,0 +1,145 @@
+"""Small layers shared by every model, each carrying logical axis names.
+
+Logical axis vocabulary (the mesh rules in `glide_jax/parallel` map these to mesh axes):
+
+  parameters
+    'vocab'        token-embedding rows
+    'embed'        transformer width (text encoder, CLIP towers)
+    'mlp'          transformer MLP hidden width
+    'qkv'          fused attention projection outputs (head-major, so sharding splits heads)
+    'kv'           fused text key/value projection outputs (U-Net `encoder_kv`)
+    'length'       positional / padding embedding rows
+    'conv_in'      input channels of a convolution or 1x1 projection
+    'conv_out'     output channels of a convolution or 1x1 projection
+    'kernel'       spatial kernel axes (never sharded)
+    'norm'         scales and biases of norms, and other biases (never sharded)
+    'time_embed'   width of the U-Net timestep/conditioning embedding
+    'timesteps'    rows of a per-timestep embedding table
+  activations
+    'batch', 'act_length', 'act_embed', 'act_height', 'act_width', 'act_channels'
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Dtype = Any
+_default_kernel_init = nn.initializers.lecun_normal()
+
+
+def with_names(init, names: Sequence[str | None]):
+  """Wraps an initializer so the parameter it creates carries logical axis names."""
+  return nn.with_logical_partitioning(init, tuple(names))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Logical sharding constraint on an activation; a no-op outside a mesh context."""
+  return nn.with_logical_constraint(x, tuple(names))
+
+
+class Dense(nn.Module):
+  """`nn.Dense` whose kernel is named (in_name, out_name) and bias ('norm',)."""
+  features: int
+  names: tuple[str | None, str | None] = ("embed", "mlp")
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  kernel_init: Any = _default_kernel_init
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", with_names(self.kernel_init, self.names),
+                        (x.shape[-1], self.features), jnp.float32)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", with_names(nn.initializers.zeros_init(), ("norm",)),
+                        (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Conv(nn.Module):
+  """NHWC convolution, kernel [kh, kw, in, out] named ('kernel', 'kernel', 'conv_in', 'conv_out')."""
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  padding: str | int = "SAME"
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  kernel_init: Any = _default_kernel_init
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param("kernel", with_names(self.kernel_init, ("kernel", "kernel", "conv_in", "conv_out")),
+                        (k, k, x.shape[-1], self.features), jnp.float32)
+    pad = self.padding if isinstance(self.padding, str) else [(self.padding, self.padding)] * 2
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype), (self.strides, self.strides), pad,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.use_bias:
+      bias = self.param("bias", with_names(nn.initializers.zeros_init(), ("norm",)),
+                        (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class GroupNorm32(nn.Module):
+  """GroupNorm with 32 groups, eps 1e-5, computed in float32 and cast back (as GLIDE's GroupNorm32).
+
+  `swish=True` fuses the SiLU that GLIDE's `normalization(ch, swish=1.0)` applies after the norm.
+  """
+  num_groups: int = 32
+  swish: bool = False
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param("scale", with_names(nn.initializers.ones_init(), ("norm",)), (c,), jnp.float32)
+    bias = self.param("bias", with_names(nn.initializers.zeros_init(), ("norm",)), (c,), jnp.float32)
+    h = x.astype(jnp.float32)
+    shape = h.shape
+    h = h.reshape(shape[0], -1, self.num_groups, c // self.num_groups)
+    mean = jnp.mean(h, axis=(1, 3), keepdims=True)
+    var = jnp.mean(jnp.square(h - mean), axis=(1, 3), keepdims=True)
+    h = ((h - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(shape)
+    h = h * scale + bias
+    if self.swish:
+      h = nn.silu(h)
+    return h.astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis in float32, cast back to the input dtype (as GLIDE's xf.LayerNorm)."""
+  epsilon: float = 1e-5
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param("scale", with_names(nn.initializers.ones_init(), ("norm",)), (c,), jnp.float32)
+    h = x.astype(jnp.float32)
+    mean = jnp.mean(h, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
+    h = (h - mean) * jax.lax.rsqrt(var + self.epsilon) * scale
+    if self.use_bias:
+      h = h + self.param("bias", with_names(nn.initializers.zeros_init(), ("norm",)), (c,), jnp.float32)
+    return h.astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+  """Multi-head attention with GLIDE's scaling: q and k each scaled by ch**-0.25, softmax in float32.
+
+  q: [B, Lq, H, D]; k, v: [B, Lk, H, D]; mask: broadcastable to [B, H, Lq, Lk], True = attend.
+  Returns [B, Lq, H, D] in q's dtype.
+  """
+  scale = q.shape[-1] ** -0.25
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k * scale)
+  logits = logits.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)

@@ -1,0 +1,42 @@
+"""glide-jax: train and sample GLIDE-style text-to-image diffusion models in JAX/Flax."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.7",
+    "flax>=0.10",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "chex>=0.1.89",
+    "ml-collections>=1.0",
+    "numpy>=1.26",
+    "tensorflow-cpu>=2.18",
+    "tensorflow-datasets>=4.9.7",
+    "sentencepiece>=0.2",
+    "tokenizers>=0.20",
+    "safetensors>=0.4",
+    "pillow>=10",
+    "tqdm>=4.66",
+    "tensorboardX>=2.6",
+    "matplotlib>=3.8",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
+    # libtpu lets `glide-jax plan` compile ahead of time for TPU topologies from a CPU machine.
+    "tpu": ["jax[tpu]"],
+    # Only needed to read or write `.pt` files; safetensors works without it.
+    "torch": ["torch>=2.4"],
+}
+
+setup(
+    name="glide-jax",
+    version="0.1.0",
+    description="GLIDE text-to-image diffusion in JAX/Flax: models, samplers, sharded training.",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["glide_jax", "glide_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["glide-jax=glide_jax.cli:main"]},
+)
