@@ -11,6 +11,8 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "tensorflow-cpu>=2.18",
     "tensorflow-datasets>=4.9.7",
+    # tensorflow-datasets imports it at builder construction but does not declare it.
+    "importlib_resources>=6",
     "sentencepiece>=0.2",
     "tokenizers>=0.20",
     "safetensors>=0.4",
