@@ -1,0 +1,1 @@
+"""Interoperability with the PyTorch reference (glide-text2im): checkpoints and reference dumps."""
