@@ -1,0 +1,196 @@
+"""Defaults shared by every stage config: the config skeleton, the mesh rule table, model sizes.
+
+Sources cited in comments:
+  [G]   openai/glide-text2im model_creation.py (released sizes)
+  [GD]  openai/guided-diffusion scripts/image_train.py, train_util.py
+  [P]   GLIDE paper, arXiv 2112.10741 (section given)
+  [ADM] Dhariwal & Nichol 2021, arXiv 2105.05233, App. I, Tables 11 and 13
+  [CLIP] Radford et al. 2021, arXiv 2103.00020, Table 19/20 (training hyper-parameters)
+"""
+from __future__ import annotations
+
+import ml_collections
+
+VARIANTS = ("released", "full", "small", "tiny")
+
+# Logical axis -> mesh axes. Order matters: flax assigns each mesh axis at most once per array,
+# walking this table top to bottom, so a parameter named ('conv_in', 'conv_out') gets fsdp on its
+# input channels and tensor on its output channels. Names are the vocabulary of
+# glide_jax/models/layers.py.
+MESH_RULES = (
+    # activations: the batch is split over every data-parallel axis (fsdp included: ZeRO-3)
+    ("batch", ("replica", "data", "fsdp")),
+    ("act_length", None),
+    ("act_height", None),
+    ("act_width", None),
+    ("act_embed", "tensor"),
+    ("act_channels", "tensor"),
+    # parameters: tensor parallelism splits heads / MLP / output channels ...
+    ("qkv", "tensor"),
+    ("kv", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("conv_out", "tensor"),
+    # ... and fsdp shards the other large dimension of every matrix and kernel
+    ("embed", "fsdp"),
+    ("conv_in", "fsdp"),
+    ("time_embed", "fsdp"),
+    ("mlp", "fsdp"),
+    ("vocab", "fsdp"),
+    ("conv_out", "fsdp"),
+    ("qkv", "fsdp"),
+    ("kv", "fsdp"),
+    # never sharded: spatial kernel axes, norms and biases, small tables
+    ("kernel", None),
+    ("norm", None),
+    ("length", None),
+    ("timesteps", None),
+)
+
+# ----------------------------------------------------------------------------- model sizes
+# Every text2im/upsample option in glide-text2im's names. Released sizes: [G] model_creation.py
+# (base 385,030,726 params; upsampler 398,361,286).
+RELEASED_BASE = dict(
+    image_size=64, num_channels=192, num_res_blocks=3, channel_mult="1,2,3,4",
+    attention_resolutions="32,16,8", num_heads=1, num_head_channels=64, num_heads_upsample=-1,
+    dropout=0.1,  # [ADM] Table 11, ImageNet-64
+    use_scale_shift_norm=True, resblock_updown=True,
+    text_ctx=128, xf_width=512, xf_layers=16, xf_heads=8, xf_final_ln=True, xf_padding=True,
+    n_vocab=50257,  # GPT-2 BPE [G] tokenizer/bpe.py
+)
+RELEASED_UPSAMPLE = dict(
+    RELEASED_BASE, image_size=256, num_res_blocks=2, channel_mult="1,1,2,2,4,4",
+    dropout=0.0,  # [ADM] Table 13, 64->256 upsampler (the released [G] default 0.1 is unused at inference)
+)
+# The paper's full models, [P] §4.1: ADM-64 at width 512 plus a 24-block 2048-wide text
+# transformer (3.5B); the upsampler with 384 channels and a 1024-wide text encoder (1.5B).
+# Head counts keep GLIDE's 64 channels per head.
+FULL_BASE = dict(RELEASED_BASE, num_channels=512, xf_width=2048, xf_layers=24, xf_heads=32)
+FULL_UPSAMPLE = dict(RELEASED_UPSAMPLE, num_channels=384, xf_width=1024, xf_layers=16, xf_heads=16)
+# A ~100M-parameter base for a single host with accelerators, GPT-2 tokens.
+SMALL_BASE = dict(
+    RELEASED_BASE, num_channels=128, num_res_blocks=2, xf_width=384, xf_layers=6, xf_heads=6,
+    text_ctx=64)
+SMALL_UPSAMPLE = dict(
+    RELEASED_UPSAMPLE, num_channels=64, num_res_blocks=2, channel_mult="1,1,2,2,4,4",
+    xf_width=384, xf_layers=6, xf_heads=6, text_ctx=64)
+# Unit-test size: 16 px, one text layer, seconds on a CPU.
+TINY_BASE = dict(
+    image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+    attention_resolutions="8", num_heads=1, num_head_channels=16, num_heads_upsample=-1,
+    dropout=0.0, use_scale_shift_norm=True, resblock_updown=True,
+    text_ctx=16, xf_width=32, xf_layers=1, xf_heads=2, xf_final_ln=True, xf_padding=True,
+    n_vocab=64)
+TINY_UPSAMPLE = dict(TINY_BASE)
+
+TEXT2IM_SIZES = {
+    "base": {"released": RELEASED_BASE, "full": FULL_BASE, "small": SMALL_BASE, "tiny": TINY_BASE},
+    "upsample": {"released": RELEASED_UPSAMPLE, "full": FULL_UPSAMPLE, "small": SMALL_UPSAMPLE,
+                 "tiny": TINY_UPSAMPLE},
+}
+
+
+def model_options(stage: str, variant: str) -> dict:
+  """A fresh copy of the glide-text2im options for a 'base' or 'upsample' model of a variant."""
+  return dict(TEXT2IM_SIZES[stage][variant])
+
+
+# ----------------------------------------------------------------------------- skeleton
+def skeleton(stage: str) -> ml_collections.ConfigDict:
+  """Every section and field of the config schema (docs/architecture.md), with ADM defaults."""
+  c = ml_collections.ConfigDict()
+  c.stage = stage
+  c.seed = 0
+  c.total_steps = 100_000
+  c.batch_size = 256            # global, across all hosts
+  c.microbatches = 1            # gradient accumulation steps per optimizer step
+
+  c.model = ml_collections.ConfigDict()
+  c.model.kind = "text2im"      # registry.create_model kind
+  c.model.options = ml_collections.ConfigDict()
+  c.model.dtype = "float32"     # compute dtype; parameters stay float32
+  c.model.remat_policy = "none"  # 'none' | 'full' | 'dots' (rematerialise in the backward pass)
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.steps = 1000
+  c.diffusion.noise_schedule = "squaredcos_cap_v2"  # [G] base; 'linear' for the upsampler
+  c.diffusion.schedule_sampler = "uniform"          # [GD] default; or 'loss-second-moment'
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "image_folder"
+  c.data.data_dir = ""
+  c.data.split = "train"
+  c.data.image_key = "image"
+  c.data.caption_key = "caption"
+  c.data.tokenizer = ml_collections.ConfigDict()
+  c.data.tokenizer.type = "gpt2"  # 'gpt2' | 'sentencepiece' | 'words' | 'clip'
+  c.data.tokenizer.path = ""      # tokenizer files; '' = the built-in one for the type
+  c.data.tokenizer.text_ctx = 128
+  c.data.caption_dropout = 0.2    # [P] §4.2: 20% of captions become empty for CFG
+  c.data.low_res_size = 0         # upsampler conditioning size; 0 = none
+  c.data.masks = ml_collections.ConfigDict()
+  c.data.masks.kind = "none"      # inpainting masks: 'none' | 'random' (boxes, ellipses, strokes)
+  c.data.masks.min_known = 0.3    # fraction of the image left known, lower and upper bound
+  c.data.masks.max_known = 0.9
+  c.data.shuffle_buffer = 10_000
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 1e-4           # [GD] default
+  c.optimizer.b1 = 0.9            # [ADM] App. I: AdamW, torch defaults
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.0  # [GD] default
+  c.optimizer.grad_clip_norm = 0.0  # 0 = off ([GD] does not clip)
+  c.optimizer.warmup_steps = 0    # [GD] has no warmup
+  c.optimizer.decay = "constant"  # 'constant' | 'linear' | 'cosine'
+  c.optimizer.decay_steps = 0     # 0 = total_steps
+
+  c.ema = ml_collections.ConfigDict()
+  c.ema.rates = (0.9999,)         # [ADM] App. I
+  c.ema.warmup = False            # True: bias-corrected EMA, usable from the first steps
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.replica = 1              # axis sizes inside a slice (ICI); -1 = all remaining devices
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.dcn_replica = 1          # axis sizes across slices (DCN); their product = slice count
+  c.mesh.dcn_data = 1
+  c.mesh.dcn_fsdp = 1
+  c.mesh.dcn_tensor = 1
+  c.rules = MESH_RULES
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 10_000     # [GD] save_interval
+  c.checkpoint.keep = 3
+  c.checkpoint["async"] = True  # orbax async save; `async` is a Python keyword, hence the item syntax
+
+  c.log = ml_collections.ConfigDict()
+  c.log.every = 10                # [GD] log_interval
+  c.log.sample_every = 10_000
+  c.log.sample_prompts = ("a red circle on the left", "an oil painting of a corgi")
+  c.log.sample_seed = 0
+  c.log.tensorboard = True
+
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.sampler = "plms"     # 'ddpm' | 'ddim' | 'plms'
+  c.sampling.steps = "100"        # respacing: a count ('100') or a GLIDE set ('fast27')
+  c.sampling.guidance_scale = 3.0  # [G] text2im notebook
+
+  c.init_from = ""
+  return c
+
+
+def apply_runlocal(c: ml_collections.ConfigDict) -> None:
+  """Shrinks a config to a few steps on this machine (big_vision's `runlocal`)."""
+  c.total_steps = 4
+  c.batch_size = min(c.batch_size, 8)
+  c.data.shuffle_buffer = 64
+  c.log.every = 1
+  c.log.sample_every = 0
+  c.log.tensorboard = False
+  c.checkpoint.every = 2
+  c.checkpoint.keep = 1
+  c.sampling.steps = "4"
+  c.mesh.update(replica=1, data=-1, fsdp=1, tensor=1, dcn_replica=1, dcn_data=1, dcn_fsdp=1,
+                dcn_tensor=1)

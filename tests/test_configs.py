@@ -1,0 +1,187 @@
+"""Every stage config and variant builds; its model initialises under jax.eval_shape at the sizes
+the GLIDE reference gives; overrides are typed; unknown keys and options are refused."""
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from glide_jax import config_lib
+
+STAGES = ("base", "upsample", "inpaint", "clip")
+VARIANTS = ("released", "full", "small", "tiny")
+SCHEMA = {
+    "stage", "seed", "total_steps", "batch_size", "microbatches", "model", "diffusion", "data",
+    "optimizer", "ema", "mesh", "rules", "checkpoint", "log", "sampling", "init_from"}
+SECTIONS = {
+    "model": {"kind", "options", "dtype", "remat_policy"},
+    "diffusion": {"steps", "noise_schedule", "schedule_sampler"},
+    "data": {"name", "data_dir", "split", "image_key", "caption_key", "tokenizer", "caption_dropout",
+             "low_res_size", "masks", "shuffle_buffer"},
+    "optimizer": {"lr", "b1", "b2", "eps", "weight_decay", "grad_clip_norm", "warmup_steps", "decay",
+                  "decay_steps"},
+    "ema": {"rates", "warmup"},
+    "checkpoint": {"every", "keep", "async"},
+    "log": {"every", "sample_every", "sample_prompts", "sample_seed", "tensorboard"},
+    "sampling": {"sampler", "steps", "guidance_scale"},
+}
+SPECS = [f"configs/{s}.py:variant={v}" for s in STAGES for v in VARIANTS] + [
+    "configs/inpaint.py:variant=released,upsample", "configs/inpaint.py:variant=tiny,upsample",
+    "configs/shapes.py", "configs/shapes.py:runlocal"]
+
+
+def _count(tree) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
+
+
+def abstract_param_count(config) -> int | tuple[int, int]:
+  """Parameters of the config's model, built through the registry and initialised abstractly."""
+  import flax.linen as nn
+  from glide_jax.models import registry
+
+  dtype = jnp.dtype(config.model.dtype)
+  model = registry.create_model(config.model.kind, dict(config.model.options), dtype=dtype,
+                                remat_policy=config.model.remat_policy)
+  o = config.model.options
+  if config.model.kind == "noised_clip":
+    s = o.image_size
+    init = lambda: model.init(jax.random.key(0), jnp.zeros((1, s, s, 3)), jnp.zeros((1,), jnp.int32),
+                              jnp.zeros((1, o.max_text_len), jnp.int32), jnp.ones((1,), jnp.int32))
+    params = nn.meta.unbox(jax.eval_shape(init)["params"])
+    return _count(params["image"]), _count(params["text"])
+  inputs = model.dummy_inputs(1, o.image_size)
+  params = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), **inputs))["params"])
+  return _count(params)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_config_builds_with_the_schema(spec):
+  c = config_lib.load_config(spec)
+  assert SCHEMA <= set(c.keys()), SCHEMA - set(c.keys())
+  for section, keys in SECTIONS.items():
+    assert keys <= set(c[section].keys()), (section, keys - set(c[section].keys()))
+  assert {"replica", "data", "fsdp", "tensor"} <= set(c.mesh.keys())
+  assert {"type", "path", "text_ctx"} <= set(c.data.tokenizer.keys())
+  assert c.stage in STAGES
+  # the tokenizer context is the model's
+  ctx = c.model.options.get("text_ctx", c.model.options.get("max_text_len"))
+  assert c.data.tokenizer.text_ctx == ctx
+  # every logical axis name of glide_jax/models/layers.py has a rule
+  names = {name for name, _ in c.rules}
+  assert {"batch", "vocab", "embed", "mlp", "qkv", "kv", "length", "conv_in", "conv_out", "kernel", "norm",
+          "time_embed", "timesteps"} <= names
+  # a config survives the JSON round trip that checkpoints use
+  again = config_lib.config_from_json(config_lib.config_to_json(c))
+  assert config_lib.diff_configs(c, again) == []
+  assert again.rules == c.rules and isinstance(again.ema.rates, tuple)
+
+
+# released sizes: GLIDE_REFERENCE.md §3 (verified against glide-text2im); full: [P] §4.1.
+EXPECTED_PARAMS = {
+    "configs/base.py:variant=released": 385_030_726,
+    "configs/upsample.py:variant=released": 398_361_286,
+    "configs/inpaint.py:variant=released": 385_037_638,
+    "configs/inpaint.py:variant=released,upsample": 398_368_198,
+    "configs/clip.py:variant=released": (86_443_776, 71_679_488),
+}
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_model_initialises_under_eval_shape(spec):
+  c = config_lib.load_config(spec)
+  n = abstract_param_count(c)
+  if spec in EXPECTED_PARAMS:
+    assert n == EXPECTED_PARAMS[spec]
+  elif spec.endswith("base.py:variant=full"):
+    assert 3.3e9 < n < 3.7e9, n      # "3.5B" [P] §4.1
+  elif spec.endswith("upsample.py:variant=full"):
+    assert 1.4e9 < n < 1.6e9, n      # "1.5B" [P] §4.1
+  elif "variant=tiny" in spec:
+    assert n < 2_000_000 if isinstance(n, int) else sum(n) < 2_000_000
+  elif spec.startswith("configs/shapes.py"):
+    assert 5_000_000 < n < 30_000_000, n
+
+
+def test_hyper_parameters_follow_the_sources():
+  base = config_lib.load_config("configs/base.py:variant=released")
+  up = config_lib.load_config("configs/upsample.py:variant=released")
+  full_up = config_lib.load_config("configs/upsample.py:variant=full")
+  clip = config_lib.load_config("configs/clip.py:variant=full")
+  # [ADM] Table 11 / 13 and App. I; [P] §4.1, §4.2, §6
+  assert (base.optimizer.lr, base.batch_size, base.model.options.dropout) == (3e-4, 2048, 0.1)
+  assert (up.optimizer.lr, up.batch_size, up.model.options.dropout) == (1e-4, 256, 0.0)
+  assert full_up.batch_size == 512
+  assert (base.optimizer.b1, base.optimizer.b2, base.ema.rates) == (0.9, 0.999, (0.9999,))
+  assert base.data.caption_dropout == 0.2 and up.data.caption_dropout == 0.0
+  assert base.diffusion.noise_schedule == "squaredcos_cap_v2" and up.diffusion.noise_schedule == "linear"
+  assert clip.optimizer.weight_decay == 0.0125 and clip.batch_size == 32_768
+
+
+def test_overrides_are_typed():
+  c = config_lib.load_config("configs/base.py:variant=tiny", [
+      "--config.batch_size=16", "--config.optimizer.lr=2e-3", "--config.ema.rates=0.9,0.99",
+      "--config.ema.warmup=false", "--config.model.options.channel_mult=1,2,2",
+      "--config.data.name=glide_shapes/size64", "--config.mesh.fsdp=2"])
+  assert c.batch_size == 16 and isinstance(c.batch_size, int)
+  assert c.optimizer.lr == 2e-3 and c.ema.rates == (0.9, 0.99) and c.ema.warmup is False
+  assert c.model.options.channel_mult == "1,2,2"  # a string field stays a string
+  assert c.data.name == "glide_shapes/size64" and c.mesh.fsdp == 2
+  with pytest.raises(config_lib.ConfigError, match="batch_size.*int"):
+    config_lib.load_config("configs/base.py:variant=tiny", ["--config.batch_size=many"])
+  with pytest.raises(config_lib.ConfigError, match="bool"):
+    config_lib.load_config("configs/base.py:variant=tiny", ["--config.ema.warmup=maybe"])
+
+
+def test_unknown_keys_and_options_are_refused():
+  with pytest.raises(config_lib.ConfigError, match=r"'optimizer.lrr'.*optimizer.lr"):
+    config_lib.load_config("configs/base.py:variant=tiny", ["--config.optimizer.lrr=1"])
+  with pytest.raises(config_lib.ConfigError, match=r"'model.options.num_chanels'.*num_channels"):
+    config_lib.load_config("configs/base.py:variant=tiny", ["--config.model.options.num_chanels=8"])
+  with pytest.raises(config_lib.ConfigError, match="'nonsense'"):
+    config_lib.load_config("configs/base.py:variant=tiny", ["--config.nonsense=1"])
+  with pytest.raises(config_lib.ConfigError, match="group"):
+    config_lib.load_config("configs/base.py:variant=tiny", ["--config.optimizer=1"])
+  with pytest.raises(config_lib.ConfigError, match="varient.*did you mean variant"):
+    config_lib.load_config("configs/base.py:varient=tiny")
+  with pytest.raises(config_lib.ConfigError, match="huge"):
+    config_lib.load_config("configs/base.py:variant=huge")
+  with pytest.raises(config_lib.ConfigError, match="not found"):
+    config_lib.load_config("configs/nope.py")
+  # the loaded config is locked: code cannot add a key by accident either
+  c = config_lib.load_config("configs/base.py:variant=tiny")
+  with pytest.raises(AttributeError):
+    c.optimizer.lrr = 1.0
+
+
+def test_diff_configs_names_the_differing_keys():
+  a = config_lib.load_config("configs/base.py:variant=tiny")
+  b = config_lib.load_config("configs/base.py:variant=tiny", ["--config.model.options.num_channels=64",
+                                                              "--config.log.every=3"])
+  assert config_lib.diff_configs(a, b) == ["log.every", "model.options.num_channels"]
+  assert config_lib.diff_configs(a, b, ignore=("log",)) == ["model.options.num_channels"]
+  assert config_lib.describe_diff(a, b, ["log.every"]) == ["log.every: 10 != 3"]
+  plain = json.loads(config_lib.config_to_json(a))
+  assert plain["rules"][0] == ["batch", ["replica", "data", "fsdp"]]
+
+
+def test_command_line_flags():
+  import argparse
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--workdir")
+  config_lib.add_config_flags(parser)
+  args = parser.parse_args(["--config", "configs/base.py:variant=tiny", "--config.batch_size=4",
+                            "--workdir", "/tmp/x", "--config.optimizer.lr", "0.5"])
+  assert args.workdir == "/tmp/x"
+  assert args.config_overrides == ["--config.batch_size=4", "--config.optimizer.lr=0.5"]
+  c = config_lib.config_from_args(args)
+  assert (c.batch_size, c.optimizer.lr) == (4, 0.5)
+  rest, overrides = config_lib.parse_overrides(["a", "--config.x=1", "--", "--config.y=2"])
+  assert rest == ["a", "--", "--config.y=2"] and overrides == ["--config.x=1"]
+
+
+def test_parse_arg_types():
+  ns = config_lib.parse_arg("variant=tiny,runlocal,steps=30", variant="released", runlocal=False, steps=0)
+  assert (ns.variant, ns.runlocal, ns.steps) == ("tiny", True, 30)
+  with pytest.raises(config_lib.ConfigError, match="needs a value"):
+    config_lib.parse_arg("variant", variant="released")
