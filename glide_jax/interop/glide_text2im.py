@@ -295,7 +295,7 @@ def check_dump(path: str | os.PathLike, dtype: Any = None) -> dict[str, float]:
   kind = json.loads(str(data["config"])).get("kind")
   if kind == "noised_clip":
     from glide_jax.interop.clip_keys import check_clip_dump
-    return check_clip_dump(data)
+    return check_clip_dump(data) if dtype is None else check_clip_dump(data, dtype=dtype)
   ours = run_model_dump(data, dtype)
   return {name: _rel_err(ours[name], data[f"output/{name}"])
           for name in sorted(ours) if f"output/{name}" in data}

@@ -35,7 +35,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "upsample": ("upsample", {}),
     "base-inpaint": ("inpaint", {}),
     "upsample-inpaint": ("upsample_inpaint", {}),
-    # The released noised CLIP; its options come from glide_jax.models.clip.CLIP_PRESETS.
+    # The released noised CLIP (empty options = its released values, glide_jax.models.clip).
     "clip": ("noised_clip", {}),
     # The paper's unreleased sizes ([P] 4.1): ADM-64 at width 512 + a 24-block, 2048-wide text
     # transformer (3.5B); the upsampler at 384 channels with a 1024-wide text transformer (1.5B).
@@ -107,7 +107,7 @@ def create_model(kind: str, options: Mapping[str, Any] | None = None, dtype: Any
       from glide_jax.models.clip import create_clip_model
     except ImportError as e:
       raise ImportError(f"the noised CLIP model (glide_jax/models/clip.py) is not available: {e}") from e
-    return create_clip_model({**dict(options or {}), **overrides}, dtype)
+    return create_clip_model({**dict(options or {}), **overrides}, dtype, remat_policy=remat_policy)
   o = resolve_options(kind, options, **overrides)
   size = int(o["image_size"])
   return UNet(
@@ -122,23 +122,14 @@ def create_model(kind: str, options: Mapping[str, Any] | None = None, dtype: Any
 
 
 def preset(name: str) -> tuple[str, dict[str, Any]]:
-  """(kind, options) of a named preset; CLIP presets come from glide_jax.models.clip.CLIP_PRESETS."""
-  if name in PRESETS:
+  """(kind, options) of a named preset; the noised CLIP ones come from glide_jax.models.clip.CLIP_PRESETS."""
+  if name in PRESETS and PRESETS[name][0] != "noised_clip":
     kind, options = PRESETS[name]
-    if kind == "noised_clip":
-      from glide_jax.models.clip import CLIP_PRESETS
-      if name in CLIP_PRESETS:
-        value = CLIP_PRESETS[name]
-        return ("noised_clip", dict(value[1] if isinstance(value, tuple) else value))
     return kind, dict(options)
-  try:
-    from glide_jax.models.clip import CLIP_PRESETS
-  except ImportError:
-    CLIP_PRESETS = {}
+  from glide_jax.models.clip import CLIP_PRESETS
   if name in CLIP_PRESETS:
-    value = CLIP_PRESETS[name]
-    return ("noised_clip", dict(value[1] if isinstance(value, tuple) else value))
-  raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS) + sorted(CLIP_PRESETS)}")
+    return "noised_clip", dict(CLIP_PRESETS[name])
+  raise ValueError(f"unknown preset {name!r}; choose from {sorted(set(PRESETS) | set(CLIP_PRESETS))}")
 
 
 def image_size_of(kind: str, options: Mapping[str, Any] | None = None) -> int:
