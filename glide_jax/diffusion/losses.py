@@ -1,0 +1,83 @@
+"""The hybrid training loss of improved-diffusion: MSE on epsilon + the VLB for the learned variance.
+
+[G] ships no training code; this follows [GD]/[ID] `training_losses` with `learn_sigma=True`,
+`rescale_learned_sigmas=True` (LossType.RESCALED_MSE), epsilon prediction, learned range.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from glide_jax.diffusion import gaussian
+from glide_jax.diffusion.schedules import Diffusion
+
+# (x_t [B, H, W, C], original timesteps [B]) -> [B, H, W, 2C]
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def mean_flat(x: jax.Array) -> jax.Array:
+  """Mean over every axis but the batch axis: [B, ...] -> [B]."""
+  return jnp.mean(x, axis=tuple(range(1, x.ndim)))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2) -> jax.Array:
+  """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats."""
+  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
+                + (mean1 - mean2) ** 2 * jnp.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x: jax.Array) -> jax.Array:
+  """The tanh approximation of the standard normal CDF used by [GD] (not the exact erf)."""
+  return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x: jax.Array, means: jax.Array, log_scales: jax.Array) -> jax.Array:
+  """Log-likelihood of uint8 data scaled to [-1, 1] under a Gaussian discretised into 2/255 bins.
+
+  x, means, log_scales: same shape; returns log-probabilities in nats, same shape.
+  """
+  centered = x - means
+  inv_stdv = jnp.exp(-log_scales)
+  cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+  cdf_min = approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+  log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
+  log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
+  log_cdf_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
+  # Edge bins extend to -inf / +inf.
+  return jnp.where(x < -0.999, log_cdf_plus,
+                   jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+
+
+def vb_terms_bpd(diffusion: Diffusion, model_output: jax.Array, x_start: jax.Array, x_t: jax.Array,
+                 t: jax.Array) -> jax.Array:
+  """One VLB term per example, in bits per dimension: KL(q || p) for t > 0, decoder NLL at t = 0. [B]"""
+  true_mean, _, true_log_var = gaussian.q_posterior_mean_variance(diffusion, x_start, x_t, t)
+  out = gaussian.p_mean_variance(diffusion, model_output, x_t, t, clip_denoised=False)
+  kl = mean_flat(normal_kl(true_mean, true_log_var, out.mean, out.log_variance)) / math.log(2.0)
+  nll = -discretized_gaussian_log_likelihood(x_start, out.mean, 0.5 * out.log_variance)
+  nll = mean_flat(nll) / math.log(2.0)
+  return jnp.where(t == 0, nll, kl)
+
+
+def training_losses(diffusion: Diffusion, model_fn: ModelFn, x_start: jax.Array, t: jax.Array,
+                    noise: jax.Array) -> dict[str, jax.Array]:
+  """The hybrid loss per example: {'loss', 'mse', 'vb'}, each [B].
+
+  x_start, noise: [B, H, W, C]; t: [B] indices into the diffusion's steps (the model sees
+  `timestep_map[t]`); model_fn(x_t, t_model) -> [B, H, W, 2C].
+  The VLB sees stop_gradient on the epsilon channels, so it trains only the variance; it is scaled
+  by T/1000 (RESCALED_MSE), i.e. lambda = 0.001 on L_vlb as in improved-diffusion.
+  """
+  x_t = gaussian.q_sample(diffusion, x_start, t, noise)
+  model_output = model_fn(x_t, gaussian.model_timesteps(diffusion, t))
+  c = x_start.shape[-1]
+  if model_output.shape != x_start.shape[:-1] + (2 * c,):
+    raise ValueError(f"model_fn returned shape {model_output.shape}; expected {x_start.shape[:-1] + (2 * c,)}")
+  eps, v = model_output[..., :c], model_output[..., c:]
+  frozen = jnp.concatenate([jax.lax.stop_gradient(eps), v], axis=-1)
+  vb = vb_terms_bpd(diffusion, frozen, x_start, x_t, t) * (diffusion.num_timesteps / 1000.0)
+  mse = mean_flat((noise - eps) ** 2)
+  return {"loss": mse + vb, "mse": mse, "vb": vb}
