@@ -248,9 +248,14 @@ def check_clip_dump(data: Mapping[str, np.ndarray], dtype: Any = jnp.float32) ->
   text_len = jnp.asarray(data["input/text_len"], jnp.int32)
   image = jnp.asarray(np.transpose(data["input/image"], (0, 2, 3, 1)))  # NCHW -> NHWC
   timesteps = jnp.asarray(data["input/timesteps"], jnp.int32)
-  z_text = model.apply(variables, tokens, text_len, method=clip.NoisedCLIP.encode_text)
-  z_image = model.apply(variables, image, timesteps, method=clip.NoisedCLIP.encode_image)
-  grad = clip.guidance_grad(model, params, image, timesteps, z_text)
+
+  @jax.jit
+  def run(variables, tokens, text_len, image, timesteps):
+    z_text = model.apply(variables, tokens, text_len, method=clip.NoisedCLIP.encode_text)
+    z_image = model.apply(variables, image, timesteps, method=clip.NoisedCLIP.encode_image)
+    return z_text, z_image, clip.guidance_grad(model, variables, image, timesteps, z_text)
+
+  z_text, z_image, grad = run(variables, tokens, text_len, image, timesteps)
   return {
       "text_emb": _rel_err(z_text, data["output/text_emb"]),
       "image_emb": _rel_err(z_image, data["output/image_emb"]),
