@@ -1,0 +1,1 @@
+"""Mesh construction, logical-axis sharding rules and multi-host start-up."""

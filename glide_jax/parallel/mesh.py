@@ -1,0 +1,80 @@
+"""The device mesh: axes `replica` (across slices, over DCN), `data`, `fsdp`, `tensor`.
+
+`replica` is the only axis that crosses the slow data-centre network; the other three live inside
+a slice (ICI). On a single slice (or CPU/GPU) the mesh is simply `jax.make_mesh` over all devices.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+AXES: tuple[str, ...] = ("replica", "data", "fsdp", "tensor")
+# The batch is split over every axis except `tensor`, outermost first.
+BATCH_AXES: tuple[str, ...] = ("replica", "data", "fsdp")
+
+
+def _get(cfg: Any, key: str, default: Any) -> Any:
+  if cfg is None:
+    return default
+  if isinstance(cfg, Mapping):
+    return cfg.get(key, default)
+  return getattr(cfg, key, default) if hasattr(cfg, key) else default
+
+
+def resolve_axis_sizes(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
+  """Config sizes (one may be -1 = "the rest") -> concrete sizes whose product is `num_devices`."""
+  sizes = {a: int(_get(mesh_cfg, a, 1)) for a in AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise ValueError(f"mesh: at most one axis may be -1, got {free} in {sizes}")
+  for a, s in sizes.items():
+    if s == 0 or s < -1:
+      raise ValueError(f"mesh.{a} = {s}: sizes must be positive or -1")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    if num_devices % fixed:
+      raise ValueError(f"mesh {sizes}: the fixed axes ({fixed} devices) do not divide {num_devices} devices")
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices but {num_devices} are available")
+  return sizes
+
+
+def make_mesh(mesh_cfg: Any = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the 4-axis mesh from `config.mesh` (missing axes are 1).
+
+  `mesh.{replica,data,fsdp,tensor}` are sizes inside a slice (ICI, one may be -1);
+  `mesh.dcn_{replica,data,fsdp,tensor}` are sizes across slices (DCN). With more than one slice
+  the devices are laid out by `mesh_utils.create_hybrid_device_mesh`, so only the DCN axes
+  (normally just `replica`) cross the slow network.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  dcn = {a: int(_get(mesh_cfg, f"dcn_{a}", 1) or 1) for a in AXES}
+  num_dcn = math.prod(dcn.values())
+  if len(devices) % num_dcn:
+    raise ValueError(f"mesh: dcn sizes {dcn} (product {num_dcn}) do not divide {len(devices)} devices")
+  ici = resolve_axis_sizes(mesh_cfg, len(devices) // num_dcn)
+  if num_dcn > 1:
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_hybrid_device_mesh([ici[a] for a in AXES], [dcn[a] for a in AXES],
+                                                devices=devices, allow_split_physical_axes=True)
+    return Mesh(grid, AXES)
+  shape = tuple(ici[a] for a in AXES)
+  if len(devices) == len(jax.devices()):
+    # Auto axes: the compiler propagates shardings from our constraints (flax logical rules).
+    return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),
+                         devices=devices)
+  return Mesh(np.asarray(devices).reshape(shape), AXES)
+
+
+def batch_size_per_shard(mesh: Mesh) -> int:
+  """How many shards the batch axis is split into."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def describe(mesh: Mesh) -> str:
+  return " x ".join(f"{a}={mesh.shape[a]}" for a in AXES) + f" ({mesh.size} devices)"

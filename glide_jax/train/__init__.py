@@ -1,0 +1,1 @@
+"""Training: state, step, stage losses, optimizer, checkpoints and the loop (train.py)."""

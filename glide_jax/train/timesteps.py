@@ -1,0 +1,71 @@
+"""Timestep samplers as pure functions whose state lives in the train state.
+
+`uniform`: t ~ U{0..T-1}, weights 1. `loss-second-moment` ([GD] `LossSecondMomentResampler`):
+keeps the last 10 losses per t; until every t has 10 it samples uniformly; then
+p_t ∝ sqrt(mean(loss_t²)), mixed as (1 − 0.001)·p + 0.001/T, with importance weights 1/(T·p_t).
+The update runs inside the jitted step on the *global* batch's (t, loss), so every host holds
+the same history without an explicit all-gather.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from glide_jax.train.step import TimestepSampler
+
+HISTORY_PER_TERM = 10
+UNIFORM_PROB = 0.001
+
+
+def uniform(num_timesteps: int) -> TimestepSampler:
+  def sample(state, key, b):
+    del state
+    t = jax.random.randint(key, (b,), 0, num_timesteps, jnp.int32)
+    return t, jnp.ones((b,), jnp.float32)
+  return TimestepSampler(init=lambda: {}, sample=sample, update=lambda state, t, losses: state)
+
+
+def loss_second_moment(num_timesteps: int, history: int = HISTORY_PER_TERM,
+                       uniform_prob: float = UNIFORM_PROB) -> TimestepSampler:
+  n = num_timesteps
+
+  def init():
+    return {"history": jnp.zeros((n, history), jnp.float32), "count": jnp.zeros((n,), jnp.int32)}
+
+  def probabilities(state):
+    warm = jnp.all(state["count"] >= history)
+    w = jnp.sqrt(jnp.mean(jnp.square(state["history"]), axis=-1))
+    p = w / jnp.maximum(jnp.sum(w), 1e-30)
+    p = p * (1.0 - uniform_prob) + uniform_prob / n
+    return jnp.where(warm, p, jnp.full((n,), 1.0 / n, jnp.float32))
+
+  def sample(state, key, b):
+    p = probabilities(state)
+    t = jax.random.categorical(key, jnp.log(p), shape=(b,)).astype(jnp.int32)
+    return t, 1.0 / (n * p[t])
+
+  def update(state, t, losses):
+    # Sequential over the batch, as the reference's Python loop: a FIFO of the last `history` per t.
+    def body(carry, tl):
+      hist, count = carry
+      ti, li = tl
+      full = count[ti] >= history
+      row = hist[ti]
+      shifted = jnp.concatenate([row[1:], li[None]])
+      filled = row.at[jnp.minimum(count[ti], history - 1)].set(li)
+      hist = hist.at[ti].set(jnp.where(full, shifted, filled))
+      count = count.at[ti].set(jnp.minimum(count[ti] + 1, history))
+      return (hist, count), None
+    (hist, count), _ = jax.lax.scan(body, (state["history"], state["count"]),
+                                    (t.astype(jnp.int32), losses.astype(jnp.float32)))
+    return {"history": hist, "count": count}
+
+  return TimestepSampler(init=init, sample=sample, update=update)
+
+
+def make_sampler(name: str, num_timesteps: int) -> TimestepSampler:
+  if name == "uniform":
+    return uniform(num_timesteps)
+  if name in ("loss-second-moment", "loss_second_moment"):
+    return loss_second_moment(num_timesteps)
+  raise ValueError(f"diffusion.schedule_sampler must be 'uniform' or 'loss-second-moment', got {name!r}")
