@@ -1,0 +1,212 @@
+"""Diffusion arithmetic: parity with the reference dump, closed forms, loss gradients, timestep samplers."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glide_jax.diffusion import gaussian, losses, parity, schedules, timestep_samplers
+
+
+@pytest.fixture(scope="module")
+def dump(reference_dir):
+  return dict(np.load(reference_dir / "diffusion.npz"))
+
+
+def test_parity_every_array_float64(dump):
+  errors = parity.check_diffusion_dump(dump, "float64")
+  expected = {k for k in dump if k != "config" and "/input/" not in k}
+  assert set(errors) == expected  # every output array is compared
+  for group in ("squaredcos_cap_v2/100", "linear/fast27", "squaredcos_cap_v2/full"):
+    for name in ("betas", "q_sample", "posterior_mean", "posterior_log_variance", "model_timesteps", "p_mean",
+                 "p_variance", "p_log_variance", "p_pred_xstart", "p_sample", "ddim_eta0.0", "ddim_eta0.5",
+                 "condition_mean"):
+      assert f"{group}/output/{name}" in errors
+  for sched in ("cosine", "linear"):
+    for name in ("loss", "mse", "vb"):
+      assert f"loss/{sched}/output/{name}" in errors
+  bad = {k: v for k, v in errors.items() if not v <= 1e-6}
+  assert not bad, bad
+
+
+def test_parity_every_array_float32(dump):
+  errors = parity.check_diffusion_dump(dump, "float32")
+  bad = {k: v for k, v in errors.items() if not v <= 1e-5}
+  assert not bad, bad
+
+
+def test_parity_detects_a_wrong_array(dump):
+  broken = dict(dump)
+  key = "linear/fast27/output/p_mean"
+  broken[key] = dump[key] * (1 + 1e-4)
+  assert parity.check_diffusion_dump(broken)[key] > 1e-5
+  with pytest.raises(KeyError, match="not_a_thing"):
+    parity.check_diffusion_dump({**dump, "linear/fast27/output/not_a_thing": dump[key]})
+
+
+def test_respacing_sets_match_glide(dump):
+  # GLIDE_REFERENCE §4: the published sets.
+  fast27 = sorted(schedules.space_timesteps(1000, "fast27"))
+  assert fast27[:3] == [0, 22, 44] and fast27[-6:] == [500, 599, 600, 799, 800, 997] and len(fast27) == 27
+  hundred = sorted(schedules.space_timesteps(1000, "100"))  # stride 999/99, rounded half to even
+  assert hundred[:3] == [0, 10, 20] and hundred[-1] == 999 and len(hundred) == 100
+  assert sorted(schedules.space_timesteps(1000, "27"))[-1] == 999
+  assert sorted(schedules.space_timesteps(1000, "ddim50")) == list(range(0, 1000, 20))
+  assert schedules.space_timesteps(1000, "") == set(range(1000))
+  for spec in ("100", "fast27", "27", "50", "10,10,10"):
+    np.testing.assert_array_equal(sorted(schedules.space_timesteps(1000, spec)), dump[f"respace/{spec}"])
+  with pytest.raises(ValueError, match="bad timestep respacing"):
+    schedules.space_timesteps(1000, "ten")
+  with pytest.raises(ValueError, match="cannot make exactly"):
+    schedules.space_timesteps(1000, "ddim999")
+
+
+def test_respaced_betas_keep_alpha_bar_and_original_timesteps():
+  full = schedules.create_diffusion(1000, "squaredcos_cap_v2", "", dtype=np.float64)
+  d = schedules.create_diffusion(1000, "squaredcos_cap_v2", "fast27", dtype=np.float64)
+  np.testing.assert_allclose(d.alphas_cumprod, full.alphas_cumprod[d.timestep_map], rtol=1e-12)
+  assert d.timestep_map[-1] == 997 and d.num_timesteps == 27
+  np.testing.assert_array_equal(gaussian.model_timesteps(d, jnp.array([0, 26])), [0, 997])
+  # buffers are float32 unless asked otherwise
+  assert schedules.create_diffusion(1000, "linear", "100").betas.dtype == np.float32
+
+
+def test_schedule_closed_forms():
+  cos = schedules.get_named_beta_schedule("squaredcos_cap_v2", 1000)
+  abar = np.cumprod(1 - cos)
+  f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+  np.testing.assert_allclose(abar[:500], [f((i + 1) / 1000) / f(0) for i in range(500)], rtol=1e-10)
+  assert cos[-1] == 0.999 and abs(cos[0] - 4.128e-5) < 1e-8
+  lin = schedules.get_named_beta_schedule("linear", 1000)
+  assert lin[0] == 1e-4 and abs(lin[-1] - 0.02) < 1e-15
+  with pytest.raises(ValueError, match="unknown noise schedule"):
+    schedules.get_named_beta_schedule("sigmoid", 10)
+
+
+def test_q_sample_and_posterior_are_the_gaussian_posterior():
+  """q(x_{t-1} | x_t, x0) from the product of the two Gaussians, computed independently."""
+  d = schedules.create_diffusion(1000, "linear", "50", dtype=np.float64)
+  rng = np.random.default_rng(0)
+  x0, xt = rng.normal(size=(3, 2, 2, 3)), rng.normal(size=(3, 2, 2, 3))
+  t = np.array([1, 17, 49])
+  with jax.enable_x64(True):
+    mean, var, _ = gaussian.q_posterior_mean_variance(d, jnp.asarray(x0), jnp.asarray(xt), jnp.asarray(t))
+  abar = np.cumprod(1 - d.betas)
+  abar_prev = np.append(1, abar[:-1])[t][:, None, None, None]
+  alpha = (1 - d.betas)[t][:, None, None, None]
+  # prior on x_{t-1}: N(sqrt(abar_prev) x0, 1 - abar_prev); likelihood x_t | x_{t-1}: N(sqrt(alpha) x, 1 - alpha)
+  prec = 1 / (1 - abar_prev) + alpha / (1 - alpha)
+  ref_mean = (np.sqrt(abar_prev) * x0 / (1 - abar_prev) + np.sqrt(alpha) * xt / (1 - alpha)) / prec
+  np.testing.assert_allclose(mean, ref_mean, rtol=1e-9)
+  np.testing.assert_allclose(np.broadcast_to(var, x0.shape), np.broadcast_to(1 / prec, x0.shape), rtol=1e-9)
+
+
+def test_eps_xstart_roundtrip_and_learned_range_endpoints():
+  d = schedules.create_diffusion(1000, "squaredcos_cap_v2", "100")
+  key = jax.random.PRNGKey(1)
+  x, eps = jax.random.normal(key, (2, 4, 4, 3, 2)).transpose(4, 0, 1, 2, 3)
+  t = jnp.array([3, 90])
+  x0 = gaussian.predict_xstart_from_eps(d, x, t, eps)
+  np.testing.assert_allclose(gaussian.predict_eps_from_xstart(d, x, t, x0), eps, rtol=1e-4, atol=1e-4)
+  var_hi, _ = gaussian.learned_range_variance(d, jnp.ones_like(x), t)
+  var_lo, _ = gaussian.learned_range_variance(d, -jnp.ones_like(x), t)
+  np.testing.assert_allclose(var_hi[:, 0, 0, 0], d.betas[[3, 90]], rtol=1e-5)
+  np.testing.assert_allclose(var_lo[:, 0, 0, 0], d.posterior_variance[[3, 90]], rtol=1e-5)
+
+
+def test_discretized_likelihood_sums_to_one_over_bins():
+  """The 256 bins of the discretised Gaussian partition the line: probabilities sum to 1."""
+  x = jnp.asarray(np.arange(256) / 127.5 - 1)
+  for mean, log_scale in ((0.1, -2.0), (-0.7, -4.0), (0.95, -1.0)):
+    logp = losses.discretized_gaussian_log_likelihood(x, jnp.full_like(x, mean), jnp.full_like(x, log_scale))
+    assert abs(float(jnp.sum(jnp.exp(logp))) - 1) < 2e-3
+
+
+def test_hybrid_loss_gradients_and_terms():
+  d = schedules.create_diffusion(1000, "squaredcos_cap_v2", "")
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+  x0 = jnp.clip(jax.random.normal(k1, (4, 4, 4, 3)) * 0.5, -1, 1)
+  noise = jax.random.normal(k2, x0.shape)
+  t = jnp.array([0, 1, 500, 999])
+  out0 = jax.random.normal(k3, (4, 4, 4, 6)) * 0.3
+
+  def term(name, out):
+    return jnp.sum(losses.training_losses(d, lambda x, tt: out, x0, t, noise)[name])
+
+  g_vb = jax.grad(lambda o: term("vb", o))(out0)
+  g_mse = jax.grad(lambda o: term("mse", o))(out0)
+  assert float(jnp.abs(g_vb[..., :3]).max()) == 0.0  # stop-gradient on the mean
+  assert float(jnp.abs(g_vb[..., 3:]).max()) > 0
+  assert float(jnp.abs(g_mse[..., 3:]).max()) == 0.0
+  terms = losses.training_losses(d, lambda x, tt: out0, x0, t, noise)
+  np.testing.assert_allclose(terms["mse"], np.mean((np.asarray(noise) - np.asarray(out0[..., :3])) ** 2, axis=(1, 2, 3)),
+                             rtol=1e-5)
+  np.testing.assert_allclose(terms["loss"], terms["mse"] + terms["vb"], rtol=1e-6)
+  # vb at t > 0 is a KL: it vanishes when the model's mean and variance are the true posterior's.
+  x_t = gaussian.q_sample(d, x0, t, noise)
+  v_exact = -jnp.ones_like(x0)  # posterior log-variance (clipped) at v = -1
+  perfect = jnp.concatenate([noise, v_exact], -1)
+  vb = losses.training_losses(d, lambda x, tt: perfect, x0, t, noise)["vb"]
+  assert float(jnp.abs(vb[2])) < 1e-4 and float(x_t.std()) > 0
+
+
+def test_model_sees_original_timesteps_in_the_loss():
+  d = schedules.create_diffusion(1000, "linear", "fast27")
+  seen = []
+
+  def model_fn(x, tt):
+    seen.append(np.asarray(tt))
+    return jnp.zeros(x.shape[:-1] + (6,))
+  x = jnp.zeros((2, 2, 2, 3))
+  losses.training_losses(d, model_fn, x, jnp.array([0, 26]), x)
+  np.testing.assert_array_equal(seen[0], [0, 997])
+
+
+def _lsm_reference(events, num_t, n_hist=10, uniform_prob=0.001):
+  """improved-diffusion's LossSecondMomentResampler, in plain Python."""
+  hist = np.zeros((num_t, n_hist))
+  counts = np.zeros(num_t, int)
+  for t, loss in events:
+    if counts[t] == n_hist:
+      hist[t, :-1] = hist[t, 1:]
+      hist[t, -1] = loss
+    else:
+      hist[t, counts[t]] = loss
+      counts[t] += 1
+  if not (counts == n_hist).all():
+    return np.full(num_t, 1 / num_t)
+  w = np.sqrt(np.mean(hist ** 2, axis=-1))
+  w = w / w.sum() * (1 - uniform_prob) + uniform_prob / num_t
+  return w / w.sum()
+
+
+def test_loss_second_moment_sampler_matches_reference():
+  num_t = 6
+  rng = np.random.default_rng(0)
+  state = timestep_samplers.loss_history_init(num_t)
+  events = []
+  for round_ in range(14):
+    t = rng.integers(0, num_t, size=8)
+    if round_ < 9:
+      t[:6] = np.arange(num_t)  # make sure every t fills up eventually
+    loss = rng.gamma(2.0, size=8) * (1 + t)
+    events += list(zip(t.tolist(), loss.tolist()))
+    state = timestep_samplers.loss_history_update(state, jnp.asarray(t), jnp.asarray(loss))
+    p_ref = _lsm_reference(events, num_t)
+    np.testing.assert_allclose(timestep_samplers.loss_second_moment_probs(state), p_ref, rtol=1e-5)
+  assert not np.allclose(p_ref, 1 / num_t)  # warmed up: no longer uniform
+  t, w = timestep_samplers.sample_loss_second_moment(jax.random.PRNGKey(0), state, 20000)
+  freq = np.bincount(np.asarray(t), minlength=num_t) / 20000
+  np.testing.assert_allclose(freq, p_ref, atol=0.015)
+  np.testing.assert_allclose(w, 1 / (num_t * p_ref[np.asarray(t)]), rtol=1e-5)
+  # importance weights make the estimate of the mean over t unbiased
+  vals = np.arange(num_t) ** 2.0
+  assert abs(float(np.mean(vals[np.asarray(t)] * np.asarray(w))) - vals.mean()) < 0.05 * vals.mean()
+
+
+def test_uniform_sampler():
+  t, w = timestep_samplers.sample_uniform(jax.random.PRNGKey(3), 5000, 10)
+  assert t.dtype == jnp.int32 and int(t.min()) == 0 and int(t.max()) == 9
+  assert np.all(np.asarray(w) == 1)
+  np.testing.assert_allclose(np.bincount(np.asarray(t)) / 5000, 0.1, atol=0.02)
