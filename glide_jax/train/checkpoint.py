@@ -1,0 +1,132 @@
+"""Checkpoints with orbax's CheckpointManager.
+
+One checkpoint (directory `<workdir>/checkpoints/<step>`) holds five items:
+  state   step, params, opt_state, skipped, timestep-sampler state (sharded arrays)
+  ema     {rate: params}
+  rng     the run's base key (uint32 key data); the step key is fold_in(rng, step)
+  data    the data iterator's position (JSON)
+  config  the config that wrote it (JSON)
+orbax writes into a temporary directory and renames it when every item is complete, so a
+process killed mid-save leaves no checkpoint under a step name; `latest_step` never sees it.
+Restoring takes the *current* state's shardings as targets, so a checkpoint written on one mesh
+loads onto another (more or fewer devices, other axis sizes).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from glide_jax import config_lib
+from glide_jax.train.state import TrainState
+
+log = logging.getLogger(__name__)
+
+# Config keys that may differ between the run that saved and the run that resumes.
+RESUMABLE_KEYS = ("total_steps", "mesh", "checkpoint", "log", "sampling", "data.data_dir",
+                  "data.shuffle_buffer", "init_from")
+
+
+class ConfigMismatchError(ValueError):
+  """The config of a resumed run differs from the checkpoint's in a key that matters."""
+
+
+def _state_items(state: TrainState) -> tuple[dict, dict]:
+  main = {"step": state.step, "params": state.params, "opt_state": state.opt_state,
+          "skipped": state.skipped, "sampler": state.sampler}
+  return main, state.ema
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class Checkpointer:
+  """Saves every `every` steps (async if asked), keeps the last `keep`, restores onto any mesh."""
+
+  def __init__(self, directory: str, every: int, keep: int, use_async: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.every = int(every)
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=max(1, self.every), max_to_keep=int(keep) if keep else None,
+        enable_async_checkpointing=bool(use_async), create=True)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_names=("state", "ema", "rng", "data", "config"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    return self.every > 0 and step % self.every == 0
+
+  def save(self, step: int, state: TrainState, rng: jax.Array, data_state: dict, config: Any,
+           force: bool = False) -> bool:
+    """Starts a save of `state` at `step` (returns whether one was started). Async saves finish
+    in the background; `wait()` blocks until they are on disk."""
+    if not force and not self.should_save(step):
+      return False
+    if step in self.manager.all_steps():
+      return False
+    main, ema = _state_items(state)
+    cfg = json.loads(config_lib.config_to_json(config))
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(main), ema=ocp.args.StandardSave(ema),
+        rng=ocp.args.StandardSave({"key_data": jax.random.key_data(rng)}),
+        data=ocp.args.JsonSave(dict(data_state)), config=ocp.args.JsonSave(cfg))
+    return bool(self.manager.save(step, args=args, force=True))
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  def saved_config(self, step: int | None = None) -> config_lib.ConfigDict:
+    step = self.latest_step() if step is None else step
+    restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return config_lib.config_from_json(json.dumps(restored["config"]))
+
+  def check_config(self, config: Any, step: int | None = None) -> None:
+    """Refuses to resume with a config that differs from the checkpoint's outside RESUMABLE_KEYS."""
+    saved = self.saved_config(step)
+    keys = config_lib.diff_configs(saved, config, ignore=RESUMABLE_KEYS)
+    if keys:
+      lines = config_lib.describe_diff(saved, config, keys)
+      raise ConfigMismatchError(
+          f"the config does not match the checkpoint in {self.directory} (step "
+          f"{self.latest_step() if step is None else step}); differing keys (checkpoint != now):\n  "
+          + "\n  ".join(lines) + "\nUse the checkpoint's config, or start a new workdir.")
+
+  def restore(self, state_like: TrainState, shardings: TrainState, step: int | None = None
+              ) -> tuple[TrainState, jax.Array, dict]:
+    """Restores (state, rng, data_state) at `step` (default: latest) with `shardings` as targets.
+
+    `state_like` may be abstract (jax.ShapeDtypeStruct leaves) or concrete.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+    main_like, ema_like = _state_items(state_like)
+    main_sh, ema_sh = _state_items(shardings)
+    rng_sh = jax.sharding.NamedSharding(jax.tree.leaves(shardings)[0].mesh, jax.sharding.PartitionSpec())
+    args = ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(main_like, main_sh)),
+        ema=ocp.args.StandardRestore(_abstract(ema_like, ema_sh)),
+        rng=ocp.args.StandardRestore({"key_data": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rng_sh)}),
+        data=ocp.args.JsonRestore())
+    r = self.manager.restore(step, args=args)
+    m = r["state"]
+    state = TrainState(step=m["step"], params=m["params"], opt_state=m["opt_state"], ema=r["ema"],
+                       skipped=m["skipped"], sampler=m["sampler"])
+    rng = jax.random.wrap_key_data(r["rng"]["key_data"])
+    return state, rng, dict(r["data"] or {})

@@ -1,0 +1,318 @@
+"""The training loop for every stage (base, upsample, inpaint, clip), top to bottom.
+
+  glide-jax train --config configs/base.py:variant=tiny --workdir /tmp/base [--config.key=value ...]
+
+Sections: multi-host start, mesh, stage and data, optimizer and sharded state, checkpoint
+restore, the compiled step, then the loop (log, check, checkpoint, preemption).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glide_jax import config_lib
+from glide_jax.parallel import mesh as mesh_lib
+from glide_jax.parallel import multihost
+from glide_jax.parallel import sharding as shard_lib
+from glide_jax.train import checkpoint as ckpt_lib
+from glide_jax.train import optim, stages, timesteps
+from glide_jax.train import state as state_lib
+from glide_jax.train import step as step_lib
+from glide_jax.train.logging import MetricWriter, peak_flops
+
+log = logging.getLogger(__name__)
+
+
+class _StopSignal:
+  """SIGTERM (or a preemption notice) asks the loop to save at the current step and exit 0."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def install(self) -> None:
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. inside some test runners): no handler
+      self._previous = None
+
+  def uninstall(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    self.requested = True
+
+
+def caption_dropout_rate(config: Any) -> float:
+  return float(config.data.caption_dropout) if config.stage in ("base", "inpaint", "upsample") else 0.0
+
+
+def load_init_params(config: Any, stage: stages.Stage) -> Any | None:
+  """`init_from`: a training workdir, a bundle, or a glide-text2im .pt / .safetensors -> host params.
+
+  A text2im or upsample tree given to an inpaint stage is grown with zero input channels.
+  """
+  src = str(config.init_from or "")
+  if not src:
+    return None
+  if os.path.isdir(os.path.join(src, "checkpoints")):
+    params = load_workdir_params(src, which="params")
+  elif os.path.isfile(os.path.join(src, "meta.json")):
+    from glide_jax.bundle import load_bundle
+    params, _ = load_bundle(src)
+  elif os.path.isfile(src):
+    from glide_jax.interop import glide_text2im
+    sd = glide_text2im.load_state_dict(src)
+    source_kind = stage.kind
+    if stage.kind in ("inpaint", "upsample_inpaint"):
+      in_ch = next((np.shape(v)[1] for k, v in sd.items() if k == "input_blocks.0.0.weight"), None)
+      if in_ch in (3, 6):  # a base / upsample checkpoint fine-tuned into an inpainting model
+        source_kind = "text2im" if stage.kind == "inpaint" else "upsample"
+    opts = dict(config.model.options)
+    params = glide_text2im.import_state_dict(sd, source_kind, opts)
+  else:
+    raise FileNotFoundError(f"init_from={src!r} is neither a workdir with checkpoints/, a bundle, nor a file")
+  if stage.kind in ("inpaint", "upsample_inpaint"):
+    k = params.get("input_blocks_0_0", {}).get("kernel")
+    if k is not None and np.shape(k)[2] in (3, 6):
+      from glide_jax.interop.glide_text2im import inpaint_params_from_base
+      params = inpaint_params_from_base(params)
+  return jax.tree.map(np.asarray, params)
+
+
+def load_workdir_params(workdir: str, which: str = "ema", step: int | None = None) -> tuple[Any, ...] | Any:
+  """Host numpy params of a workdir's latest checkpoint: `which` = 'params' or 'ema' (first rate)."""
+  import orbax.checkpoint as ocp
+
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  with ocp.CheckpointManager(directory, item_names=("state", "ema", "rng", "data", "config"),
+                             options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    item = "ema" if which == "ema" else "state"
+    meta = mngr.item_metadata(step)[item]
+    tree = meta.tree if hasattr(meta, "tree") else meta
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    restored = mngr.restore(step, args=ocp.args.Composite(**{
+        item: ocp.args.PyTreeRestore(restore_args=restore_args)}))[item]
+  if which == "ema":
+    return restored[sorted(restored)[0]]
+  return restored["params"]
+
+
+def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, tokenizer: Any = None,
+          progress: bool = True, mesh: Any = None) -> dict[str, Any]:
+  """Runs (or resumes) training to `config.total_steps`. Returns {'state', 'losses', 'stopped', 'step'}.
+
+  `data_iterator` (host-local numpy batches with get_state/set_state) replaces the configured
+  pipeline (tests); `losses` are this run's per-step losses as floats.
+  """
+  # ---------------------------------------------------------------------- multi-host and logging
+  multihost.initialize()
+  workdir = os.path.abspath(workdir)
+  main = multihost.is_main()
+  writer = MetricWriter(workdir, main, bool(config.log.tensorboard), int(config.total_steps), 0,
+                        progress=progress and main)
+  writer.text(f"glide-jax train: stage {config.stage}, workdir {workdir}, process "
+              f"{jax.process_index()}/{jax.process_count()}")
+  if main:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_lib.config_to_json(config))
+
+  # ---------------------------------------------------------------------- mesh and rules
+  mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
+  rules = shard_lib.normalize_rules(config.rules)
+  writer.text(f"mesh {mesh_lib.describe(mesh)}")
+  batch_size = int(config.batch_size)
+  shards = shard_lib.num_batch_shards(mesh, rules)
+  micro = int(config.microbatches)
+  if batch_size % (shards * micro):
+    raise ValueError(f"batch_size={batch_size} must be divisible by the {shards} batch shards x "
+                     f"{micro} microbatches")
+
+  # ---------------------------------------------------------------------- stage, tokenizer, data
+  stage = stages.make_stage(config)
+  if tokenizer is None and (data_iterator is None or stage.uses_text):
+    from glide_jax.data.pipeline import tokenizer_from_config
+    tokenizer = tokenizer_from_config(config.data)
+  if data_iterator is None:
+    from glide_jax.data.pipeline import make_train_iterator
+    data_iterator = make_train_iterator(config.data, config.stage, batch_size, stage.image_size,
+                                        tokenizer=tokenizer, seed=int(config.seed))
+  empty = None
+  if stage.uses_text and tokenizer is not None:
+    tok, msk = tokenizer.empty(1)
+    empty = (jnp.asarray(tok[0]), jnp.asarray(msk[0]))
+
+  # ---------------------------------------------------------------------- optimizer and sharded state
+  tx, schedule = optim.make_optimizer(config.optimizer)
+  sampler_name = "uniform" if config.stage == "clip" else str(config.diffusion.schedule_sampler)
+  sampler = timesteps.make_sampler(sampler_name, stage.diffusion.num_timesteps)
+  ema_rates = tuple(float(r) for r in config.ema.rates)
+  rng = jax.random.key(int(config.seed))
+  init_rng, step_rng = jax.random.split(rng)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), int(config.checkpoint.every),
+                               int(config.checkpoint.keep), bool(config.checkpoint["async"]))
+  resume_step = ckpt.latest_step()
+  init_params = None if resume_step is not None else load_init_params(config, stage)
+  # (No logical_axis_rules context here: unboxing under it would constrain conv kernels whose
+  # two spatial axes share the name 'kernel'; our own rule resolution handles that.)
+  state, shardings = state_lib.create_train_state(stage.init, tx, ema_rates, mesh, rules, init_rng,
+                                                  sampler.init, params=init_params)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  writer.text(f"{n_params:,} parameters; EMA rates {ema_rates}; sampler {sampler_name}")
+
+  # ---------------------------------------------------------------------- resume
+  if resume_step is not None:
+    ckpt.check_config(config, resume_step)
+    state, step_rng, data_state = ckpt.restore(state, shardings, resume_step)
+    if data_state:
+      data_iterator.set_state(data_state)
+    writer.text(f"resumed from step {resume_step} of {ckpt.directory}")
+
+  # ---------------------------------------------------------------------- the compiled step
+  step_cfg = step_lib.StepConfig(ema_rates=ema_rates, ema_warmup=bool(config.ema.warmup),
+                                 microbatches=micro, caption_dropout=caption_dropout_rate(config),
+                                 num_timesteps=stage.diffusion.num_timesteps, uses_text=stage.uses_text)
+  step_fn = step_lib.make_train_step(stage.loss, tx, schedule, step_cfg, sampler, empty, mesh, rules)
+  t_wait = time.perf_counter()
+  host_batch = next(data_iterator)
+  data_wait = time.perf_counter() - t_wait
+  batch = shard_lib.host_local_to_global({k: host_batch[k] for k in stage.batch_keys}, mesh, rules)
+  batch_sh = shard_lib.batch_shardings(batch, mesh, rules)
+  repl = shard_lib.replicated(mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh, repl), out_shardings=(shardings, repl),
+                     donate_argnums=(0,))
+    t0 = time.perf_counter()
+    compiled = jitted.lower(state, batch, step_rng).compile()
+  mem = compiled.memory_analysis()
+  flops = _flops(compiled)
+  writer.text(f"compiled the train step in {time.perf_counter() - t0:.1f}s; memory per device: "
+              f"{_format_memory(mem)}; {flops / 1e9 if flops else float('nan'):.3f} GFLOP per step")
+  peak = peak_flops(jax.devices()[0].device_kind)
+
+  # ---------------------------------------------------------------------- the loop
+  multihost.check_params_agree(state.params, int(state.step))
+  stop = _StopSignal()
+  stop.install()
+  watchdog = multihost.Watchdog(float(os.environ.get("GLIDE_JAX_WATCHDOG_SECONDS", "0") or 0))
+  step = int(state.step)
+  total = int(config.total_steps)
+  log_every = max(1, int(config.log.every))
+  losses: list[Any] = []
+  pending: list[dict] = []
+  stopped = False
+  t_last, wait_acc, steps_since = time.perf_counter(), data_wait, 0
+  writer.progress(step, float("nan"), 0.0)
+  try:
+    while step < total:
+      if batch is None:
+        t_wait = time.perf_counter()
+        host_batch = next(data_iterator)
+        batch = shard_lib.host_local_to_global({k: host_batch[k] for k in stage.batch_keys}, mesh, rules)
+        wait_acc += time.perf_counter() - t_wait
+      state, metrics = compiled(state, batch, step_rng)
+      batch = None
+      step += 1
+      steps_since += 1
+      watchdog.kick()
+      losses.append(metrics["loss"])
+      pending.append(metrics)
+
+      if step % log_every == 0 or step == total:
+        fetched = jax.device_get(pending)
+        pending = []
+        elapsed = time.perf_counter() - t_last
+        summary = _summarize(fetched, stage.diffusion.num_timesteps)
+        images_s = steps_since * batch_size / max(elapsed, 1e-9)
+        summary.update(images_per_s=images_s, images_per_s_per_device=images_s / mesh.size,
+                       data_wait_s=wait_acc / steps_since, step_time_s=elapsed / steps_since)
+        if flops:
+          tflops = flops / (elapsed / steps_since) / mesh.size / 1e12
+          summary["model_tflops_per_device"] = tflops
+          if peak:
+            summary["mfu"] = tflops * 1e12 / peak
+        writer.scalars(step, summary)
+        writer.progress(step, summary.get("loss", float("nan")), images_s)
+        t_last, wait_acc, steps_since = time.perf_counter(), 0.0, 0
+
+      stop_now = multihost.agree_on_flag(stop.requested or _preemption_notice(step))
+      if ckpt.should_save(step) or step == total or stop_now:
+        ckpt.save(step, state, step_rng, data_iterator.get_state(), config, force=True)
+        multihost.check_params_agree(state.params, step)
+      if stop_now:
+        writer.text(f"stop requested (SIGTERM or preemption): saved step {step}, exiting")
+        stopped = True
+        break
+  finally:
+    watchdog.stop()
+    stop.uninstall()
+    ckpt.close()
+    writer.close()
+  return {"state": state, "losses": [float(x) for x in jax.device_get(losses)], "stopped": stopped,
+          "step": step}
+
+
+def _preemption_notice(step: int) -> bool:
+  if jax.process_count() == 1:
+    return False
+  try:
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.reached_preemption_sync_point(step))
+  except Exception:  # no preemption service (CPU, GPU without it)
+    return False
+
+
+def _summarize(history: list[dict], num_timesteps: int) -> dict[str, float]:
+  """Means over the steps since the last log; quartile losses weighted by their counts."""
+  out: dict[str, float] = {}
+  keys = [k for k in history[0] if not k.startswith(("loss_q", "count_q"))]
+  finite = [h for h in history if int(h["finite"])] or history
+  for k in keys:
+    if k in ("skipped",):
+      out[k] = float(history[-1][k])
+    elif k == "finite":
+      continue
+    else:
+      out[k] = float(np.mean([float(h[k]) for h in finite]))
+  for q in range(4):
+    if f"count_q{q}" in history[0]:
+      n = sum(float(h[f"count_q{q}"]) for h in finite)
+      if n > 0:
+        out[f"loss_q{q}"] = sum(float(h[f"loss_q{q}"]) * float(h[f"count_q{q}"]) for h in finite) / n
+  return out
+
+
+def _flops(compiled) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+      cost = cost[0]
+    return float(cost.get("flops", 0.0)) or None
+  except Exception:
+    return None
+
+
+def _format_memory(mem) -> str:
+  if mem is None:
+    return "unavailable"
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
+  return ", ".join(f"{f.replace('_size_in_bytes', '')} {getattr(mem, f, 0) / 2**20:.1f} MiB" for f in fields)
+
+
+def dump_config(config: Any) -> str:
+  return json.dumps(json.loads(config_lib.config_to_json(config)), indent=2)
