@@ -52,7 +52,7 @@ def get_config(arg: str | None = None):
   c.batch_size = 32_768
   c.total_steps = 390_000
   c.optimizer.update(lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.0125, warmup_steps=2000,
-                     decay="cosine", decay_steps=0)
+                     decay="cosine", decay_steps=c.total_steps - 2000)
   c.ema.rates = ()                # CLIP keeps no EMA
   c.sampling.guidance_scale = 0.0  # unused by this stage
 
@@ -63,11 +63,12 @@ def get_config(arg: str | None = None):
   elif arg.variant == "small":
     c.batch_size = 4096
     c.total_steps = 100_000
+    c.optimizer.decay_steps = c.total_steps - c.optimizer.warmup_steps
   elif arg.variant == "tiny":
     c.batch_size = 8
     c.total_steps = 100
     c.model.dtype = "float32"
-    c.optimizer.update(lr=1e-3, warmup_steps=10)
+    c.optimizer.update(lr=1e-3, warmup_steps=10, decay_steps=90)
     c.data.name = "glide_shapes/size32"  # the pipeline resizes to the 16 px model
     c.data.tokenizer.type = "words"
     c.data.shuffle_buffer = 256
@@ -77,6 +78,7 @@ def get_config(arg: str | None = None):
 
   if arg.runlocal:
     common.apply_runlocal(c)
+    c.optimizer.update(warmup_steps=1, decay_steps=c.total_steps)
   return c
 
 

@@ -13,33 +13,29 @@ import ml_collections
 
 VARIANTS = ("released", "full", "small", "tiny")
 
-# Logical axis -> mesh axes. Order matters: flax assigns each mesh axis at most once per array,
-# walking this table top to bottom, so a parameter named ('conv_in', 'conv_out') gets fsdp on its
-# input channels and tensor on its output channels. Names are the vocabulary of
-# glide_jax/models/layers.py.
+# Logical axis -> mesh axes (names: the vocabulary of glide_jax/models/layers.py). Rules are tried
+# top to bottom and a mesh axis is used at most once per array (glide_jax/parallel/sharding.py), so
+# a conv kernel ('kernel', 'kernel', 'conv_in', 'conv_out') gets fsdp on its input channels and
+# tensor on its output channels.
 MESH_RULES = (
     # activations: the batch is split over every data-parallel axis (fsdp included: ZeRO-3)
     ("batch", ("replica", "data", "fsdp")),
     ("act_length", None),
     ("act_height", None),
     ("act_width", None),
-    ("act_embed", "tensor"),
+    ("act_embed", None),           # the residual stream stays whole (Megatron-style tensor parallel)
     ("act_channels", "tensor"),
-    # parameters: tensor parallelism splits heads / MLP / output channels ...
+    # parameters: tensor parallelism splits heads, MLP and output channels; fsdp shards the other
+    # large dimension of every matrix and kernel. A rule to a size-1 axis means "replicated".
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
     ("qkv", "tensor"),
     ("kv", "tensor"),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
     ("conv_out", "tensor"),
-    # ... and fsdp shards the other large dimension of every matrix and kernel
-    ("embed", "fsdp"),
     ("conv_in", "fsdp"),
     ("time_embed", "fsdp"),
-    ("mlp", "fsdp"),
-    ("vocab", "fsdp"),
-    ("conv_out", "fsdp"),
-    ("qkv", "fsdp"),
-    ("kv", "fsdp"),
+    ("time_embed", "tensor"),
     # never sharded: spatial kernel axes, norms and biases, small tables
     ("kernel", None),
     ("norm", None),
@@ -143,7 +139,7 @@ def skeleton(stage: str) -> ml_collections.ConfigDict:
   c.optimizer.grad_clip_norm = 0.0  # 0 = off ([GD] does not clip)
   c.optimizer.warmup_steps = 0    # [GD] has no warmup
   c.optimizer.decay = "constant"  # 'constant' | 'linear' | 'cosine'
-  c.optimizer.decay_steps = 0     # 0 = total_steps
+  c.optimizer.decay_steps = 0     # steps of the decay after warmup (needed by linear/cosine)
 
   c.ema = ml_collections.ConfigDict()
   c.ema.rates = (0.9999,)         # [ADM] App. I
@@ -173,7 +169,7 @@ def skeleton(stage: str) -> ml_collections.ConfigDict:
   c.log.tensorboard = True
 
   c.sampling = ml_collections.ConfigDict()
-  c.sampling.sampler = "plms"     # 'ddpm' | 'ddim' | 'plms'
+  c.sampling.sampler = "plms"     # 'ancestral' | 'ddim' | 'plms' | 'dpm++'
   c.sampling.steps = "100"        # respacing: a count ('100') or a GLIDE set ('fast27')
   c.sampling.guidance_scale = 3.0  # [G] text2im notebook
 

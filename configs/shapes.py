@@ -46,7 +46,8 @@ def get_config(arg: str | None = None):
   c.data.shuffle_buffer = 2048
 
   # A small model learns faster than ADM's 1e-4..3e-4 allows; warm up to avoid early blow-ups.
-  c.optimizer.update(lr=5e-4, warmup_steps=200, grad_clip_norm=1.0, decay="cosine")
+  c.optimizer.update(lr=5e-4, warmup_steps=200, grad_clip_norm=1.0, decay="cosine",
+                     decay_steps=c.total_steps - 200)
   # EMA with warmup (bias correction) so the EMA weights are usable after a few hundred steps.
   c.ema.rates = (0.999,)
   c.ema.warmup = True
@@ -61,6 +62,7 @@ def get_config(arg: str | None = None):
 
   if arg.runlocal:
     common.apply_runlocal(c)
+    c.optimizer.update(warmup_steps=1, decay_steps=c.total_steps)
   return c
 
 

@@ -1,0 +1,127 @@
+"""launch/local.py (a real 2-process jax.distributed job on localhost), launch/gke.py manifests and
+launch/tpu_vm.sh's command plan."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
+
+
+def _env():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # local.py sets the device count per process
+  env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+WORKER = textwrap.dedent("""
+    import os, jax, numpy as np
+    jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["JAX_NUM_PROCESSES"]),
+                               int(os.environ["JAX_PROCESS_ID"]))
+    from jax.experimental import multihost_utils
+    gathered = multihost_utils.process_allgather(np.array([10 + jax.process_index()]))
+    print("RESULT", jax.process_index(), jax.process_count(), jax.device_count(), jax.local_device_count(),
+          gathered.ravel().tolist(), os.environ["GLIDE_PROCESS_ID"], flush=True)
+""")
+
+
+def test_local_two_process_job(tmp_path):
+  script = tmp_path / "worker.py"
+  script.write_text(WORKER)
+  out = subprocess.run([sys.executable, str(LAUNCH / "local.py"), "--processes", "2", "--devices-per-process", "2",
+                        "--timeout", "120", "--", sys.executable, str(script)],
+                       capture_output=True, text=True, env=_env(), timeout=180)
+  assert out.returncode == 0, out.stdout + out.stderr
+  results = sorted(line.split("RESULT ", 1)[1] for line in out.stdout.splitlines() if "RESULT " in line)
+  # each process sees 2 processes, 4 global devices, 2 local, and both processes' values
+  assert results == ["0 2 4 2 [10, 11] 0", "1 2 4 2 [10, 11] 1"], out.stdout
+  assert any(line.startswith("[0] ") for line in out.stdout.splitlines())
+  assert any(line.startswith("[1] ") for line in out.stdout.splitlines())
+
+
+def test_local_failure_stops_the_others(tmp_path):
+  script = tmp_path / "fail.py"
+  script.write_text("import os, sys, time\n"
+                    "if os.environ['JAX_PROCESS_ID'] == '1': sys.exit(3)\n"
+                    "time.sleep(120)\n")
+  start = time.time()
+  out = subprocess.run([sys.executable, str(LAUNCH / "local.py"), "--processes", "2", "--",
+                        sys.executable, str(script)], capture_output=True, text=True, env=_env(), timeout=100)
+  assert out.returncode == 3, out.stdout + out.stderr
+  assert time.time() - start < 60
+  assert "process 1 exited with code 3" in out.stderr
+
+
+def test_local_substitutes_placeholders(tmp_path):
+  out = subprocess.run([sys.executable, str(LAUNCH / "local.py"), "--processes", "3", "--", sys.executable, "-c",
+                        "import os; print('P', '{process_id}', '{num_processes}', os.environ['XLA_FLAGS'])"],
+                       capture_output=True, text=True, env=_env(), timeout=60)
+  assert out.returncode == 0, out.stderr
+  lines = sorted(l.split("P ", 1)[1] for l in out.stdout.splitlines() if " P " in l)
+  assert lines == [f"{i} 3 --xla_force_host_platform_device_count=1" for i in range(3)]
+
+
+def test_local_needs_a_command():
+  out = subprocess.run([sys.executable, str(LAUNCH / "local.py"), "--processes", "2"], capture_output=True,
+                       text=True, env=_env(), timeout=60)
+  assert out.returncode == 2 and "command" in out.stderr
+
+
+def _gke(*args):
+  return subprocess.run([sys.executable, str(LAUNCH / "gke.py"), *args], capture_output=True, text=True,
+                        env=_env(), timeout=60)
+
+
+def test_gke_jobset_manifest():
+  yaml = pytest.importorskip("yaml")
+  args = ["--name", "glide-base", "--image", "img:1", "--tpu-type", "v5p", "--topology", "4x4x4",
+          "--num-slices", "2", "--env", "A=b", "--", "glide-jax", "train", "--config",
+          "configs/base.py:variant=full", "--workdir", "gs://bucket/run 1"]
+  out = _gke(*args)
+  assert out.returncode == 0, out.stderr
+  doc = yaml.safe_load(out.stdout)
+  assert doc == json.loads(_gke("--json", *args).stdout)  # the YAML says what the JSON says
+  assert doc["kind"] == "JobSet" and doc["apiVersion"].startswith("jobset.x-k8s.io/")
+  job = doc["spec"]["replicatedJobs"][0]
+  assert job["replicas"] == 2
+  spec = job["template"]["spec"]
+  assert spec["parallelism"] == spec["completions"] == 16  # 64 chips / 4 per host
+  pod = spec["template"]["spec"]
+  assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",
+                                 "cloud.google.com/gke-tpu-topology": "4x4x4"}
+  container = pod["containers"][0]
+  assert container["resources"]["limits"]["google.com/tpu"] == 4
+  assert container["command"][:2] == ["bash", "-c"]
+  assert "'gs://bucket/run 1'" in container["command"][2]
+  env = {e["name"]: e.get("value") for e in container["env"]}
+  assert env["MEGASCALE_NUM_SLICES"] == "2" and env["A"] == "b" and "MEGASCALE_SLICE_ID" in env
+
+
+def test_gke_refuses_bad_input():
+  assert _gke("--name", "Bad_Name", "--image", "i", "--", "x").returncode == 2
+  out = _gke("--name", "ok", "--image", "i", "--tpu-type", "v5p", "--topology", "3x1x1", "--", "x")
+  assert out.returncode == 2 and "4-chip hosts" in out.stderr
+  assert _gke("--name", "ok", "--image", "i").returncode == 2
+
+
+def test_tpu_vm_dry_run(tmp_path):
+  out = subprocess.run(["bash", str(LAUNCH / "tpu_vm.sh"), "all", "--tpu", "glide-v5p", "--zone", "us-east5-a",
+                        "--type", "v5p-128", "--run-name", "r1", "--workers", "2", "--dry-run", "--",
+                        "glide-jax", "train", "--config", "configs/base.py:variant=full"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=60)
+  assert out.returncode == 0, out.stderr
+  lines = [l for l in out.stdout.splitlines() if l.startswith("+ gcloud")]
+  assert "create glide-v5p --zone us-east5-a --accelerator-type v5p-128 --version v2-alpha-tpuv5" in lines[0]
+  assert sum("--worker=all" in l for l in lines) == 3  # copy, install, run
+  assert "glide-jax\\\\\\ train" in lines[3] or "glide-jax\\ train" in lines[3]
+  assert [l.split("--worker=")[1].split()[0] for l in lines[4:]] == ["0", "1"]  # logs per worker
+  assert not (tmp_path / "logs").exists()  # a dry run touches nothing
+  bad = subprocess.run(["bash", str(LAUNCH / "tpu_vm.sh"), "run", "--zone", "z"], capture_output=True, text=True)
+  assert bad.returncode == 2 and "--tpu" in bad.stderr
