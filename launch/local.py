@@ -7,7 +7,8 @@ r"""Start N processes on this machine that form one multi-host JAX job over `jax
 Each process gets, in its environment:
   JAX_COORDINATOR_ADDRESS  localhost:<port>   (read by jax.distributed.initialize itself)
   JAX_NUM_PROCESSES, JAX_PROCESS_ID           (pass them on: JAX does not read these two)
-  GLIDE_NUM_PROCESSES, GLIDE_PROCESS_ID       (the same, under the package's own names)
+  GLIDE_JAX_COORDINATOR, GLIDE_JAX_NUM_PROCESSES, GLIDE_JAX_PROCESS_ID
+                                              (read by glide_jax.parallel.multihost.initialize)
   JAX_PLATFORMS=cpu, XLA_FLAGS with --xla_force_host_platform_device_count=M
 and the strings {process_id}, {num_processes}, {coordinator} in the command are replaced, for
 programs that take them as flags. Output lines are prefixed with `[i]`. If one process exits
@@ -43,8 +44,10 @@ def process_env(base: dict[str, str], process_id: int, num_processes: int, coord
       "JAX_COORDINATOR_ADDRESS": coordinator,
       "JAX_NUM_PROCESSES": str(num_processes),
       "JAX_PROCESS_ID": str(process_id),
-      "GLIDE_NUM_PROCESSES": str(num_processes),
-      "GLIDE_PROCESS_ID": str(process_id),
+      # the names glide_jax.parallel.multihost.initialize() reads
+      "GLIDE_JAX_COORDINATOR": coordinator,
+      "GLIDE_JAX_NUM_PROCESSES": str(num_processes),
+      "GLIDE_JAX_PROCESS_ID": str(process_id),
       "PYTHONUNBUFFERED": "1",
   })
   return env

@@ -28,7 +28,7 @@ WORKER = textwrap.dedent("""
     from jax.experimental import multihost_utils
     gathered = multihost_utils.process_allgather(np.array([10 + jax.process_index()]))
     print("RESULT", jax.process_index(), jax.process_count(), jax.device_count(), jax.local_device_count(),
-          gathered.ravel().tolist(), os.environ["GLIDE_PROCESS_ID"], flush=True)
+          gathered.ravel().tolist(), os.environ["GLIDE_JAX_PROCESS_ID"], flush=True)
 """)
 
 

@@ -1,0 +1,394 @@
+"""Ahead-of-time planning for TPU pods from a CPU machine (`glide-jax plan`).
+
+The real train step (glide_jax/train: stage loss, caption dropout, timestep sampler, microbatch
+scan, AdamW, EMA) and one sampler step (classifier-free guided model call + sampler update) are
+lowered with the config's mesh and rule table over the devices of a TPU topology described by
+`jax.experimental.topologies` (compile-only: libtpu compiles, nothing runs). From the compiled
+program we read per-chip memory (`memory_analysis`), FLOPs (`cost_analysis`) and the collectives
+in the HLO; an analytic count of the model's conv and matmul FLOPs, taken from the model's jaxpr,
+sits next to the compiler's figure.
+
+When a config does not fit, a few alternatives are tried (all chips on fsdp, full remat, more
+microbatches) and the overrides of the first that fits are printed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+GiB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  hbm_bytes: int          # HBM per chip
+  peak_flops: float       # dense bf16 FLOP/s per chip
+  hbm_bandwidth: float    # bytes/s per chip
+
+
+# Public Cloud TPU specifications (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e).
+CHIPS: dict[str, Chip] = {
+    "v4": Chip(32 * GiB, 275e12, 1.2e12),
+    "v5e": Chip(16 * GiB, 197e12, 8.19e11),
+    "v5p": Chip(95 * GiB, 459e12, 2.765e12),
+    "v6e": Chip(32 * GiB, 918e12, 1.64e12),
+}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
+
+
+class PlanError(RuntimeError):
+  """A plan that cannot be made (bad topology, batch not divisible, ...)."""
+
+
+# ----------------------------------------------------------------------------- topology
+def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
+  """'v5p:4x4x4' -> ('v5p', (4, 4, 4))."""
+  m = re.fullmatch(r"(v4|v5e|v5p|v6e):(\d+(?:x\d+)+)", name.strip())
+  if not m:
+    raise PlanError(f"topology {name!r} is not of the form GEN:AxB[xC] with GEN in {sorted(CHIPS)}, "
+                    "e.g. v5p:4x4x4, v5e:16x16, v4:2x2x1, v6e:8x8")
+  dims = tuple(int(d) for d in m.group(2).split("x"))
+  if m.group(1) in ("v4", "v5p") and len(dims) != 3:
+    raise PlanError(f"topology {name!r}: {m.group(1)} slices are 3-D (e.g. {m.group(1)}:4x4x4)")
+  if m.group(1) in ("v5e", "v6e") and len(dims) != 2:
+    raise PlanError(f"topology {name!r}: {m.group(1)} slices are 2-D (e.g. {m.group(1)}:16x16)")
+  return m.group(1), dims
+
+
+def topology_devices(name: str) -> list:
+  """Compile-only TPU devices of a topology (needs the libtpu package: `pip install glide-jax[tpu]`)."""
+  parse_topology(name)
+  from jax.experimental import topologies
+  try:
+    topo = topologies.get_topology_desc(name, "tpu")
+  except Exception as e:  # noqa: BLE001 - the message from libtpu is what the user needs
+    raise PlanError(f"cannot describe TPU topology {name!r}: {type(e).__name__}: {e}. "
+                    "Is libtpu installed (pip install 'glide-jax[tpu]')?") from e
+  return list(topo.devices)
+
+
+def devices_per_chip(devices: Sequence[Any]) -> int:
+  """TensorCores exposed as separate devices on one chip (v4 without megacore shows 2)."""
+  cores = {getattr(d, "core_on_chip", 0) for d in devices}
+  return max(1, len(cores))
+
+
+# ----------------------------------------------------------------------------- HLO reading
+def _shape_bytes(text: str) -> list[int]:
+  out = []
+  for dtype, dims in re.findall(r"\b([a-z]+\d*(?:e\dm\d(?:fn)?)?)\[([\d,]*)\]", text):
+    if dtype in _DTYPE_BYTES:
+      out.append(_DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d))
+  return out
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+  """Collective ops in an optimized HLO module: {kind: {'count', 'bytes'}}.
+
+  `bytes` is the size of each op's result (for async '-start' ops the largest array of the tuple).
+  Ops inside a while loop (the microbatch scan) are counted once, not once per iteration.
+  """
+  stats = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
+  pattern = re.compile(r"=\s*(\S.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+  hlo_text = re.sub(r"/\*.*?\*/", "", hlo_text)  # tuple shapes carry /*index=N*/ comments
+  for shape, kind, start in pattern.findall(hlo_text):
+    sizes = _shape_bytes(shape)
+    stats[kind]["count"] += 1
+    stats[kind]["bytes"] += (max(sizes) if start else sum(sizes)) if sizes else 0
+  return stats
+
+
+# ----------------------------------------------------------------------------- analytic FLOPs
+def _eqn_flops(eqn) -> float:
+  name = eqn.primitive.name
+  if name == "dot_general":
+    lhs = eqn.invars[0].aval.shape
+    (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+    return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
+  if name == "conv_general_dilated":
+    rhs = eqn.invars[1].aval.shape
+    out = eqn.outvars[0].aval.shape
+    dn = eqn.params["dimension_numbers"]
+    spec = dn.rhs_spec  # (out feature dim, in feature dim, spatial...)
+    kernel_in = rhs[spec[1]] * math.prod(rhs[d] for d in spec[2:])
+    return 2.0 * math.prod(out) * kernel_in
+  return 0.0
+
+
+def _jaxpr_flops(jaxpr) -> float:
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    total += _eqn_flops(eqn)
+    mult = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+    for sub in _subjaxprs(eqn.params):
+      total += mult * _jaxpr_flops(sub)
+  return total
+
+
+def _subjaxprs(params: dict) -> list:
+  out = []
+  for value in params.values():
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+      if hasattr(v, "jaxpr") and hasattr(v, "consts"):  # ClosedJaxpr
+        out.append(v.jaxpr)
+      elif hasattr(v, "eqns"):
+        out.append(v)
+  return out
+
+
+def forward_flops(stage: Any, params_abstract: Any) -> float:
+  """Conv + matmul FLOPs of one forward pass for ONE example (2 x MACs), from the jaxpr."""
+  model = stage.model
+  if stage.name == "clip":
+    size, length = int(model.image_size), int(model.max_text_len)
+
+    def fwd(p):
+      return model.apply({"params": p}, jnp.zeros((1, size, size, 3)), jnp.zeros((1,), jnp.int32),
+                         jnp.zeros((1, length), jnp.int32), jnp.ones((1,), jnp.int32))
+  else:
+    inputs = model.dummy_inputs(1, stage.image_size)
+
+    def fwd(p):
+      return model.apply({"params": p}, **inputs, train=False)
+  closed = jax.make_jaxpr(fwd)(params_abstract)
+  return _jaxpr_flops(closed.jaxpr)
+
+
+# ----------------------------------------------------------------------------- compile
+@dataclasses.dataclass
+class Result:
+  label: str
+  overrides: list[str]
+  fits: bool
+  per_device_bytes: int = 0       # arguments + outputs - aliased + temporaries + code, one device
+  argument_bytes: int = 0
+  output_bytes: int = 0
+  alias_bytes: int = 0
+  temp_bytes: int = 0
+  code_bytes: int = 0
+  flops_per_device: float = 0.0   # compiler's count for one device (a while body counted once)
+  bytes_accessed_per_device: float = 0.0
+  collectives: dict = dataclasses.field(default_factory=dict)
+  compile_seconds: float = 0.0
+  error: str = ""
+
+
+def _abstract_batch(stage: Any, config: Any, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+  s = stage.image_size
+  ctx = int(config.data.tokenizer.text_ctx)
+  out = {"image": jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32),
+         "tokens": jax.ShapeDtypeStruct((batch, ctx), jnp.int32),
+         "mask": jax.ShapeDtypeStruct((batch, ctx), jnp.bool_)}
+  if "low_res" in stage.batch_keys:
+    low = int(config.data.low_res_size or s // 4)
+    out["low_res"] = jax.ShapeDtypeStruct((batch, low, low, 3), jnp.float32)
+  if "inpaint_mask" in stage.batch_keys:
+    out["inpaint_mask"] = jax.ShapeDtypeStruct((batch, s, s, 1), jnp.float32)
+  return out
+
+
+def _memory(compiled: Any, result: Result) -> None:
+  m = compiled.memory_analysis()
+  result.argument_bytes = int(m.argument_size_in_bytes)
+  result.output_bytes = int(m.output_size_in_bytes)
+  result.alias_bytes = int(m.alias_size_in_bytes)
+  result.temp_bytes = int(m.temp_size_in_bytes)
+  result.code_bytes = int(m.generated_code_size_in_bytes)
+  result.per_device_bytes = (result.argument_bytes + result.output_bytes - result.alias_bytes
+                             + result.temp_bytes + result.code_bytes)
+
+
+def _cost(compiled: Any, result: Result) -> None:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  cost = cost or {}
+  result.flops_per_device = float(cost.get("flops", 0.0))
+  result.bytes_accessed_per_device = float(cost.get("bytes accessed", 0.0))
+
+
+_OOM = re.compile(r"Used\s+([\d.]+)([KMGT]?)i?B?\s+of\s+([\d.]+)([KMGT]?)i?B?\s+hbm", re.I)
+
+
+def _oom_bytes(message: str) -> int:
+  m = _OOM.search(message)
+  if not m:
+    return 0
+  scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+  return int(float(m.group(1)) * scale[m.group(2).upper()])
+
+
+def build_mesh(config: Any, devices: Sequence[Any]):
+  """The config's mesh over `devices` in physical order (mesh_utils), as the trainer would build it."""
+  from glide_jax.parallel import mesh as mesh_lib
+  from jax.sharding import Mesh
+  sizes = mesh_lib.resolve_axis_sizes(config.mesh, len(devices))
+  shape = tuple(sizes[a] for a in mesh_lib.AXES)
+  try:
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(shape, devices=list(devices), allow_split_physical_axes=True)
+  except Exception:  # noqa: BLE001 - an order the physical mapper rejects still compiles
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, mesh_lib.AXES)
+
+
+def compile_train_step(config: Any, devices: Sequence[Any], label: str = "",
+                       overrides: Sequence[str] = ()) -> tuple[Result, Any]:
+  """Lowers and compiles the trainer's step for `devices`; returns (Result, stage)."""
+  import flax.linen as nn
+  from glide_jax.parallel import sharding as shard_lib
+  from glide_jax.train import optim, stages, state as state_lib, step as step_lib, timesteps
+
+  result = Result(label=label, overrides=list(overrides), fits=False)
+  stage = stages.make_stage(config)
+  mesh = build_mesh(config, devices)
+  rules = shard_lib.normalize_rules(config.rules)
+  batch = int(config.batch_size)
+  shards = shard_lib.num_batch_shards(mesh, rules)
+  micro = int(config.microbatches)
+  if batch % (shards * micro):
+    raise PlanError(f"global batch {batch} is not divisible by {shards} batch shards x {micro} microbatches")
+  tx, schedule = optim.make_optimizer(config.optimizer)
+  sampler = timesteps.make_sampler(config.diffusion.schedule_sampler, int(config.diffusion.steps))
+  ema_rates = tuple(float(r) for r in config.ema.rates)
+  abstract, shardings = state_lib.state_shardings(stage.init, tx, ema_rates, sampler.init, mesh, rules)
+  step_cfg = step_lib.StepConfig(ema_rates=ema_rates, ema_warmup=bool(config.ema.warmup), microbatches=micro,
+                                 caption_dropout=float(config.data.caption_dropout),
+                                 num_timesteps=int(config.diffusion.steps), uses_text=stage.uses_text)
+  ctx = int(config.data.tokenizer.text_ctx)
+  empty = (jnp.zeros((ctx,), jnp.int32), jnp.zeros((ctx,), jnp.bool_))
+  step = step_lib.make_train_step(stage.loss, tx, schedule, step_cfg, sampler, empty, mesh, rules)
+  abstract_batch = _abstract_batch(stage, config, batch)
+  batch_sh = shard_lib.batch_shardings(abstract_batch, mesh, rules)
+  rng = jax.eval_shape(lambda: jax.random.key(0))
+  repl = shard_lib.replicated(mesh)
+  jitted = jax.jit(step, in_shardings=(shardings, batch_sh, repl), out_shardings=(shardings, repl),
+                   donate_argnums=(0,))
+  start = time.time()
+  try:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      lowered = jitted.lower(abstract, abstract_batch, rng)
+    compiled = lowered.compile()
+  except Exception as e:  # noqa: BLE001 - libtpu reports an over-full HBM as a compile error
+    result.compile_seconds = time.time() - start
+    message = str(e)
+    result.per_device_bytes = _oom_bytes(message)
+    result.error = message.strip().splitlines()[0][:400] if message.strip() else type(e).__name__
+    if not result.per_device_bytes:
+      raise
+    return result, stage
+  result.compile_seconds = time.time() - start
+  _memory(compiled, result)
+  _cost(compiled, result)
+  result.collectives = collectives(compiled.as_text())
+  return result, stage
+
+
+def compile_sampler_step(config: Any, devices: Sequence[Any], batch: int) -> Result:
+  """One step of the configured sampler with classifier-free guidance (a doubled model batch),
+  parameters sharded as in training; the compiled scan has one iteration."""
+  import flax.linen as nn
+  from glide_jax.diffusion import guidance, samplers
+  from glide_jax.diffusion.schedules import create_diffusion
+  from glide_jax.parallel import sharding as shard_lib
+  from glide_jax.train import stages
+
+  result = Result(label="sampler step", overrides=[], fits=False)
+  stage = stages.make_stage(config)
+  mesh = build_mesh(config, devices)
+  rules = shard_lib.normalize_rules(config.rules)
+  boxed = jax.eval_shape(stage.init, jax.random.key(0))
+  params_sh = shard_lib.tree_shardings(boxed, mesh, rules, log_fallbacks=False)
+  params = nn.meta.unbox(boxed)
+  diffusion = create_diffusion(int(config.diffusion.steps), config.diffusion.noise_schedule, "1")
+  s = stage.image_size
+  cond = _abstract_batch(stage, config, batch)
+  cond.pop("image")
+  cond_sh = shard_lib.batch_shardings(cond, mesh, rules)
+  sampler_name = config.sampling.sampler if config.sampling.sampler in samplers.SAMPLERS else "ddim"
+  scale = float(config.sampling.guidance_scale)
+
+  def sample_one_step(params, cond, key):
+    model = stage.model
+
+    def apply_fn(x, t, c):
+      extra = {k: c[k] for k in ("low_res", "inpaint_mask") if k in c}
+      if "inpaint_mask" in extra:
+        extra["inpaint_image"] = jnp.zeros(x.shape, x.dtype)
+      return model.apply({"params": params}, x, t, c["tokens"], c["mask"], **extra)
+
+    uncond = dict(cond, tokens=jnp.zeros_like(cond["tokens"]), mask=jnp.zeros_like(cond["mask"]))
+    model_fn = guidance.cfg_model_fn(apply_fn, cond, uncond, scale) if stage.uses_text else (
+        lambda x, t: apply_fn(x, t, cond))
+    return samplers.sample_loop(model_fn, diffusion, (batch, s, s, 3), key, sampler=sampler_name)
+
+  shards = shard_lib.num_batch_shards(mesh, rules)
+  if batch % shards:
+    raise PlanError(f"sampling batch {batch} is not divisible by {shards} batch shards")
+  repl = shard_lib.replicated(mesh)
+  jitted = jax.jit(sample_one_step, in_shardings=(params_sh, cond_sh, repl))
+  rng = jax.eval_shape(lambda: jax.random.key(0))
+  start = time.time()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    compiled = jitted.lower(params, cond, rng).compile()
+  result.compile_seconds = time.time() - start
+  _memory(compiled, result)
+  _cost(compiled, result)
+  result.collectives = collectives(compiled.as_text())
+  result.fits = True
+  return result
+
+
+# ----------------------------------------------------------------------------- search
+def candidates(config: Any, devices: Sequence[Any]) -> list[tuple[str, list[str]]]:
+  """Alternatives to try when the config does not fit, cheapest change first."""
+  out: list[tuple[str, list[str]]] = []
+  all_fsdp = [] if (config.mesh.fsdp == -1 or config.mesh.fsdp == len(devices)) and config.mesh.data in (1,) \
+      else ["--config.mesh.replica=1", "--config.mesh.data=1", "--config.mesh.fsdp=-1"]
+  remat = [] if config.model.remat_policy == "full" else ["--config.model.remat_policy=full"]
+  if all_fsdp:
+    out.append(("all chips on fsdp", all_fsdp))
+  if remat:
+    out.append(("full remat", remat))
+  if all_fsdp and remat:
+    out.append(("fsdp + full remat", all_fsdp + remat))
+  batch = int(config.batch_size)
+  for m in (2, 4, 8):
+    if batch % (m * len(devices)) == 0 and m > int(config.microbatches):
+      out.append((f"fsdp + full remat + {m} microbatches", all_fsdp + remat + [f"--config.microbatches={m}"]))
+  return out
+
+
+def result_json(config: Any, topology: str, res: Result, chip: Chip, per_chip: int, n_chips: int,
+                model_flops: float, fwd_flops: float) -> dict:
+  compiled_flops = res.flops_per_device * per_chip * n_chips
+  bound_compute = res.flops_per_device * per_chip / chip.peak_flops
+  bound_memory = res.bytes_accessed_per_device * per_chip / chip.hbm_bandwidth
+  model_bound = model_flops / (chip.peak_flops * n_chips)
+  return {
+      "fits": bool(res.fits),
+      "topology": topology,
+      "chips": n_chips,
+      "per_chip_bytes": int(res.per_device_bytes * per_chip),
+      "hbm_bytes": int(chip.hbm_bytes),
+      "flops_per_step": float(compiled_flops),
+      "model_flops_per_step": float(model_flops),
+      "forward_flops_per_example": float(fwd_flops),
+      "step_time_lower_bound_s": float(max(bound_compute, bound_memory, model_bound)),
+      "batch_size": int(config.batch_size),
+      "microbatches": int(config.microbatches),
+      "remat_policy": str(config.model.remat_policy),
+      "mesh": {k: int(v) for k, v in config.mesh.items()},
+      "overrides": list(res.overrides),
+      "collectives": {k: v["count"] for k, v in res.collectives.items()},
+      "compile_seconds": round(res.compile_seconds, 1),
+  }

@@ -1,0 +1,109 @@
+"""`glide-jax plan` pieces: topology parsing, the analytic FLOP count, the HLO collective scan, the
+search for settings that fit, and (with libtpu installed) an ahead-of-time TPU compile."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from glide_jax import config_lib, plan
+
+
+def test_parse_topology():
+  assert plan.parse_topology("v5p:4x4x4") == ("v5p", (4, 4, 4))
+  assert plan.parse_topology("v5e:16x16") == ("v5e", (16, 16))
+  for bad in ("v5p:4x4", "v5e:4x4x4", "v9:2x2", "v5p-128", "v4:2x2x"):
+    with pytest.raises(plan.PlanError):
+      plan.parse_topology(bad)
+
+
+def test_analytic_flops_count_convs_matmuls_scans_and_remat():
+  x = jnp.zeros((2, 16, 16, 4))
+  k = jnp.zeros((3, 3, 4, 8))
+  w = jnp.zeros((8, 32))
+
+  def conv(x):
+    return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def f(x):
+    h = jax.checkpoint(conv)(x)                       # inside a remat: counted once
+    y = h.reshape(2, 256, 8) @ w                      # [2, 256, 8] x [8, 32]
+    def body(c, _):
+      return c @ jnp.zeros((32, 32)), None
+    y, _ = jax.lax.scan(body, y, None, length=3)      # 3 x [2, 256, 32] x [32, 32]
+    return jnp.einsum("bld,bmd->blm", y, y)           # batched [256, 32] x [32, 256]
+
+  expected = (2 * (2 * 16 * 16 * 8) * (3 * 3 * 4) + 2 * (2 * 256 * 32) * 8 + 3 * 2 * (2 * 256 * 32) * 32
+              + 2 * (2 * 256 * 256) * 32)
+  assert plan._jaxpr_flops(jax.make_jaxpr(f)(x).jaxpr) == expected
+  # and the compiler agrees on an unpadded conv (with SAME padding XLA skips the border taps)
+  def valid(x):
+    return jax.lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  cost = jax.jit(valid).lower(x).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  analytic = plan._jaxpr_flops(jax.make_jaxpr(valid)(x).jaxpr)
+  assert analytic == 2 * (2 * 14 * 14 * 8) * (3 * 3 * 4)
+  assert cost["flops"] == pytest.approx(analytic, rel=0.05)
+
+
+def test_collectives_in_a_compiled_program():
+  mesh = Mesh(np.array(jax.devices()[:8]), ("d",))
+  def grad(w, x):
+    return jax.grad(lambda w: jnp.sum((x @ w) ** 2))(w)
+  compiled = jax.jit(grad, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("d"))),
+                     out_shardings=NamedSharding(mesh, P())).lower(
+      jax.ShapeDtypeStruct((64, 64), jnp.float32), jax.ShapeDtypeStruct((16, 64), jnp.float32)).compile()
+  stats = plan.collectives(compiled.as_text())
+  assert stats["all-reduce"]["count"] >= 1 and stats["all-reduce"]["bytes"] >= 64 * 64 * 4
+  text = ("%a = (f32[8,128]{1,0:T(8,128)}, /*index=1*/bf16[4]{0}) all-reduce-start(%x), channel_id=1\n"
+          "%b = bf16[64,128]{1,0:T(8,128)(2,1)} all-gather(%y), dimensions={0}\n"
+          "%c = f32[2]{0} collective-permute-done(%z)\n%d = f32[4]{0} reduce-scatter(%w)")
+  stats = plan.collectives(text)
+  assert stats["all-reduce"] == {"count": 1, "bytes": 8 * 128 * 4}
+  assert stats["all-gather"] == {"count": 1, "bytes": 64 * 128 * 2}
+  assert stats["reduce-scatter"] == {"count": 1, "bytes": 16}
+  assert stats["collective-permute"]["count"] == 0  # '-done' halves are not counted twice
+
+
+def test_oom_message_is_read():
+  msg = "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 101.5G of 95.74G hbm. Exceeded"
+  assert plan._oom_bytes(msg) == int(101.5 * (1 << 30))
+  assert plan._oom_bytes("some other error") == 0
+
+
+def test_candidates_offer_fsdp_remat_and_microbatches():
+  c = config_lib.load_config("configs/base.py:variant=released")
+  devices = list(range(64))
+  labels = [label for label, _ in plan.candidates(c, devices)]
+  assert labels[:3] == ["all chips on fsdp", "full remat", "fsdp + full remat"]
+  assert "fsdp + full remat + 2 microbatches" in labels
+  for _, overrides in plan.candidates(c, devices):  # every suggestion is a valid override
+    config_lib.load_config("configs/base.py:variant=released", overrides)
+  full = config_lib.load_config("configs/base.py:variant=full")  # already fsdp + remat
+  assert [label for label, _ in plan.candidates(full, devices)][0].endswith("2 microbatches")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the tpu extra) is not installed")
+def test_plan_command_compiles_for_a_tpu_topology():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  out = subprocess.run([sys.executable, "-m", "glide_jax.cli", "plan", "--config", "configs/clip.py:variant=tiny",
+                        "--topology", "v5p:2x2x1", "--batch", "16", "--config.mesh.fsdp=2"],
+                       capture_output=True, text=True, env=env, timeout=900,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["fits"] is True and result["topology"] == "v5p:2x2x1" and result["chips"] == 4
+  assert result["hbm_bytes"] == 95 * (1 << 30)
+  assert 0 < result["per_chip_bytes"] < result["hbm_bytes"]
+  # data parallel over 2 x fsdp 2: gradients are reduced and fsdp parameters gathered
+  assert result["collectives"]["all-reduce"] + result["collectives"]["reduce-scatter"] >= 1
+  assert result["collectives"]["all-gather"] >= 1
+  # the compiler's FLOPs include the forward+backward the analytic count predicts (and more)
+  assert result["flops_per_step"] >= 0.8 * result["model_flops_per_step"] > 0
