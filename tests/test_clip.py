@@ -297,3 +297,46 @@ def test_bad_inputs_are_refused(tiny):
   with pytest.raises(ValueError, match="max_text_len=12"):
     model.apply({"params": params}, jnp.zeros((1, 13), jnp.int32), jnp.ones((1,), jnp.int32),
                 method=clip.NoisedCLIP.encode_text)
+
+
+def test_remat_gives_the_same_gradient(tiny):
+  model, params, _ = tiny
+  remat_model = clip.create_clip_model(TINY, remat_policy="nothing_saveable")
+  image = jax.random.uniform(jax.random.key(5), (2, 16, 16, 3), minval=-1, maxval=1)
+  t = jnp.array([3, 700])
+  z_text = jax.random.normal(jax.random.key(6), (2, TINY["n_embd"]))
+  grads = [jax.jit(lambda p, x, m=m: clip.guidance_grad(m, p, x, t, z_text))(params, image)
+           for m in (model, remat_model)]
+  np.testing.assert_allclose(np.asarray(grads[1]), np.asarray(grads[0]), rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_by_logical_names_matches_one_device(tiny):
+  from jax.sharding import Mesh, NamedSharding
+
+  model, params, boxed = tiny
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "tensor"))
+  rules = (("batch", "data"), ("qkv", "tensor"), ("mlp", "tensor"), ("timesteps", "tensor"),
+           ("embed", None), ("act_length", None), ("act_embed", None))
+  # Our own name -> mesh-axis lookup (flax's refuses the conv kernel's repeated 'kernel' name).
+  table = dict(rules)
+
+  def sharding_of(leaf):
+    return NamedSharding(mesh, jax.sharding.PartitionSpec(*[table.get(n) for n in leaf.names]))
+
+  specs = jax.tree_util.tree_map(sharding_of, boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  sharded = jax.device_put(params, specs)
+  assert sharded["text"]["block_0"]["f_mlp"]["f_1"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(None, "tensor")
+  tokens = jax.random.randint(jax.random.key(7), (4, 12), 0, 50)
+  lens = jnp.array([2, 5, 12, 7])
+  image = jax.random.uniform(jax.random.key(8), (4, 16, 16, 3), minval=-1, maxval=1)
+  t = jnp.array([0, 1, 500, 999])
+
+  def both(p, image, tokens):
+    return model.apply({"params": p}, image, t, tokens, lens)
+
+  expected = jax.jit(both)(params, image, tokens)
+  batch = NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    got = jax.jit(both)(sharded, jax.device_put(image, batch), jax.device_put(tokens, batch))
+  for a, b in zip(got, expected, strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

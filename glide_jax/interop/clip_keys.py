@@ -12,7 +12,8 @@ A two-tower state_dict prefixes the keys with `text/` and `image/` (as the refer
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -240,7 +241,7 @@ def check_clip_dump(data: Mapping[str, np.ndarray], dtype: Any = jnp.float32) ->
   if config.get("kind") != "noised_clip":
     raise ValueError(f"not a noised CLIP dump: config kind is {config.get('kind')!r}")
   options = config["options"]
-  state_dict = {k[len("param/"):]: data[k] for k in data.keys() if k.startswith("param/")}
+  state_dict = {k[len("param/"):]: data[k] for k in data if k.startswith("param/")}
   params = import_clip_state_dict(state_dict, options)
   model = clip.create_clip_model(options, dtype=dtype)
   variables = {"params": params}

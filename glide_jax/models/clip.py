@@ -59,6 +59,8 @@ CLIP_PRESETS: dict[str, dict] = {
                       n_head_text=12, n_xf_blocks_text=12, n_head_state_text=64),
 }
 
+LOG_100 = math.log(100.0)  # the reference's fixed logit scale, log(100)
+
 # Options a tower may take per tower (`n_head_text`) or shared by both towers (`n_head`, as in
 # the reference dumps); the per-tower name wins.
 _TOWER_OPTIONS = ("n_head", "n_xf_blocks", "n_head_state")
@@ -317,7 +319,7 @@ class NoisedCLIP(nn.Module):
   text_heads: int = 8
   text_blocks: int = 12
   n_embd: int = 512
-  logit_scale: float = math.log(100.0)
+  logit_scale: float = LOG_100
   dtype: Dtype = jnp.float32
   remat_policy: str = "none"
 
@@ -361,7 +363,7 @@ def normalise(z: jax.Array) -> jax.Array:
   return z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + 1e-12)
 
 
-def clip_score(z_text: jax.Array, z_image: jax.Array, logit_scale: float | jax.Array = math.log(100.0)) -> jax.Array:
+def clip_score(z_text: jax.Array, z_image: jax.Array, logit_scale: float | jax.Array = LOG_100) -> jax.Array:
   """exp(logit_scale) * cos(z_text, z_image): [B, D], [B, D] -> [B]; 100 * cosine by default."""
   return jnp.exp(logit_scale) * jnp.sum(normalise(z_text) * normalise(z_image), axis=-1)
 
@@ -390,7 +392,7 @@ def guidance_grad(model: NoisedCLIP, params: Any, image: jax.Array, timesteps: j
 
 
 def contrastive_loss(z_image: jax.Array, z_text: jax.Array,
-                     logit_scale: float | jax.Array = math.log(100.0)) -> jax.Array:
+                     logit_scale: float | jax.Array = LOG_100) -> jax.Array:
   """CLIP's symmetric cross-entropy over the batch: the i-th image belongs with the i-th text.
 
   z_image, z_text: [B, D] unnormalised; logits = exp(logit_scale) * normalise(z_image) @ normalise(z_text).T.
@@ -413,6 +415,6 @@ def count_params(tree: Any) -> int:
 
 
 __all__: list[str] = [
-    "CLIP_PRESETS", "NoisedCLIP", "ImageEncoder", "TextEncoder", "create_clip_model", "resolve_clip_options",
-    "normalise", "clip_score", "guidance_grad", "contrastive_loss", "count_params",
+    "CLIP_PRESETS", "ImageEncoder", "NoisedCLIP", "TextEncoder", "clip_score", "contrastive_loss",
+    "count_params", "create_clip_model", "guidance_grad", "normalise", "resolve_clip_options",
 ]
