@@ -50,11 +50,12 @@ class RunningStatistics:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+                     eps: float = 1e-6, singular: bool = False) -> float:
   """Squared Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
 
   mu: [D]; sigma: [D, D]. `eps` is the diagonal offset added to both covariances when their product
-  is singular (few samples, or degenerate features), as in the reference FID implementation.
+  is singular (few samples, or degenerate features), as in the reference FID implementation;
+  `singular=True` (the caller knows N <= D) skips the first, wasted square root.
   """
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
   s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -65,12 +66,15 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if s.shape != (d, d):
       raise ValueError(f"{name} has shape {s.shape}, expected ({d}, {d}) to match the means")
   diff = mu1 - mu2
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always", linalg.LinAlgWarning)
-    covmean = linalg.sqrtm(s1 @ s2)
-  singular = any(issubclass(w.category, linalg.LinAlgWarning) for w in caught)
-  if singular or not np.isfinite(covmean).all():
-    warnings.warn(f"frechet_distance: singular product of covariances; adding {eps} to the diagonals")
+  if not singular:
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always", linalg.LinAlgWarning)
+      covmean = linalg.sqrtm(s1 @ s2)
+    singular = any(issubclass(w.category, linalg.LinAlgWarning) for w in caught)
+    singular = singular or not np.isfinite(covmean).all()
+    if singular:
+      warnings.warn(f"frechet_distance: singular product of covariances; adding {eps} to the diagonals")
+  if singular:
     offset = np.eye(d) * eps
     covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
   if np.iscomplexobj(covmean):
