@@ -25,7 +25,8 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
     # libtpu lets `glide-jax plan` compile ahead of time for TPU topologies from a CPU machine.
-    "tpu": ["jax[tpu]"],
+    # jax 0.10.2's own [tpu] extra pins libtpu 0.0.42.*, the release `glide-jax plan` was run with.
+    "tpu": ["jax[tpu]", "libtpu==0.0.42.*"],
     # Only needed to read or write `.pt` files; safetensors works without it.
     "torch": ["torch>=2.4"],
 }
