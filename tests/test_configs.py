@@ -77,6 +77,21 @@ def test_config_builds_with_the_schema(spec):
   assert again.rules == c.rules and isinstance(again.ema.rates, tuple)
 
 
+@pytest.mark.parametrize("spec", SPECS)
+def test_trainer_accepts_the_config(spec):
+  """The training code builds its stage, optimizer and timestep sampler from every config."""
+  stages = pytest.importorskip("glide_jax.train.stages")
+  from glide_jax.train import optim, timesteps
+  c = config_lib.load_config(spec)
+  stage = stages.make_stage(c)
+  assert stage.name == c.stage
+  tx, schedule = optim.make_optimizer(c.optimizer)
+  assert float(schedule(c.optimizer.warmup_steps)) == pytest.approx(c.optimizer.lr)
+  timesteps.make_sampler(c.diffusion.schedule_sampler, c.diffusion.steps)
+  if c.stage != "clip":
+    assert c.sampling.sampler in ("ancestral", "ddim", "plms", "dpm++")
+
+
 # released sizes: GLIDE_REFERENCE.md §3 (verified against glide-text2im); full: [P] §4.1.
 EXPECTED_PARAMS = {
     "configs/base.py:variant=released": 385_030_726,

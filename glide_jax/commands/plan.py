@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  # Compile-only use needs no exclusive lock on the (absent) TPU; plans may then run side by side.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   import flax.linen as nn
   import jax
   from glide_jax import plan as plan_lib
