@@ -1,0 +1,73 @@
+"""CLIP score of samples with a tiny random noised CLIP, against a direct computation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+clip_mod = pytest.importorskip("glide_jax.models.clip")
+from glide_jax.data.tokenizers import Tokenizer  # noqa: E402
+from glide_jax.eval import clip_score as cs  # noqa: E402
+
+TINY = dict(image_size=16, patch_size=4, n_vocab=40, max_text_len=12, n_embd=16, n_timesteps=1000,
+            n_head_text=2, n_head_state_text=8, n_xf_blocks_text=1,
+            n_head_image=2, n_head_state_image=8, n_xf_blocks_image=1)
+
+
+class WordTokenizer(Tokenizer):
+  """Word-level ids from a fixed list (1 = unknown, 0 = pad): enough for a contract test."""
+  kind = "test_words"
+
+  def __init__(self, words, text_ctx=16):
+    super().__init__(text_ctx, 2 + len(words), 0)
+    self.ids = {w: i + 2 for i, w in enumerate(words)}
+
+  def encode_ids(self, texts):
+    return [[self.ids.get(w, 1) for w in t.replace(",", " ").replace(":", " ").split()] for t in texts]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+  model = clip_mod.create_clip_model(TINY, jnp.float32)
+  from flax.linen import meta
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,), jnp.int32),
+                                  jnp.zeros((1, 12), jnp.int32), jnp.ones((1,), jnp.int32))
+  params = meta.unbox(jax.device_get(variables["params"]))
+  words = "a small large red yellow green cyan blue purple circle square triangle on the left right at top bottom in center".split()
+  return cs.ClipBundle(model, params, WordTokenizer(words), source="tiny-random")
+
+
+def test_clip_score_matches_direct_computation(tiny_clip):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)  # resized to 16 inside
+  captions = ["a small red circle on the left", "a blue square, large, at the top",
+              "in the center: a large green triangle", "a small cyan circle at the bottom",
+              "a purple triangle, small, on the right"]
+  out = cs.clip_score_of_samples(tiny_clip, images, captions, batch_size=2)
+  # Direct: the model's own encoders, numpy cosine, times exp(logit_scale) = 100.
+  model, variables = tiny_clip.model, {"params": tiny_clip.params}
+  x = jax.image.resize(jnp.asarray(images, jnp.float32) / 127.5 - 1, (5, 16, 16, 3), "bilinear")
+  zi = np.asarray(jax.jit(lambda v, x: model.apply(v, x, jnp.zeros((5,), jnp.int32), method="encode_image"))(
+      variables, x), np.float64)
+  tokens, mask = tiny_clip.tokenizer.encode_batch(captions)
+  zt = np.asarray(jax.jit(lambda v, t, n: model.apply(v, t, n, method="encode_text"))(
+      variables, jnp.asarray(tokens[:, :12]), jnp.asarray(mask.sum(-1))), np.float64)
+  cos = np.sum(zi * zt, -1) / np.linalg.norm(zi, axis=-1) / np.linalg.norm(zt, axis=-1)
+  np.testing.assert_allclose(out["per_sample"], 100.0 * cos, rtol=1e-4, atol=1e-3)
+  assert out["mean"] == pytest.approx(100.0 * cos.mean(), abs=1e-3)
+  assert out["std"] == pytest.approx(100.0 * cos.std(), abs=1e-3)
+  assert out["n"] == 5 and out["timestep"] == 0 and out["multiplier"] == pytest.approx(100.0)
+  assert "100 x cosine" in out["scale"] and "100 x cosine" in cs.format_clip_score(out)
+  # Also the library's own clip_score on the same encodings (a second route to the same number).
+  np.testing.assert_allclose(np.asarray(clip_mod.clip_score(jnp.asarray(zt), jnp.asarray(zi))),
+                             out["per_sample"], rtol=1e-4, atol=1e-3)
+
+
+def test_clip_score_errors(tiny_clip):
+  images = np.zeros((2, 16, 16, 3), np.uint8)
+  with pytest.raises(ValueError, match="2 images but 1 captions"):
+    cs.clip_score_of_samples(tiny_clip, images, ["a red circle"])
+  long = " ".join(["red"] * 14)
+  with pytest.raises(ValueError, match="max_text_len=12"):
+    cs.clip_score_of_samples(tiny_clip, images, [long, long])
