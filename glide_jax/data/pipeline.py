@@ -1,0 +1,619 @@
+"""The input pipeline: a TFDS split -> host-local numpy batches -> global jax.Arrays.
+
+Order and resume. The examples of epoch e are visited in the order of a stateless permutation of
+[0, N) keyed by (seed, e) (`tf.random.experimental.index_shuffle`, nothing materialised). Global
+step s covers positions [s*G, (s+1)*G) of its epoch (G = global batch, s counted from the start of
+training, epoch = s // (N // G); the last N mod G positions of an epoch are skipped); process p
+takes rows [p*G/P, (p+1)*G/P) of it. So the hosts read disjoint examples, no example appears twice
+in a global batch, and an epoch is covered once. The whole pipeline state is the next step number:
+`get_state()` / `set_state()` resume exactly. Random augmentation (crops, caption choice, masks,
+low-res blur/noise) is keyed by (seed, epoch, example index), so a resumed run sees the same pixels.
+
+Reading. Examples are fetched by index from the prepared TFDS files (`RecordSource`: a byte-offset
+index over TFRecord shards, or ArrayRecord's own random access), a local batch at a time, then
+decoded, resized, cropped and augmented in parallel tf.data maps (AUTOTUNE, deterministic order),
+tokenised a batch at a time, and prefetched; `prefetch_to_mesh` makes global jax.Arrays ahead of
+the train step.
+
+Batch keys (docs/architecture.md "Batches"): image [B, H, W, 3] float32 in [-1, 1]; tokens [B, L]
+int32; mask [B, L] bool; low_res [B, h, w, 3] (upsample); inpaint_mask [B, H, W, 1] float32,
+1 = known (inpaint); colour/shape/size/position int32 [B] when the dataset has them.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from glide_jax.data import tokenizers as tokenizers_lib
+
+log = logging.getLogger(__name__)
+
+STAGES = ("base", "upsample", "inpaint", "clip")
+ATTRIBUTE_KEYS = ("colour", "shape", "size", "position")
+_INFINITE_STEPS = 2 ** 62
+
+
+# ----------------------------------------------------------------------------- config access
+
+def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+  """Reads a key from a dict or ml_collections ConfigDict; missing or None gives `default`."""
+  if cfg is None:
+    return default
+  try:
+    value = cfg[key]
+  except (KeyError, AttributeError, TypeError):
+    value = getattr(cfg, key, None) if not isinstance(cfg, Mapping) else None
+  return default if value is None else value
+
+
+def _as_dict(cfg: Any) -> dict:
+  if cfg is None:
+    return {}
+  if hasattr(cfg, "to_dict"):
+    return cfg.to_dict()
+  return dict(cfg)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+def load_builder(data_cfg: Any):
+  """The TFDS builder named by data.name (prepares glide_shapes on first use; it is procedural)."""
+  import tensorflow_datasets as tfds
+
+  import glide_jax.data  # noqa: F401  (registers glide_shapes and image_folder)
+
+  name = cfg_get(data_cfg, "name", "glide_shapes/size32")
+  data_dir = cfg_get(data_cfg, "data_dir") or None
+  if data_dir:
+    data_dir = os.path.expanduser(data_dir)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"data.name={name!r} is not a registered TFDS dataset: {e}") from None
+  if not builder.is_prepared():
+    if name.split("/")[0] == "glide_shapes":
+      log.info("preparing %s in %s (procedural, offline)", name, builder.data_dir)
+      builder.download_and_prepare()
+    elif name.split("/")[0] == "image_folder":
+      raise FileNotFoundError(f"no image_folder dataset in {builder.data_dir}; build it with "
+                              "`glide-jax data build --images DIR --out DATA_DIR` and set data.data_dir")
+    else:
+      raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir}; "
+                              f"prepare it first (`tfds build {name}`) or fix data.data_dir")
+  return builder
+
+
+class RecordSource:
+  """Random access to the serialized examples of one prepared TFDS split (local or gfile paths)."""
+
+  def __init__(self, builder, split: str):
+    import tensorflow_datasets as tfds
+
+    try:
+      instructions = builder.info.splits[split].file_instructions
+    except (KeyError, ValueError) as e:
+      raise ValueError(f"{builder.name}: no split {split!r} (have {list(builder.info.splits)}): {e}") from None
+    self.split = split
+    self._format = builder.info.file_format or tfds.core.FileFormat.TFRECORD
+    if self._format == tfds.core.FileFormat.ARRAY_RECORD:
+      from array_record.python import array_record_data_source
+      self._array_source = array_record_data_source.ArrayRecordDataSource(instructions)
+      self.num_examples = len(self._array_source)
+      return
+    if self._format != tfds.core.FileFormat.TFRECORD:
+      raise ValueError(f"{builder.name}: file format {self._format} is not supported (tfrecord, array_record)")
+    self._files: list[str] = []
+    offsets, lengths, file_ids = [], [], []
+    for fid, ins in enumerate(instructions):
+      off, ln = _index_tfrecord(ins.filename)
+      take = len(off) - ins.skip if ins.take in (-1, None) else ins.take
+      offsets.append(off[ins.skip:ins.skip + take])
+      lengths.append(ln[ins.skip:ins.skip + take])
+      file_ids.append(np.full(take, fid, np.int32))
+      self._files.append(ins.filename)
+    self._offsets = np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
+    self._lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    self._file_ids = np.concatenate(file_ids) if file_ids else np.zeros(0, np.int32)
+    self.num_examples = len(self._offsets)
+    self._local = threading.local()
+
+  def _handle(self, fid: int):
+    handles = getattr(self._local, "handles", None)
+    if handles is None:
+      handles = self._local.handles = {}
+    if fid not in handles:
+      path = self._files[fid]
+      if "://" in path:
+        import tensorflow as tf
+        handles[fid] = tf.io.gfile.GFile(path, "rb")
+      else:
+        handles[fid] = open(path, "rb")
+    return handles[fid]
+
+  def read(self, indices: np.ndarray) -> np.ndarray:
+    """indices: int [n] -> serialized examples, object array [n] of bytes."""
+    indices = np.asarray(indices, np.int64)
+    if hasattr(self, "_array_source"):
+      return np.array(self._array_source.__getitems__(indices.tolist()), dtype=object)
+    out = np.empty(len(indices), dtype=object)
+    order = np.lexsort((self._offsets[indices], self._file_ids[indices]))  # read sequentially
+    for j in order:
+      i = indices[j]
+      f = self._handle(int(self._file_ids[i]))
+      f.seek(int(self._offsets[i]))
+      out[j] = f.read(int(self._lengths[i]))
+    return out
+
+
+def _index_tfrecord(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """Byte offset and length of every record's payload in a TFRecord file.
+
+  Format: uint64 length, uint32 crc(length), payload, uint32 crc(payload).
+  """
+  if "://" in path:
+    import tensorflow as tf
+    f = tf.io.gfile.GFile(path, "rb")
+  else:
+    f = open(path, "rb")
+  offsets, lengths = [], []
+  with f:
+    pos = 0
+    while True:
+      header = f.read(8)
+      if not header:
+        break
+      if len(header) < 8:
+        raise ValueError(f"{path}: truncated TFRecord header at byte {pos}")
+      n = int.from_bytes(header, "little")
+      offsets.append(pos + 12)
+      lengths.append(n)
+      pos += 12 + n + 4
+      f.seek(pos)
+  return np.asarray(offsets, np.int64), np.asarray(lengths, np.int64)
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+def _get_path(example: Mapping, key: str):
+  value = example
+  for part in key.split("/"):
+    if part not in value:
+      raise KeyError(f"feature {key!r} not found; the example has {sorted(example)}")
+    value = value[part]
+  return value
+
+
+def _decoders(features, keep: set[str]):
+  """Skips decoding of features the pipeline does not use (e.g. coco's objects)."""
+  import tensorflow_datasets as tfds
+
+  skip = {}
+  for name in features.keys():
+    if name not in keep:
+      skip[name] = tfds.decode.SkipDecoding()
+  return skip
+
+
+def resize_and_crop(image, size: int, seed, random_crop: bool):
+  """uint8/float image [h, w, c] -> float32 [size, size, 3] in [0, 255].
+
+  Scales the short side to `size` with an antialiased filter (only if it differs), then crops
+  (random position if random_crop, else the centre). No flips: captions say left and right.
+  """
+  import tensorflow as tf
+
+  image = tf.convert_to_tensor(image)
+  channels = image.shape[-1]
+  if channels == 1:
+    image = tf.image.grayscale_to_rgb(image)
+  elif channels == 4:
+    image = image[..., :3]
+  image = tf.cast(image, tf.float32)
+  shape = tf.shape(image)
+  h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+  scale = size / tf.minimum(h, w)
+  new_h = tf.maximum(size, tf.cast(tf.round(h * scale), tf.int32))
+  new_w = tf.maximum(size, tf.cast(tf.round(w * scale), tf.int32))
+  image = tf.cond(
+      tf.logical_and(tf.equal(shape[0], new_h), tf.equal(shape[1], new_w)),
+      lambda: image,
+      lambda: tf.image.resize(image, [new_h, new_w], method="bicubic", antialias=True))
+  if random_crop:
+    off = tf.random.stateless_uniform([2], seed=seed, minval=0, maxval=2 ** 30, dtype=tf.int32)
+    top = off[0] % (new_h - size + 1)
+    left = off[1] % (new_w - size + 1)
+  else:
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+  image = image[top:top + size, left:left + size, :]
+  image = tf.ensure_shape(image, [size, size, 3])
+  return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def make_low_res(images, seeds, low_res_size: int, blur_sigma: float = 0.0, noise_std: float = 0.0):
+  """Area-downsampled low-res inputs in [-1, 1], rounded to 8 bits like a sampled 64 px image.
+
+  images: [B, H, W, 3] float32 in [-1, 1]; seeds: int64 [B, 2] (one per example). Optional
+  augmentation: a Gaussian blur with sigma uniform in [0, blur_sigma] low-res pixels, and Gaussian
+  noise with std uniform in [0, noise_std] ([-1, 1] units). Returns [B, l, l, 3] float32.
+  """
+  import tensorflow as tf
+
+  low = tf.image.resize((images + 1.0) * 127.5, [low_res_size, low_res_size], method="area")
+  low = tf.round(low)  # the sampler rounds the 64 px sample to 8 bits before upsampling
+  if blur_sigma <= 0 and noise_std <= 0:
+    return tf.clip_by_value(low / 127.5 - 1.0, -1.0, 1.0)
+
+  def draws(seed):
+    s = tf.random.experimental.stateless_split(seed, 3)
+    return (tf.random.stateless_uniform([], s[0], 0.0, max(blur_sigma, 1e-6)) + 1e-3,
+            tf.random.stateless_uniform([], s[1], 0.0, max(noise_std, 1e-6)),
+            tf.random.stateless_normal([low_res_size, low_res_size, 3], s[2]))
+
+  sigma, std, noise = tf.map_fn(
+      draws, tf.cast(seeds, tf.int64),
+      fn_output_signature=(tf.float32, tf.float32, tf.TensorSpec([low_res_size, low_res_size, 3], tf.float32)))
+  if blur_sigma > 0:
+    # Per-example separable Gaussian: examples x channels folded into the depthwise channels.
+    radius = int(np.ceil(3 * blur_sigma))
+    x = tf.range(-radius, radius + 1, dtype=tf.float32)
+    k = tf.exp(-0.5 * (x[None, :] / sigma[:, None]) ** 2)
+    k = k / tf.reduce_sum(k, -1, keepdims=True)  # [B, K]
+    k = tf.repeat(k, 3, axis=0)  # [B*3, K], example-major like the folded channels
+    n = tf.shape(low)[0]
+    folded = tf.reshape(tf.transpose(low, [1, 2, 0, 3]), [1, low_res_size, low_res_size, -1])
+    folded = tf.pad(folded, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT")
+    kx = tf.transpose(k)[None, :, :, None]  # [1, K, B*3, 1]
+    ky = tf.transpose(k)[:, None, :, None]  # [K, 1, B*3, 1]
+    folded = tf.nn.depthwise_conv2d(folded, kx, [1, 1, 1, 1], "VALID")
+    folded = tf.nn.depthwise_conv2d(folded, ky, [1, 1, 1, 1], "VALID")
+    low = tf.transpose(tf.reshape(folded, [low_res_size, low_res_size, n, 3]), [2, 0, 1, 3])
+  low = low / 127.5 - 1.0
+  if noise_std > 0:
+    low = low + std[:, None, None, None] * noise
+  return tf.clip_by_value(low, -1.0, 1.0)
+
+
+def _pick_caption(captions, seed, random_choice: bool):
+  """A scalar string from a string or a 1-D list of strings (one chosen per example)."""
+  import tensorflow as tf
+
+  if captions.shape.rank == 0:
+    return captions
+  n = tf.shape(captions)[0]
+  if random_choice:
+    i = tf.random.stateless_uniform([], seed, 0, tf.maximum(n, 1), dtype=tf.int32)
+  else:
+    i = 0
+  return tf.cond(n > 0, lambda: captions[tf.minimum(i, n - 1)], lambda: tf.constant(""))
+
+
+class _Spec:
+  """Everything the per-example function needs, fixed at pipeline construction."""
+
+  def __init__(self, data_cfg, stage, image_size, train, seed, features):
+    if stage not in STAGES:
+      raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    self.stage = stage
+    self.image_size = int(image_size)
+    self.train = train
+    self.seed = int(seed)
+    self.image_key = cfg_get(data_cfg, "image_key", "image")
+    self.caption_key = cfg_get(data_cfg, "caption_key", "caption")
+    self.random_crop = bool(cfg_get(data_cfg, "random_crop", True)) and train
+    self.low_res_size = int(cfg_get(data_cfg, "low_res_size", 64))
+    self.low_res_blur = float(cfg_get(data_cfg, "low_res_blur", 0.0)) if train else 0.0
+    self.low_res_noise = float(cfg_get(data_cfg, "low_res_noise", 0.0)) if train else 0.0
+    from glide_jax.data import masks
+    self.masks = masks.MaskConfig.from_config(_as_dict(cfg_get(data_cfg, "masks", None)))
+    top = {k.split("/")[0] for k in (self.image_key, self.caption_key)}
+    for key in top:
+      if key not in features.keys():
+        raise KeyError(f"data.image_key/caption_key: feature {key!r} is not in the dataset "
+                       f"(features: {sorted(features.keys())})")
+    self.attributes = [k for k in ATTRIBUTE_KEYS if k in features.keys()]
+    self.keep = top | set(self.attributes)
+    if stage == "upsample" and self.low_res_size >= self.image_size:
+      raise ValueError(f"data.low_res_size={self.low_res_size} must be below image_size={self.image_size}")
+
+
+def _example_fn(spec: _Spec, features):
+  """(serialized, index, epoch) -> dict of per-example tensors (caption still a string)."""
+  import tensorflow as tf
+
+  decoders = _decoders(features, spec.keep)
+
+  def fn(serialized, index, epoch):
+    ex = features.deserialize_example(serialized, decoders=decoders)
+    # Augmentation seed: a pure function of (seed, epoch, example index).
+    seed = tf.stack([tf.cast(spec.seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64),
+                     tf.cast(index, tf.int64)])
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+    image = resize_and_crop(_get_path(ex, spec.image_key), spec.image_size, seeds[0], spec.random_crop)
+    out = {"image": image / 127.5 - 1.0,
+           "caption": _pick_caption(_get_path(ex, spec.caption_key), seeds[1], spec.train),
+           "index": tf.cast(index, tf.int32),
+           "_seed": seeds[2]}  # for the batched low-res and mask draws
+    for key in spec.attributes:
+      out[key] = tf.cast(ex[key], tf.int32)
+    return out
+
+  return fn
+
+
+def _batch_fn(spec: _Spec):
+  """Batched, per-example-seeded extras: low_res (upsample) and inpaint_mask (inpaint)."""
+  from glide_jax.data import masks
+
+  def fn(batch):
+    batch = dict(batch)
+    seeds = batch.pop("_seed")
+    if spec.stage == "upsample":
+      batch["low_res"] = make_low_res(batch["image"], seeds, spec.low_res_size, spec.low_res_blur,
+                                      spec.low_res_noise)
+    if spec.stage == "inpaint":
+      batch["inpaint_mask"] = masks.random_masks(seeds, spec.image_size, spec.masks)
+    return batch
+
+  return fn
+
+
+def _tokenize_fn(tokenizer: tokenizers_lib.Tokenizer):
+  import tensorflow as tf
+
+  L = tokenizer.text_ctx
+
+  def encode(captions):
+    tokens, mask = tokenizer.encode_batch([c.decode("utf-8", "replace") for c in captions])
+    return tokens, mask
+
+  def fn(batch):
+    tokens, mask = tf.numpy_function(encode, [batch["caption"]], (tf.int32, tf.bool), stateful=False)
+    batch = dict(batch)
+    batch["tokens"] = tf.ensure_shape(tokens, [None, L])
+    batch["mask"] = tf.ensure_shape(mask, [None, L])
+    return batch
+
+  return fn
+
+
+def _set_options(ds, data_cfg):
+  import tensorflow as tf
+
+  options = tf.data.Options()
+  options.deterministic = True
+  threads = cfg_get(data_cfg, "num_threads", None)
+  if threads:
+    options.threading.private_threadpool_size = int(threads)
+  options.autotune.enabled = True
+  return ds.with_options(options)
+
+
+# ----------------------------------------------------------------------------- iterators
+
+def _processes(process_index, process_count):
+  if process_index is None or process_count is None:
+    import jax
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} out of range for process_count {process_count}")
+  return int(process_index), int(process_count)
+
+
+class TrainIterator:
+  """Infinite iterator of host-local batches (numpy dicts) with exact `get_state`/`set_state`.
+
+  The state is {"step": next global step, "seed", "num_examples", "global_batch_size"}; restoring
+  it into an iterator built with another seed, dataset size or batch size is an error.
+  """
+
+  def __init__(self, source: RecordSource, features, spec: _Spec, tokenizer, global_batch_size: int,
+               process_index: int, process_count: int, data_cfg, keep_captions: bool = False):
+    if global_batch_size % process_count:
+      raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} processes")
+    self.source, self.features, self.spec, self.tokenizer = source, features, spec, tokenizer
+    self.global_batch_size = int(global_batch_size)
+    self.local_batch_size = self.global_batch_size // process_count
+    self.process_index, self.process_count = process_index, process_count
+    self.num_examples = source.num_examples
+    self.steps_per_epoch = self.num_examples // self.global_batch_size
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"split {source.split!r} has {self.num_examples} examples, fewer than one "
+                       f"global batch of {self.global_batch_size}")
+    self.data_cfg = data_cfg
+    self.keep_captions = keep_captions
+    self._step = 0
+    self._it = None
+
+  # The dataset for steps start_step, start_step + 1, ... of this process.
+  def dataset(self, start_step: int):
+    import tensorflow as tf
+
+    G, B, p = self.global_batch_size, self.local_batch_size, self.process_index
+    spe, n, seed = self.steps_per_epoch, self.num_examples, self.spec.seed
+
+    def indices(step):
+      epoch = step // spe
+      pos = (step % spe) * G + p * B + tf.range(B, dtype=tf.int64)
+      idx = tf.random.experimental.index_shuffle(
+          pos, seed=tf.stack([tf.constant(seed, tf.int64), epoch]), max_index=tf.constant(n - 1, tf.int64))
+      return idx, tf.fill([B], epoch)
+
+    def read(idx, epoch):
+      serialized = tf.numpy_function(self.source.read, [idx], tf.string, stateful=False)
+      return tf.ensure_shape(serialized, [B]), idx, epoch
+
+    ds = tf.data.Dataset.range(start_step, _INFINITE_STEPS)
+    ds = ds.map(indices).map(read, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.unbatch()
+    ds = ds.map(_example_fn(self.spec, self.features), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(B, drop_remainder=True)
+    ds = ds.map(_batch_fn(self.spec), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(_tokenize_fn(self.tokenizer), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    return _set_options(ds, self.data_cfg)
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._it is None:
+      self._it = iter(self.dataset(self._step).as_numpy_iterator())
+    batch = next(self._it)
+    self._step += 1
+    if not self.keep_captions:
+      batch.pop("caption", None)
+    return batch
+
+  @property
+  def epoch(self) -> int:
+    return self._step // self.steps_per_epoch
+
+  def get_state(self) -> dict[str, int]:
+    return {"step": self._step, "seed": self.spec.seed, "num_examples": self.num_examples,
+            "global_batch_size": self.global_batch_size}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    for key in ("seed", "num_examples", "global_batch_size"):
+      mine = self.get_state()[key]
+      if key in state and int(state[key]) != mine:
+        raise ValueError(f"data iterator state has {key}={state[key]}, this pipeline has {mine}")
+    self._step = int(state["step"])
+    self._it = None  # rebuilt lazily from the restored step
+
+
+def _make(data_cfg, stage, image_size, tokenizer, seed, split, train):
+  builder = load_builder(data_cfg)
+  source = RecordSource(builder, split)
+  features = builder.info.features
+  spec = _Spec(data_cfg, stage, image_size, train, seed, features)
+  if tokenizer is None or isinstance(tokenizer, Mapping) or hasattr(tokenizer, "to_dict"):
+    tokenizer = tokenizer_from_config(data_cfg if tokenizer is None else {"tokenizer": tokenizer})
+  return source, features, spec, tokenizer
+
+
+def tokenizer_from_config(data_cfg) -> tokenizers_lib.Tokenizer:
+  """data.tokenizer {type, path | files, text_ctx} -> a Tokenizer."""
+  tok = _as_dict(cfg_get(data_cfg, "tokenizer", None))
+  if not tok or not tok.get("type"):
+    raise ValueError("data.tokenizer needs a type ('sentencepiece' or 'gpt2_bpe') and a path")
+  return tokenizers_lib.load_tokenizer(tok)
+
+
+def make_train_iterator(data_cfg: Any, stage: str, global_batch_size: int, image_size: int,
+                        tokenizer: Any = None, seed: int = 0, process_index: int | None = None,
+                        process_count: int | None = None, keep_captions: bool = False) -> TrainIterator:
+  """The trainer's input: an infinite iterator of this host's batches, resumable exactly.
+
+  data_cfg: the config's `data` (dict or ConfigDict): name, data_dir, split, image_key,
+  caption_key, tokenizer, low_res_size, low_res_blur, low_res_noise, masks, random_crop,
+  num_threads. stage: 'base' | 'upsample' | 'inpaint' | 'clip'. tokenizer: a Tokenizer, a
+  tokenizer spec dict, or None (built from data.tokenizer). Each batch has
+  global_batch_size / process_count rows.
+  """
+  split = cfg_get(data_cfg, "split", "train")
+  source, features, spec, tokenizer = _make(data_cfg, stage, image_size, tokenizer, seed, split, True)
+  pi, pc = _processes(process_index, process_count)
+  return TrainIterator(source, features, spec, tokenizer, global_batch_size, pi, pc, data_cfg,
+                       keep_captions)
+
+
+def make_eval_iterator(data_cfg: Any, stage: str, global_batch_size: int, image_size: int,
+                       tokenizer: Any = None, split: str = "validation", seed: int = 0,
+                       num_examples: int | None = None, process_index: int | None = None,
+                       process_count: int | None = None,
+                       keep_captions: bool = True) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over the first `num_examples` (default all) of a split, in order, centre crops.
+
+  Global batch s is examples [s*G, (s+1)*G); process p gets rows [p*G/P, (p+1)*G/P). A final
+  partial global batch is dropped (so every batch has the same shape).
+  """
+  import tensorflow as tf
+
+  source, features, spec, tokenizer = _make(data_cfg, stage, image_size, tokenizer, seed, split, False)
+  pi, pc = _processes(process_index, process_count)
+  if global_batch_size % pc:
+    raise ValueError(f"global batch {global_batch_size} is not divisible by {pc} processes")
+  B = global_batch_size // pc
+  n = source.num_examples if num_examples is None else min(num_examples, source.num_examples)
+  steps = n // global_batch_size
+  idx = (np.arange(steps, dtype=np.int64)[:, None] * global_batch_size + pi * B
+         + np.arange(B, dtype=np.int64)[None, :])
+  ds = tf.data.Dataset.from_tensor_slices(idx)
+
+  def read(i):
+    serialized = tf.numpy_function(source.read, [i], tf.string, stateful=False)
+    return tf.ensure_shape(serialized, [B]), i, tf.zeros([B], tf.int64)
+
+  ds = ds.map(read).unbatch()
+  ds = ds.map(_example_fn(spec, features), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(B, drop_remainder=True).map(_batch_fn(spec)).map(_tokenize_fn(tokenizer))
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  for batch in _set_options(ds, data_cfg).as_numpy_iterator():
+    if not keep_captions:
+      batch.pop("caption", None)
+    yield batch
+
+
+# ----------------------------------------------------------------------------- global arrays
+
+def to_global_batch(batch: Mapping[str, np.ndarray], mesh, partition_spec=None) -> dict:
+  """Host-local numpy batch -> dict of global jax.Arrays sharded over the batch axis.
+
+  partition_spec: a PartitionSpec for the leading (batch) axis, e.g. P(('replica', 'data',
+  'fsdp')), or a dict key -> PartitionSpec; default shards the batch over every mesh axis.
+  Non-numeric entries (captions) are left as host-local numpy arrays.
+  """
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  if partition_spec is None:
+    partition_spec = PartitionSpec(tuple(mesh.axis_names))
+  out = {}
+  for key, value in batch.items():
+    value = np.asarray(value)
+    if value.dtype == object or value.dtype.kind in "SU":
+      out[key] = value
+      continue
+    spec = partition_spec[key] if isinstance(partition_spec, Mapping) else partition_spec
+    out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), value)
+  return out
+
+
+class MeshPrefetchIterator:
+  """Turns host batches into global jax.Arrays `size` steps ahead, keeping the state exact.
+
+  `get_state()` is the state after the last batch handed out (not after the ones in flight).
+  """
+
+  def __init__(self, iterator: TrainIterator, mesh, partition_spec=None, size: int = 2):
+    self._it, self._mesh, self._spec, self._size = iterator, mesh, partition_spec, size
+    self._queue: collections.deque = collections.deque()
+    self._state = iterator.get_state()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    while len(self._queue) < self._size + 1:
+      batch = next(self._it)
+      self._queue.append((to_global_batch(batch, self._mesh, self._spec), self._it.get_state()))
+    batch, self._state = self._queue.popleft()
+    return batch
+
+  def get_state(self) -> dict:
+    return dict(self._state)
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    self._queue.clear()
+    self._it.set_state(state)
+    self._state = self._it.get_state()
+
+
+def prefetch_to_mesh(iterator: TrainIterator, mesh, partition_spec=None, size: int = 2):
+  return MeshPrefetchIterator(iterator, mesh, partition_spec, size)

@@ -1,0 +1,211 @@
+"""Tokenizers: captions -> (tokens [B, L] int32, mask [B, L] bool, True = real token).
+
+Two kinds, one interface (`encode_batch`, `empty`, `text_ctx`, `vocab_size`, `pad_id`,
+`truncated`, `spec()`):
+  - `SentencePieceTokenizer`: a model trained on a dataset's captions (`train_sentencepiece`).
+  - `GPT2BPETokenizer`: GLIDE's GPT-2 byte-level BPE, from glide-text2im's `encoder.json` and
+    `vocab.bpe` (optionally .gz), run by the `tokenizers` library. Like GLIDE's `bpe.py` it
+    lower-cases, adds no start/end token and right-pads with the end token (n_vocab - 1).
+Tokens are right-padded to `text_ctx`; longer captions are truncated and counted in `truncated`.
+The empty caption is all padding with an all-false mask: `empty(n)` is exactly that, the form
+the trainer uses for caption dropout and the sampler for the unconditional branch.
+
+No TensorFlow here: the sampler imports this module.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import threading
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+DEFAULT_TEXT_CTX = 128
+
+
+class Tokenizer:
+  """Shared padding, truncation counting and the empty caption."""
+
+  kind: str = ""
+
+  def __init__(self, text_ctx: int, vocab_size: int, pad_id: int):
+    if text_ctx <= 0:
+      raise ValueError(f"text_ctx must be positive, got {text_ctx}")
+    self.text_ctx = int(text_ctx)
+    self.vocab_size = int(vocab_size)
+    self.pad_id = int(pad_id)
+    self.truncated = 0  # captions cut to text_ctx so far
+    self._lock = threading.Lock()  # tf.data may call encode_batch from several threads
+
+  def encode_ids(self, texts: Sequence[str]) -> list[list[int]]:
+    raise NotImplementedError
+
+  def decode(self, ids: Iterable[int]) -> str:
+    raise NotImplementedError
+
+  def encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """texts: B strings -> tokens [B, text_ctx] int32 (right-padded with pad_id), mask [B, text_ctx]."""
+    texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
+    ids = self.encode_ids(texts)
+    tokens, mask = self.empty(len(texts))
+    cut = 0
+    for row, seq in enumerate(ids):
+      if len(seq) > self.text_ctx:
+        seq, cut = seq[:self.text_ctx], cut + 1
+      tokens[row, :len(seq)] = seq
+      mask[row, :len(seq)] = True
+    with self._lock:
+      self.truncated += cut
+    return tokens, mask
+
+  def empty(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The unconditional caption for n rows: tokens all pad_id [n, L] int32, mask all False [n, L]."""
+    return (np.full((n, self.text_ctx), self.pad_id, np.int32), np.zeros((n, self.text_ctx), bool))
+
+  def spec(self) -> dict[str, Any]:
+    """The dict `load_tokenizer` rebuilds this tokenizer from (bundles store it)."""
+    raise NotImplementedError
+
+
+class SentencePieceTokenizer(Tokenizer):
+  """A sentencepiece model; padding uses the model's pad id (0 for models from this module)."""
+
+  kind = "sentencepiece"
+
+  def __init__(self, model_file: str | os.PathLike, text_ctx: int = DEFAULT_TEXT_CTX):
+    import sentencepiece as spm
+
+    model_file = os.fspath(model_file)
+    if not os.path.isfile(model_file):
+      raise FileNotFoundError(f"sentencepiece model {model_file} does not exist")
+    self.model_file = model_file
+    self._sp = spm.SentencePieceProcessor(model_file=model_file)
+    pad = self._sp.pad_id()
+    if pad < 0:
+      raise ValueError(f"sentencepiece model {model_file} has no pad token; train it with "
+                       "`glide-jax data train-tokenizer` (pad id 0)")
+    super().__init__(text_ctx, self._sp.get_piece_size(), pad)
+
+  def encode_ids(self, texts: Sequence[str]) -> list[list[int]]:
+    return self._sp.encode(list(texts))
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._sp.decode([int(i) for i in ids if int(i) != self.pad_id])
+
+  def spec(self) -> dict[str, Any]:
+    return {"type": self.kind, "files": {"model": self.model_file}, "text_ctx": self.text_ctx}
+
+
+def _read_maybe_gz(path: str | os.PathLike) -> bytes:
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"tokenizer file {path} does not exist")
+  with open(path, "rb") as f:
+    data = f.read()
+  return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+
+
+class GPT2BPETokenizer(Tokenizer):
+  """GLIDE's tokenizer: GPT-2 byte-level BPE, lower-cased, padded with the end token."""
+
+  kind = "gpt2_bpe"
+
+  def __init__(self, encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLike,
+               text_ctx: int = DEFAULT_TEXT_CTX):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    self.files = {"encoder.json": os.fspath(encoder_json), "vocab.bpe": os.fspath(vocab_bpe)}
+    try:
+      vocab = json.loads(_read_maybe_gz(encoder_json).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ValueError(f"{encoder_json} is not a GPT-2 encoder.json: {e}") from None
+    merges = []
+    for n, line in enumerate(_read_maybe_gz(vocab_bpe).decode("utf-8").split("\n")):
+      if n == 0 and line.startswith("#version"):
+        continue  # GPT-2's vocab.bpe starts with a version line; bpe.py skips it too
+      if not line.strip():
+        continue
+      parts = line.split()
+      if len(parts) != 2:
+        raise ValueError(f"{vocab_bpe}:{n + 1}: expected two symbols per merge, got {line!r}")
+      merges.append((parts[0], parts[1]))
+    bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=False)
+    self._tok = HFTokenizer(bpe)
+    # GPT-2's pre-tokenizer regex and byte-to-unicode table; no prefix space, like bpe.py.
+    self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    self._tok.decoder = decoders.ByteLevel()
+    n_vocab = len(vocab)
+    super().__init__(text_ctx, n_vocab, n_vocab - 1)  # bpe.py: end_token = n_vocab - 1
+
+  def encode_ids(self, texts: Sequence[str]) -> list[list[int]]:
+    # Python's str.lower, as in bpe.py (not the library's Unicode normalizer).
+    encodings = self._tok.encode_batch([t.lower() for t in texts], add_special_tokens=False)
+    return [e.ids for e in encodings]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  def spec(self) -> dict[str, Any]:
+    return {"type": self.kind, "files": dict(self.files), "text_ctx": self.text_ctx}
+
+
+def load_tokenizer(spec: Mapping[str, Any]) -> Tokenizer:
+  """Builds a tokenizer from a dict (a bundle's meta['tokenizer'] or the config's data.tokenizer).
+
+  {"type": "sentencepiece", "files": {"model": path}, "text_ctx": 128} or
+  {"type": "gpt2_bpe", "files": {"encoder.json": p, "vocab.bpe": p}, "text_ctx": 128};
+  instead of "files", "path" may name the model file (sentencepiece) or a directory holding
+  encoder.json(.gz) and vocab.bpe(.gz) (gpt2_bpe).
+  """
+  spec = dict(spec)
+  kind = spec.get("type")
+  text_ctx = int(spec.get("text_ctx") or DEFAULT_TEXT_CTX)
+  files = dict(spec.get("files") or {})
+  path = spec.get("path")
+  if kind == "sentencepiece":
+    model = files.get("model") or path
+    if not model:
+      raise ValueError("sentencepiece tokenizer spec needs files.model or path")
+    return SentencePieceTokenizer(model, text_ctx)
+  if kind == "gpt2_bpe":
+    if path and not files:
+      for name in ("encoder.json", "vocab.bpe"):
+        for candidate in (name, name + ".gz"):
+          if os.path.isfile(os.path.join(path, candidate)):
+            files[name] = os.path.join(path, candidate)
+    missing = [n for n in ("encoder.json", "vocab.bpe") if not files.get(n)]
+    if missing:
+      raise ValueError(f"gpt2_bpe tokenizer spec is missing files {missing} (spec: {spec})")
+    return GPT2BPETokenizer(files["encoder.json"], files["vocab.bpe"], text_ctx)
+  raise ValueError(f"unknown tokenizer type {kind!r}; expected 'sentencepiece' or 'gpt2_bpe'")
+
+
+def train_sentencepiece(captions: Iterable[str], vocab_size: int, out: str | os.PathLike,
+                        model_type: str = "unigram", character_coverage: float = 1.0) -> str:
+  """Trains a sentencepiece model on captions and writes it to `out` (a .model file).
+
+  Ids: 0 = pad, 1 = unk, no bos/eos (GLIDE's text encoder adds none either). If the captions
+  cannot support `vocab_size` pieces the model gets fewer (hard_vocab_limit off).
+  """
+  import sentencepiece as spm
+
+  captions = [c for c in captions if c and c.strip()]
+  if not captions:
+    raise ValueError("no non-empty captions to train a tokenizer on")
+  buf = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(captions), model_writer=buf, vocab_size=int(vocab_size),
+      model_type=model_type, character_coverage=character_coverage, pad_id=0, unk_id=1,
+      bos_id=-1, eos_id=-1, hard_vocab_limit=False, input_sentence_size=2_000_000,
+      shuffle_input_sentence=True, minloglevel=2)
+  out = os.fspath(out)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  tmp = out + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(buf.getvalue())
+  os.replace(tmp, out)
+  return out
