@@ -63,7 +63,8 @@ def state_shardings(boxed_init: Callable[[jax.Array], Any], tx: optax.GradientTr
 def create_train_state(boxed_init: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
                        ema_rates: Sequence[float], mesh: Mesh, rules: Any, rng: jax.Array,
                        sampler_init: Callable[[], Any] | None = None,
-                       params: Any | None = None) -> tuple[TrainState, TrainState]:
+                       params: Any | None = None,
+                       compiler_options: dict[str, Any] | None = None) -> tuple[TrainState, TrainState]:
   """Returns (state, shardings). With `params` (host arrays, e.g. an imported checkpoint) those
   become the parameters and the EMA; otherwise they are initialised from `rng` on the devices."""
   abstract, shardings = state_shardings(boxed_init, tx, ema_rates, sampler_init, mesh, rules)
@@ -71,13 +72,13 @@ def create_train_state(boxed_init: Callable[[jax.Array], Any], tx: optax.Gradien
     if params is None:
       init = jax.jit(lambda r: _state_from(nn.meta.unbox(boxed_init(r)), tx, ema_rates, sampler_init),
                      out_shardings=shardings)
-      state = init(rng)
+      state = init.lower(rng).compile(compiler_options=compiler_options)(rng)
     else:
       _check_tree(params, abstract.params)
       params = jax.device_put(params, shardings.params)
       init = jax.jit(lambda p: _state_from(p, tx, ema_rates, sampler_init),
                      in_shardings=(shardings.params,), out_shardings=shardings)
-      state = init(params)
+      state = init.lower(params).compile(compiler_options=compiler_options)(params)
   return state, shardings
 
 

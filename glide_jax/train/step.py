@@ -72,6 +72,29 @@ def _split_microbatches(tree: Any, m: int, mesh: Mesh | None, rules: Any) -> Any
   return jax.tree.map(one, tree)
 
 
+def prepare_batch(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, cfg: StepConfig,
+                  sampler: TimestepSampler, empty_caption: tuple[Any, Any] | None
+                  ) -> tuple[dict[str, jax.Array], jax.Array, dict[str, jax.Array]]:
+  """The step's random draws for the whole global batch, from `fold_in(rng, state.step)`:
+  caption dropout, then `t`, `weights` (timestep sampler) and `noise`. Returns (batch, model
+  dropout key, metrics)."""
+  key = jax.random.fold_in(rng, state.step)
+  k_drop, k_t, k_noise, k_model = jax.random.split(key, 4)
+  b = batch["image"].shape[0]
+  metrics: dict[str, jax.Array] = {}
+  if cfg.uses_text and cfg.caption_dropout > 0:
+    if empty_caption is None:
+      raise ValueError("caption dropout needs the tokenizer's empty caption")
+    batch, dropped = apply_caption_dropout(batch, k_drop, cfg.caption_dropout, *empty_caption)
+    metrics["caption_dropout_rate"] = jnp.mean(dropped.astype(jnp.float32))
+  else:
+    metrics["caption_dropout_rate"] = jnp.zeros((), jnp.float32)
+  t, weights = sampler.sample(state.sampler, k_t, b)
+  batch = dict(batch, t=t.astype(jnp.int32), weights=weights.astype(jnp.float32),
+               noise=jax.random.normal(k_noise, batch["image"].shape, jnp.float32))
+  return batch, k_model, metrics
+
+
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     cfg: StepConfig, sampler: TimestepSampler, empty_caption: tuple[Any, Any] | None,
                     mesh: Mesh | None = None, rules: Any = None):
@@ -79,26 +102,10 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
   m = int(cfg.microbatches)
 
   def step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
-    key = jax.random.fold_in(rng, state.step)
-    k_drop, k_t, k_noise, k_model = jax.random.split(key, 4)
     b = batch["image"].shape[0]
     if b % m:
       raise ValueError(f"global batch {b} is not divisible by microbatches={m}")
-    metrics: dict[str, jax.Array] = {}
-
-    # --- caption dropout (per example, from the step key) -------------------------------------
-    if cfg.uses_text and cfg.caption_dropout > 0:
-      if empty_caption is None:
-        raise ValueError("caption dropout needs the tokenizer's empty caption")
-      batch, dropped = apply_caption_dropout(batch, k_drop, cfg.caption_dropout, *empty_caption)
-      metrics["caption_dropout_rate"] = jnp.mean(dropped.astype(jnp.float32))
-    else:
-      metrics["caption_dropout_rate"] = jnp.zeros((), jnp.float32)
-
-    # --- timesteps and noise for the whole global batch ---------------------------------------
-    t, weights = sampler.sample(state.sampler, k_t, b)
-    batch = dict(batch, t=t.astype(jnp.int32), weights=weights.astype(jnp.float32),
-                 noise=jax.random.normal(k_noise, batch["image"].shape, jnp.float32))
+    batch, k_model, metrics = prepare_batch(state, batch, rng, cfg, sampler, empty_caption)
     if mesh is not None:
       batch = shard_lib.constrain_batch(batch, mesh, rules)
 
@@ -124,7 +131,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
       aux = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1).reshape((b,) + a.shape[2:]), aux)
 
     # --- update, unless the loss or a gradient is not finite ----------------------------------
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
@@ -146,7 +153,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
 
     # --- metrics -------------------------------------------------------------------------------
     metrics.update(
-        loss=loss, grad_norm=grad_norm, param_norm=optax.global_norm(new_state.params),
+        loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(new_state.params),
         lr=jnp.asarray(schedule(_opt_count(state)), jnp.float32),
         skipped=new_state.skipped, finite=finite.astype(jnp.int32))
     for name, value in aux.items():

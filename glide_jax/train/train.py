@@ -113,11 +113,13 @@ def load_workdir_params(workdir: str, which: str = "ema", step: int | None = Non
 
 
 def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, tokenizer: Any = None,
-          progress: bool = True, mesh: Any = None) -> dict[str, Any]:
+          progress: bool = True, mesh: Any = None,
+          compiler_options: dict[str, Any] | None = None) -> dict[str, Any]:
   """Runs (or resumes) training to `config.total_steps`. Returns {'state', 'losses', 'stopped', 'step'}.
 
   `data_iterator` (host-local numpy batches with get_state/set_state) replaces the configured
-  pipeline (tests); `losses` are this run's per-step losses as floats.
+  pipeline (tests); `losses` are this run's per-step losses as floats. `compiler_options` go to
+  XLA (tests on CPU pass {'xla_backend_optimization_level': 0} to compile faster).
   """
   # ---------------------------------------------------------------------- multi-host and logging
   multihost.initialize()
@@ -171,7 +173,8 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
   # (No logical_axis_rules context here: unboxing under it would constrain conv kernels whose
   # two spatial axes share the name 'kernel'; our own rule resolution handles that.)
   state, shardings = state_lib.create_train_state(stage.init, tx, ema_rates, mesh, rules, init_rng,
-                                                  sampler.init, params=init_params)
+                                                  sampler.init, params=init_params,
+                                                  compiler_options=compiler_options)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   writer.text(f"{n_params:,} parameters; EMA rates {ema_rates}; sampler {sampler_name}")
 
@@ -198,7 +201,7 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
     jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh, repl), out_shardings=(shardings, repl),
                      donate_argnums=(0,))
     t0 = time.perf_counter()
-    compiled = jitted.lower(state, batch, step_rng).compile()
+    compiled = jitted.lower(state, batch, step_rng).compile(compiler_options=compiler_options)
   mem = compiled.memory_analysis()
   flops = _flops(compiled)
   writer.text(f"compiled the train step in {time.perf_counter() - t0:.1f}s; memory per device: "

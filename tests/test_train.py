@@ -1,0 +1,206 @@
+"""The train step and the four stages on the 8-device CPU platform."""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import train_support as ts
+from glide_jax.data.tokenizers import Tokenizer
+from glide_jax.models import layers
+from glide_jax.parallel import mesh as mesh_lib
+from glide_jax.parallel import sharding as shard_lib
+from glide_jax.train import optim, stages, timesteps, train
+from glide_jax.train import state as state_lib
+from glide_jax.train import step as step_lib
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+  ts.enable_compilation_cache(tmp_path_factory.mktemp("xla_cache"))
+
+
+# ----------------------------------------------------------------------------- a toy model
+class Toy(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return layers.Dense(4, names=("embed", "mlp"))(nn.tanh(layers.Dense(16, names=("embed", "mlp"))(x)))
+
+
+TOY = Toy()
+
+
+def toy_loss(params, batch, rng):
+  del rng
+  x = (batch["image"] + 0.3 * batch["noise"]).reshape(batch["image"].shape[0], -1)[:, :8]
+  x = x + batch["t"][:, None].astype(jnp.float32) / 50.0
+  pred = TOY.apply({"params": params}, x)
+  losses = jnp.mean(jnp.square(pred - 0.5), axis=-1)
+  return jnp.mean(losses * batch["weights"]), {"losses": losses, "mse": losses}
+
+
+def toy_setup(microbatches=1, rates=(0.9, 0.99), dropout=0.0):
+  mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 4})
+  rules = shard_lib.normalize_rules(ts.tiny_config("base").rules)
+  tx, sched = optim.make_optimizer({"lr": 1e-2, "grad_clip_norm": 1.0})
+  sampler = timesteps.make_sampler("uniform", 50)
+  init = lambda r: TOY.init(r, jnp.zeros((1, 8)))["params"]  # noqa: E731
+  state, sh = state_lib.create_train_state(init, tx, rates, mesh, rules, jax.random.key(0), sampler.init)
+  cfg = step_lib.StepConfig(ema_rates=rates, microbatches=microbatches, caption_dropout=dropout, num_timesteps=50)
+  fn = step_lib.make_train_step(toy_loss, tx, sched, cfg, sampler, (jnp.zeros(8, jnp.int32), jnp.zeros(8, bool)),
+                                mesh, rules)
+  with jax.set_mesh(mesh):
+    jitted = jax.jit(fn)
+  return state, jitted, mesh
+
+
+def toy_batch(seed, b=16):
+  r = np.random.RandomState(seed)
+  return {"image": r.uniform(-1, 1, (b, 4, 4, 3)).astype(np.float32),
+          "tokens": r.randint(1, 30, (b, 8)).astype(np.int32), "mask": np.ones((b, 8), bool)}
+
+
+def test_grad_accumulation_over_4_microbatches_equals_full_batch():
+  s1, step1, mesh = toy_setup(1)
+  s4, step4, _ = toy_setup(4)
+  rng = jax.random.key(3)
+  for i in range(2):
+    batch = shard_lib.host_local_to_global(toy_batch(i), mesh)
+    with jax.set_mesh(mesh):
+      s1, m1 = step1(s1, batch, rng)
+      s4, m4 = step4(s4, batch, rng)
+    np.testing.assert_allclose(float(m1["loss"]), float(m4["loss"]), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves((s1.params, s1.opt_state, s1.ema)), jax.tree.leaves((s4.params, s4.opt_state, s4.ema))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  assert int(s4.step) == 2  # one optimizer (and EMA) update per step, not per microbatch
+  assert int(s4.opt_state[1][0].count) == 2
+
+
+def test_nan_step_is_skipped_counted_and_training_goes_on():
+  state, step, mesh = toy_setup(2)
+  rng = jax.random.key(0)
+  with jax.set_mesh(mesh):
+    state, _ = step(state, shard_lib.host_local_to_global(toy_batch(0), mesh), rng)
+    before = jax.device_get((state.params, state.opt_state, state.ema))
+    bad = toy_batch(1)
+    bad["image"][5, 0, 1, 1] = np.nan  # inside the 8 values the toy model reads
+    state, m = step(state, shard_lib.host_local_to_global(bad, mesh), rng)
+    assert not np.isfinite(float(m["loss"])) and int(m["skipped"]) == 1
+    after = jax.device_get((state.params, state.opt_state, state.ema))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+      np.testing.assert_array_equal(a, b)
+    assert int(state.skipped) == 1 and int(state.step) == 2
+    state, m = step(state, shard_lib.host_local_to_global(toy_batch(2), mesh), rng)
+  assert np.isfinite(float(m["loss"])) and int(state.skipped) == 1
+  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[0]), jax.tree.leaves(jax.device_get(state.params)))]
+  assert all(changed)
+
+
+def test_ema_is_one_update_per_step_at_each_rate():
+  state, step, mesh = toy_setup(1, rates=(0.5, 0.99))
+  p0 = jax.device_get(state.params)
+  with jax.set_mesh(mesh):
+    state, _ = step(state, shard_lib.host_local_to_global(toy_batch(0), mesh), jax.random.key(1))
+  p1 = jax.device_get(state.params)
+  for rate in (0.5, 0.99):
+    want = jax.tree.map(lambda a, b: rate * a + (1 - rate) * b, p0, p1)
+    got = jax.device_get(state.ema[state_lib.ema_key(rate)])
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_caption_dropout_rate_within_binomial_bounds_and_equals_empty_caption():
+  tok = Tokenizer(text_ctx=12, vocab_size=100, pad_id=7)
+  n = 40_000
+  tokens = np.random.RandomState(0).randint(8, 100, (n, 12)).astype(np.int32)
+  batch = {"tokens": jnp.asarray(tokens), "mask": jnp.ones((n, 12), bool)}
+  et, em = tok.empty(1)
+  out, dropped = jax.jit(lambda b, k: step_lib.apply_caption_dropout(b, k, 0.2, jnp.asarray(et[0]), jnp.asarray(em[0])))(
+      batch, jax.random.key(5))
+  dropped = np.asarray(dropped)
+  rate = dropped.mean()
+  sigma = math.sqrt(0.2 * 0.8 / n)
+  assert abs(rate - 0.2) < 4.5 * sigma, rate
+  sampler_empty_tokens, sampler_empty_mask = tok.empty(int(dropped.sum()))
+  np.testing.assert_array_equal(np.asarray(out["tokens"])[dropped], sampler_empty_tokens)
+  np.testing.assert_array_equal(np.asarray(out["mask"])[dropped], sampler_empty_mask)
+  np.testing.assert_array_equal(np.asarray(out["tokens"])[~dropped], tokens[~dropped])
+  # Defaults: 20% for base and inpaint, none for the upsampler (PITFALLS 2).
+  assert train.caption_dropout_rate(ts.tiny_config("base")) == pytest.approx(0.2)
+  assert train.caption_dropout_rate(ts.tiny_config("inpaint")) == pytest.approx(0.2)
+  assert train.caption_dropout_rate(ts.tiny_config("upsample")) == 0.0
+
+
+def test_loss_second_moment_matches_reference_algorithm():
+  n, hist = 6, 10
+  sampler = timesteps.loss_second_moment(n, hist)
+  state = sampler.init()
+  r = np.random.RandomState(0)
+  ref = {t: [] for t in range(n)}  # guided-diffusion: a FIFO of the last 10 losses per t
+  for _ in range(30):
+    t = r.randint(0, n, 8)
+    losses = r.uniform(0.1, 2.0, 8).astype(np.float32) * (1 + t)
+    state = jax.jit(sampler.update)(state, jnp.asarray(t), jnp.asarray(losses))
+    for ti, li in zip(t, losses):
+      ref[ti] = (ref[ti] + [li])[-hist:]
+  warm = all(len(v) == hist for v in ref.values())
+  assert warm
+  w = np.array([math.sqrt(np.mean(np.square(ref[t]))) for t in range(n)])
+  p = w / w.sum() * (1 - 0.001) + 0.001 / n
+  t, weights = sampler.sample(state, jax.random.key(0), 20000)
+  freq = np.bincount(np.asarray(t), minlength=n) / 20000
+  np.testing.assert_allclose(freq, p, atol=0.015)
+  np.testing.assert_allclose(np.asarray(weights), 1 / (n * p[np.asarray(t)]), rtol=1e-5)
+
+
+def test_learning_rate_warmup_then_cosine():
+  sched = optim.learning_rate_schedule({"lr": 1e-3, "warmup_steps": 10, "decay": "cosine", "decay_steps": 100})
+  assert float(sched(0)) == 0.0
+  assert float(sched(5)) == pytest.approx(5e-4)
+  assert float(sched(10)) == pytest.approx(1e-3)
+  assert float(sched(60)) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)), rel=1e-5)
+  with pytest.raises(ValueError, match="decay"):
+    optim.learning_rate_schedule({"decay": "exp"})
+
+
+# ----------------------------------------------------------------------------- the four stages
+def reference_first_loss(config, mesh_1):
+  """The first step's loss recomputed on ONE device by the stage's loss function (no step, no sharding)."""
+  stage = stages.make_stage(config)
+  it = ts.SyntheticIterator(config)
+  batch = {k: jnp.asarray(v) for k, v in next(it).items() if k in stage.batch_keys}
+  tok = ts.tokenizer(config)
+  tx, _ = optim.make_optimizer(config.optimizer)
+  name = "uniform" if config.stage == "clip" else config.diffusion.schedule_sampler
+  sampler = timesteps.make_sampler(name, stage.diffusion.num_timesteps)
+  init_rng, step_rng = jax.random.split(jax.random.key(int(config.seed)))
+  params = nn.meta.unbox(jax.jit(stage.init)(init_rng))
+  st = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None, ema={},
+                            skipped=jnp.zeros((), jnp.int32), sampler=sampler.init())
+  et, em = tok.empty(1)
+  cfg = step_lib.StepConfig(caption_dropout=train.caption_dropout_rate(config), uses_text=stage.uses_text,
+                            num_timesteps=stage.diffusion.num_timesteps)
+  b, k_model, _ = step_lib.prepare_batch(st, batch, step_rng, cfg, sampler, (jnp.asarray(et[0]), jnp.asarray(em[0])))
+  loss, _ = jax.jit(stage.loss)(params, b, k_model)
+  return float(loss)
+
+
+MESHES = {"1x8": (1, 8), "2x4": (2, 4), "8x1": (8, 1)}
+CASES = [("base", "1x8"), ("base", "2x4"), ("base", "8x1"), ("upsample", "2x4"), ("inpaint", "8x1"), ("clip", "1x8")]
+
+
+@pytest.mark.parametrize("stage,mesh_name", CASES)
+def test_stage_trains_on_mesh_with_the_single_device_first_loss(stage, mesh_name, tmp_path):
+  data, fsdp = MESHES[mesh_name]
+  config = ts.tiny_config(stage, "--config.total_steps=2", *ts.mesh_overrides(data, fsdp))
+  result = train.train(config, str(tmp_path), data_iterator=ts.SyntheticIterator(config),
+                       tokenizer=ts.tokenizer(config), progress=False, compiler_options=ts.FAST)
+  assert len(result["losses"]) == 2 and all(np.isfinite(result["losses"]))
+  leaf = jax.tree.leaves(result["state"].params)[0]
+  assert leaf.sharding.mesh.shape["data"] == data and leaf.sharding.mesh.shape["fsdp"] == fsdp
+  ref = reference_first_loss(config, None)
+  assert abs(result["losses"][0] - ref) / abs(ref) < 1e-5, (result["losses"][0], ref)

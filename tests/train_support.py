@@ -1,0 +1,113 @@
+"""Shared pieces of the training tests: tiny configs, a resumable synthetic iterator, the XLA cache.
+
+(Not a test module; imported by tests/test_train*.py, test_checkpoint*.py, test_multihost*.py.)
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from glide_jax import config_lib
+
+# Tiny U-Net: one level of 32 channels at 8 px, attention at 8 px, one text layer of width 32.
+UNET_TINY = ["--config.model.options.channel_mult=1", "--config.model.options.image_size=8",
+             "--config.model.options.attention_resolutions=8", "--config.model.options.text_ctx=8",
+             "--config.data.tokenizer.text_ctx=8"]
+CLIP_TINY = ["--config.model.options.image_size=8", "--config.model.options.max_text_len=8",
+             "--config.model.options.n_xf_blocks_text=1", "--config.model.options.n_xf_blocks_image=1",
+             "--config.data.tokenizer.text_ctx=8"]
+# Compile fast on CPU (numerics are identical between runs that use the same options).
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def enable_compilation_cache(path: str) -> None:
+  """Identical programs compiled by several tests (or a subprocess) are compiled once."""
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def tiny_config(stage: str, *overrides: str):
+  extra = CLIP_TINY if stage == "clip" else UNET_TINY
+  if stage == "upsample":
+    extra = extra + ["--config.data.low_res_size=4"]
+  base = ["--config.log.every=1", "--config.checkpoint.every=2", "--config.checkpoint.keep=3",
+          "--config.log.tensorboard=false", "--config.diffusion.steps=50"]
+  return config_lib.load_config(f"configs/{stage}.py:variant=tiny", base + extra + list(overrides))
+
+
+class SyntheticIterator:
+  """Host-local batches that are a pure function of (seed, step, process): resumable exactly.
+
+  Images are smooth random blobs in [-1, 1]; captions are random token runs with a ragged mask.
+  """
+
+  def __init__(self, config, process_index: int = 0, process_count: int = 1, seed: int = 0):
+    self.stage = config.stage
+    o = config.model.options
+    self.size = int(o.image_size)
+    self.text_ctx = int(o.get("text_ctx", o.get("max_text_len", 8)))
+    self.vocab = 30
+    self.low = int(config.data.low_res_size or 0)
+    self.global_batch = int(config.batch_size)
+    self.local = self.global_batch // process_count
+    self.process_index = process_index
+    self.seed = seed
+    self.step = 0
+
+  def __iter__(self):
+    return self
+
+  def global_batch_at(self, step: int) -> dict[str, np.ndarray]:
+    r = np.random.RandomState([self.seed, step])
+    b, s, L = self.global_batch, self.size, self.text_ctx
+    yy, xx = np.mgrid[0:s, 0:s] / s
+    cx, cy, rad = r.uniform(0.2, 0.8, (3, b, 1, 1))
+    colour = r.uniform(-1, 1, (b, 1, 1, 3))
+    blob = ((xx[None] - cx) ** 2 + (yy[None] - cy) ** 2 < (rad * 0.5) ** 2)[..., None]
+    image = np.where(blob, colour, -0.8).astype(np.float32)
+    lengths = r.randint(1, L + 1, (b,))
+    mask = np.arange(L)[None] < lengths[:, None]
+    tokens = np.where(mask, r.randint(1, self.vocab, (b, L)), 0).astype(np.int32)
+    out = {"image": image, "tokens": tokens, "mask": mask}
+    if self.stage == "upsample":
+      f = s // self.low
+      out["low_res"] = image.reshape(b, self.low, f, self.low, f, 3).mean(axis=(2, 4)).astype(np.float32)
+    if self.stage == "inpaint":
+      known = np.ones((b, s, s, 1), np.float32)
+      for i in range(b):
+        y0, x0 = r.randint(0, s // 2, 2)
+        known[i, y0:y0 + s // 2, x0:x0 + s // 2] = 0.0
+      out["inpaint_mask"] = known
+    return out
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    g = self.global_batch_at(self.step)
+    self.step += 1
+    lo = self.process_index * self.local
+    return {k: v[lo:lo + self.local] for k, v in g.items()}
+
+  def get_state(self) -> dict:
+    return {"step": self.step, "seed": self.seed}
+
+  def set_state(self, state) -> None:
+    if int(state.get("seed", self.seed)) != self.seed:
+      raise ValueError("seed mismatch")
+    self.step = int(state["step"])
+
+
+def tokenizer(config):
+  from glide_jax.data.tokenizers import Tokenizer
+  o = config.model.options
+  return Tokenizer(int(o.get("text_ctx", o.get("max_text_len", 8))), 30, 0)
+
+
+def mesh_overrides(data: int, fsdp: int) -> list[str]:
+  return [f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}", "--config.mesh.replica=1",
+          "--config.mesh.tensor=1"]
+
+
+def cache_dir_default() -> str:
+  return os.environ.get("GLIDE_JAX_TEST_XLA_CACHE", "/tmp/glide_jax_test_xla_cache")
