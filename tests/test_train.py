@@ -21,7 +21,7 @@ from glide_jax.train import step as step_lib
 
 @pytest.fixture(scope="module", autouse=True)
 def _cache(tmp_path_factory):
-  ts.enable_compilation_cache(tmp_path_factory.mktemp("xla_cache"))
+  ts.session_cache(tmp_path_factory)
 
 
 # ----------------------------------------------------------------------------- a toy model

@@ -109,5 +109,9 @@ def mesh_overrides(data: int, fsdp: int) -> list[str]:
           "--config.mesh.tensor=1"]
 
 
-def cache_dir_default() -> str:
-  return os.environ.get("GLIDE_JAX_TEST_XLA_CACHE", "/tmp/glide_jax_test_xla_cache")
+def session_cache(tmp_path_factory) -> str:
+  """One XLA cache per pytest session (worker), shared by the training test modules."""
+  path = tmp_path_factory.getbasetemp() / "glide_jax_xla_cache"
+  path.mkdir(exist_ok=True)
+  enable_compilation_cache(str(path))
+  return str(path)

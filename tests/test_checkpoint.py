@@ -1,0 +1,157 @@
+"""Checkpoints: exact resume, restore on another mesh, config refusal, SIGTERM and SIGKILL."""
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import train_support as ts
+from glide_jax.parallel import mesh as mesh_lib
+from glide_jax.parallel import sharding as shard_lib
+from glide_jax.train import checkpoint as ckpt_lib
+from glide_jax.train import optim, stages, timesteps, train
+from glide_jax.train import state as state_lib
+
+TESTS = pathlib.Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return ts.session_cache(tmp_path_factory)
+
+
+def run(config, workdir):
+  return train.train(config, str(workdir), data_iterator=ts.SyntheticIterator(config),
+                     tokenizer=ts.tokenizer(config), progress=False, compiler_options=ts.FAST)
+
+
+def cfg(*extra):
+  # loss-second-moment: its history is part of the state that must survive a restart
+  return ts.tiny_config("base", *ts.mesh_overrides(2, 4), "--config.diffusion.schedule_sampler=loss-second-moment",
+                        *extra)
+
+
+@pytest.fixture(scope="module")
+def straight_and_resumed(cache_dir, tmp_path_factory):
+  a = tmp_path_factory.mktemp("straight")
+  b = tmp_path_factory.mktemp("resumed")
+  straight = run(cfg("--config.total_steps=4"), a)
+  first = run(cfg("--config.total_steps=2"), b)
+  second = run(cfg("--config.total_steps=4"), b)
+  return straight, first, second, a, b
+
+
+def test_resume_is_exact(straight_and_resumed):
+  straight, first, second, _, _ = straight_and_resumed
+  assert straight["losses"] == first["losses"] + second["losses"]  # bit for bit
+  sa, sb = jax.device_get(straight["state"]), jax.device_get(second["state"])
+  for x, y in zip(jax.tree.leaves(sa), jax.tree.leaves(sb)):
+    np.testing.assert_array_equal(x, y)  # params, opt state, EMA, sampler history, counters
+  assert int(sb.step) == 4
+
+
+def test_restore_onto_a_different_mesh(straight_and_resumed):
+  straight, _, _, _, b = straight_and_resumed
+  config = cfg("--config.total_steps=4")
+  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 4}, jax.devices()[:4])  # fewer devices, other axes
+  stage = stages.make_stage(config)
+  tx, _ = optim.make_optimizer(config.optimizer)
+  sampler = timesteps.make_sampler("loss-second-moment", stage.diffusion.num_timesteps)
+  abstract, shardings = state_lib.state_shardings(stage.init, tx, tuple(config.ema.rates), sampler.init, mesh,
+                                                  shard_lib.normalize_rules(config.rules))
+  ck = ckpt_lib.Checkpointer(os.path.join(b, "checkpoints"), 2, 3)
+  restored, _, data_state = ck.restore(abstract, shardings)
+  ck.close()
+  assert data_state["step"] == 4
+  for x, s in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings)):
+    assert x.sharding == s
+  for x, y in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(jax.device_get(straight["state"]))):
+    np.testing.assert_array_equal(x, y)
+  kernels = [x for x in jax.tree.leaves(restored.params) if x.ndim == 4]
+  assert any(x.sharding.spec[2] == "fsdp" for x in kernels)
+
+
+def test_mismatched_config_is_refused_naming_the_keys(straight_and_resumed):
+  *_, b = straight_and_resumed
+  bad = cfg("--config.total_steps=6", "--config.optimizer.lr=0.5", "--config.ema.rates=(0.9,)")
+  with pytest.raises(ckpt_lib.ConfigMismatchError) as e:
+    run(bad, b)
+  assert "optimizer.lr" in str(e.value) and "ema.rates" in str(e.value)
+  assert "total_steps" not in str(e.value)
+
+
+SCRIPT = r"""
+import os, sys, time
+sys.path.insert(0, {tests!r})
+import train_support as ts
+from glide_jax.train import train
+
+class Slow(ts.SyntheticIterator):
+  def __next__(self):
+    time.sleep(0.3)
+    return super().__next__()
+
+ts.enable_compilation_cache({cache!r})
+config = ts.tiny_config("base", *ts.mesh_overrides(2, 4), "--config.diffusion.schedule_sampler=loss-second-moment",
+                        "--config.total_steps=100000", "--config.checkpoint.every={every}")
+r = train.train(config, {workdir!r}, data_iterator=Slow(config), tokenizer=ts.tokenizer(config), progress=False,
+                compiler_options=ts.FAST)
+print("STOPPED", r["stopped"], r["step"], flush=True)
+"""
+
+
+def _spawn(workdir, cache, every):
+  script = SCRIPT.format(tests=str(TESTS), cache=str(cache), workdir=str(workdir), every=every)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  return subprocess.Popen([sys.executable, "-c", script], cwd=str(REPO), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(pred, proc, timeout=600):
+  t0 = time.time()
+  while not pred():
+    if proc.poll() is not None:
+      raise AssertionError(f"trainer exited early:\n{proc.stdout.read()[-3000:]}")
+    if time.time() - t0 > timeout:
+      proc.kill()
+      raise AssertionError("timed out")
+    time.sleep(0.005)
+
+
+def test_sigkill_mid_save_resumes_from_last_complete_checkpoint_and_sigterm_saves(cache_dir, tmp_path):
+  ckdir = tmp_path / "checkpoints"
+
+  def saving():  # an orbax temporary (unfinished) checkpoint directory exists, and a finished one
+    if not ckdir.is_dir():
+      return False
+    names = os.listdir(ckdir)
+    return any("tmp" in n for n in names) and any(n.isdigit() for n in names)
+
+  proc = _spawn(tmp_path, cache_dir, every=1)
+  _wait_for(saving, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  ck = ckpt_lib.Checkpointer(str(ckdir), 1, 3)
+  last = ck.latest_step()
+  ck.close()
+  assert last is not None and last >= 1
+  # A restart resumes from that step (the half-written one is ignored) and SIGTERM saves and exits 0.
+  proc = _spawn(tmp_path, cache_dir, every=1000)
+  log = tmp_path / "train.log"
+  _wait_for(lambda: log.is_file() and f"step {last + 2} " in log.read_text(), proc)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  assert f"resumed from step {last}" in log.read_text()
+  stopped_at = int(out.split("STOPPED True ")[1].split()[0])
+  ck = ckpt_lib.Checkpointer(str(ckdir), 1000, 3)
+  assert ck.latest_step() == stopped_at > last + 1
+  ck.close()
