@@ -349,22 +349,36 @@ def compile_sampler_step(config: Any, devices: Sequence[Any], batch: int) -> Res
 
 
 # ----------------------------------------------------------------------------- search
+def fsdp_size(config: Any, n_devices: int) -> int:
+  """The largest fsdp axis that divides both the device count and the model's widths (a width it
+  does not divide is replicated by the sharding rules, which defeats the purpose)."""
+  o = config.model.options
+  widths = [int(o[k]) for k in ("num_channels", "xf_width", "n_embd") if k in o]
+  g = math.gcd(*widths) if widths else n_devices
+  size = 1
+  while size * 2 <= n_devices and n_devices % (size * 2) == 0 and g % (size * 2) == 0:
+    size *= 2
+  return size
+
+
 def candidates(config: Any, devices: Sequence[Any]) -> list[tuple[str, list[str]]]:
   """Alternatives to try when the config does not fit, cheapest change first."""
   out: list[tuple[str, list[str]]] = []
-  all_fsdp = [] if (config.mesh.fsdp == -1 or config.mesh.fsdp == len(devices)) and config.mesh.data in (1,) \
-      else ["--config.mesh.replica=1", "--config.mesh.data=1", "--config.mesh.fsdp=-1"]
+  n = len(devices)
+  f = fsdp_size(config, n)
+  shard = [] if int(config.mesh.fsdp) in (f, -1 if f == n else f) else \
+      ["--config.mesh.replica=1", "--config.mesh.data=-1", f"--config.mesh.fsdp={f}"]
   remat = [] if config.model.remat_policy == "full" else ["--config.model.remat_policy=full"]
-  if all_fsdp:
-    out.append(("all chips on fsdp", all_fsdp))
+  if shard:
+    out.append((f"fsdp {f}" + (" (all chips)" if f == n else ""), shard))
   if remat:
     out.append(("full remat", remat))
-  if all_fsdp and remat:
-    out.append(("fsdp + full remat", all_fsdp + remat))
+  if shard and remat:
+    out.append((f"fsdp {f} + full remat", shard + remat))
   batch = int(config.batch_size)
   for m in (2, 4, 8):
-    if batch % (m * len(devices)) == 0 and m > int(config.microbatches):
-      out.append((f"fsdp + full remat + {m} microbatches", all_fsdp + remat + [f"--config.microbatches={m}"]))
+    if batch % (m * n) == 0 and m > int(config.microbatches):
+      out.append((f"fsdp {f} + full remat + {m} microbatches", shard + remat + [f"--config.microbatches={m}"]))
   return out
 
 

@@ -81,8 +81,10 @@ def test_candidates_offer_fsdp_remat_and_microbatches():
   c = config_lib.load_config("configs/base.py:variant=released")
   devices = list(range(64))
   labels = [label for label, _ in plan.candidates(c, devices)]
-  assert labels[:3] == ["all chips on fsdp", "full remat", "fsdp + full remat"]
-  assert "fsdp + full remat + 2 microbatches" in labels
+  # 192 channels and a 512-wide text encoder: fsdp 64 divides both
+  assert plan.fsdp_size(c, 256) == 64 and plan.fsdp_size(c, 64) == 64 and plan.fsdp_size(c, 8) == 8
+  assert labels[:3] == ["fsdp 64 (all chips)", "full remat", "fsdp 64 + full remat"]
+  assert "fsdp 64 + full remat + 2 microbatches" in labels
   for _, overrides in plan.candidates(c, devices):  # every suggestion is a valid override
     config_lib.load_config("configs/base.py:variant=released", overrides)
   full = config_lib.load_config("configs/base.py:variant=full")  # already fsdp + remat
