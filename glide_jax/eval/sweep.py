@@ -1,0 +1,255 @@
+"""Guidance sweeps: sample the same prompts at several classifier-free guidance scales and measure
+caption accuracy (glide_shapes attribute reader) and CLIP score at each, as a table and a plot.
+
+Every scale uses the same prompts and the same noise (one PRNG key): rows differ only by the scale.
+Layout of the output directory:
+  prompts.txt                   the prompts, one per line (row i = image i of every scale)
+  scale_<s>/00000.png ...       the samples (only they: the directory feeds `glide-jax eval accuracy`)
+  grids/scale_<s>.png           a grid of the first 64 samples of each scale
+  sweep.csv, sweep.json         one row per scale (json adds the run's settings and metric definitions)
+  sweep.png                     accuracy and CLIP score vs scale, and accuracy vs CLIP score
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from glide_jax.eval import attributes as attrs_lib
+from glide_jax.eval import plots
+
+# prompts, guidance scale -> uint8 images [N, H, W, 3]
+GenerateFn = Callable[[Sequence[str], float], np.ndarray]
+
+COLUMNS = ("guidance_scale", "n", "acc_all", "acc_colour", "acc_shape", "acc_size", "acc_position",
+           "unreadable", "clip_score_mean", "clip_score_std", "samples_dir")
+
+METRIC_DEFINITIONS = {
+    "acc_*": "fraction of samples whose attributes, read back from pixels by the glide_shapes "
+             "attribute reader (glide_jax/eval/attributes.py), equal the prompt's; acc_all = all four",
+    "clip_score_*": "mean / std over samples of exp(logit_scale) x cos(z_text, z_image) = 100 x cosine, "
+                    "with the given noised CLIP evaluated at t=0",
+    "n": "samples per guidance scale",
+}
+
+_SAMPLER_ALIASES = {"ddpm": "ancestral", "p_sample": "ancestral"}
+
+
+def scale_dirname(scale: float) -> str:
+  return f"scale_{scale:g}"
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+  """One prompt per line; blank lines are skipped."""
+  lines = pathlib.Path(path).read_text().splitlines()
+  prompts = [line.strip() for line in lines if line.strip()]
+  if not prompts:
+    raise ValueError(f"{path}: no prompts")
+  return prompts
+
+
+def shapes_validation_prompts(n: int) -> tuple[list[str], dict[str, np.ndarray]]:
+  """The first n captions of glide_shapes' validation split and their attributes (no TFDS needed)."""
+  from glide_jax.data import render
+
+  a = render.sample_attributes(render.SPLIT_SEEDS["validation"], 0, n)
+  captions = [render.caption(a["colour"][i], a["shape"][i], a["size"][i], a["position"][i],
+                             a["template"][i]) for i in range(n)]
+  return captions, {k: np.asarray(a[k], np.int64) for k in attrs_lib.ATTRIBUTES}
+
+
+def save_images(directory: str | os.PathLike, images: np.ndarray) -> pathlib.Path:
+  from PIL import Image
+
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  for i, im in enumerate(images):
+    Image.fromarray(np.asarray(im, np.uint8)).save(directory / f"{i:05d}.png")
+  return directory
+
+
+def make_generator(bundle_path: str | os.PathLike, sampler: str | None = None,
+                   respacing: str | None = None, batch_size: int = 16, seed: int = 0,
+                   clip_denoised: bool = True) -> tuple[GenerateFn, dict[str, Any]]:
+  """A base (text2im) bundle -> generate(prompts, guidance_scale) -> uint8 [N, S, S, 3], and settings.
+
+  Classifier-free guidance on one doubled batch (glide_jax.diffusion.guidance.cfg_model_fn), the
+  text encoded once per batch, one compiled sampler for every batch and scale.
+  """
+  import jax
+  import jax.numpy as jnp
+  from jax.tree_util import Partial
+
+  from glide_jax import bundle
+  from glide_jax.data.tokenizers import load_tokenizer
+  from glide_jax.diffusion.guidance import cfg_model_fn
+  from glide_jax.diffusion.samplers import SAMPLERS, sample
+  from glide_jax.diffusion.schedules import create_diffusion
+  from glide_jax.models import registry
+
+  params, meta = bundle.load_bundle(bundle_path)
+  kind = registry.canonical_kind(meta["model"]["kind"])
+  if kind != "text2im":
+    raise ValueError(f"{bundle_path}: a guidance sweep needs a base text2im bundle, this one is {kind!r}")
+  if not meta.get("tokenizer"):
+    raise ValueError(f"{bundle_path}: meta.json names no tokenizer")
+  options = meta["model"].get("options") or {}
+  model = registry.create_model(kind, options)
+  size = int(registry.resolve_options(kind, options)["image_size"])
+  tok = load_tokenizer(meta["tokenizer"])
+  d = meta.get("diffusion") or {}
+  sampler = _SAMPLER_ALIASES.get(sampler or d.get("sampler") or "ancestral",
+                                 sampler or d.get("sampler") or "ancestral")
+  if sampler not in SAMPLERS:
+    raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
+  respacing = str(respacing if respacing is not None else d.get("timestep_respacing") or "100")
+  diffusion = create_diffusion(int(d.get("steps", 1000)), d.get("noise_schedule", "squaredcos_cap_v2"),
+                               respacing)
+  variables = {"params": jax.tree_util.tree_map(jnp.asarray, params)}
+  key = jax.random.PRNGKey(seed)
+
+  encode = jax.jit(lambda v, tokens, mask: model.apply(v, tokens, mask, method="encode_text"))
+
+  def guided(v, cond, uncond, scale, x, t):
+    # Bound through Partial: parameters, text and scale are traced, so nothing recompiles per batch.
+    apply_fn = lambda xx, tt, c: model.apply(v, xx, tt, text_cond=c)  # noqa: E731
+    return cfg_model_fn(apply_fn, cond, uncond, scale)(x, t)
+
+  def generate(prompts: Sequence[str], guidance_scale: float) -> np.ndarray:
+    out = []
+    for b, lo in enumerate(range(0, len(prompts), batch_size)):
+      batch = list(prompts[lo:lo + batch_size])
+      n = len(batch)
+      batch += [batch[-1]] * (batch_size - n)  # fixed batch shape: one compilation
+      tokens, mask = tok.encode_batch(batch)
+      empty_tokens, empty_mask = tok.empty(batch_size)
+      cond = encode(variables, jnp.asarray(tokens), jnp.asarray(mask))
+      uncond = encode(variables, jnp.asarray(empty_tokens), jnp.asarray(empty_mask))
+      model_fn = Partial(guided, variables, cond, uncond, jnp.float32(guidance_scale))
+      x = sample(model_fn, diffusion, (batch_size, size, size, 3), jax.random.fold_in(key, b),
+                 sampler=sampler, clip_denoised=clip_denoised)
+      x = np.asarray(x, np.float32)[:n]
+      out.append(np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8))
+    return np.concatenate(out)
+
+  settings = {"bundle": str(bundle_path), "sampler": sampler, "timestep_respacing": respacing,
+              "diffusion_steps": int(d.get("steps", 1000)), "image_size": size, "seed": seed,
+              "batch_size": batch_size}
+  return generate, settings
+
+
+def run_sweep(generate: GenerateFn, prompts: Sequence[str], scales: Sequence[float],
+              out_dir: str | os.PathLike, attributes: Mapping[str, np.ndarray] | None = None,
+              clip: Any = None, tensorboard: str | os.PathLike | None = None,
+              settings: Mapping[str, Any] | None = None, log: Callable[[str], None] = print
+              ) -> list[dict[str, Any]]:
+  """Samples `prompts` at each guidance scale and writes the table, plot and sample grids.
+
+  attributes: {attribute: int [N]} of the prompts (caption accuracy is skipped without them);
+  clip: a `clip_score.ClipBundle` or bundle path (CLIP score is skipped without one).
+  Returns the rows (also in out_dir/sweep.csv and sweep.json).
+  """
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
+  if clip is not None and not hasattr(clip, "model"):
+    from glide_jax.eval.clip_score import load_clip_bundle
+    clip = load_clip_bundle(clip)
+  tb = plots.TensorBoard(tensorboard)
+  rows = []
+  for step, scale in enumerate(scales):
+    images = generate(prompts, float(scale))
+    if len(images) != len(prompts):
+      raise RuntimeError(f"generator returned {len(images)} images for {len(prompts)} prompts")
+    sdir = save_images(out / scale_dirname(scale), images)
+    grid = plots.save_grid(out / "grids" / f"{scale_dirname(scale)}.png", images[:64],
+                           scale=max(1, 128 // images.shape[1]))
+    row: dict[str, Any] = {c: None for c in COLUMNS}
+    row.update(guidance_scale=float(scale), n=len(images), samples_dir=str(sdir.relative_to(out)))
+    if attributes is not None:
+      acc = attrs_lib.caption_accuracy(images, attributes)
+      row.update({f"acc_{k}": acc[k] for k in ("all",) + attrs_lib.ATTRIBUTES}, unreadable=acc["unreadable"])
+    if clip is not None:
+      from glide_jax.eval.clip_score import clip_score_of_samples
+      cs = clip_score_of_samples(clip, images, prompts)
+      row.update(clip_score_mean=cs["mean"], clip_score_std=cs["std"])
+    rows.append(row)
+    log(_row_summary(row))
+    tb.scalars(int(round(scale * 1000)), {k: v for k, v in row.items() if k.startswith(("acc_", "clip_"))},
+               prefix="sweep/")
+    from PIL import Image
+    with Image.open(grid) as im:
+      tb.image(f"samples/{scale_dirname(scale)}", np.asarray(im.convert("RGB")), step)
+  write_table(rows, out, settings=settings)
+  if attributes is not None or clip is not None:
+    plots.plot_sweep(rows, out / "sweep.png", title=_title(settings))
+    tb.png("sweep/plot", out / "sweep.png", 0)
+  tb.close()
+  return rows
+
+
+def _title(settings: Mapping[str, Any] | None) -> str:
+  if not settings:
+    return "guidance sweep"
+  return (f"guidance sweep: {pathlib.Path(str(settings.get('bundle', ''))).name} "
+          f"({settings.get('sampler', '?')}, {settings.get('timestep_respacing', '?')} steps)")
+
+
+def _row_summary(row: Mapping[str, Any]) -> str:
+  parts = [f"scale {row['guidance_scale']:g}: n={row['n']}"]
+  if row.get("acc_all") is not None:
+    parts.append(f"accuracy all={row['acc_all']:.3f} (colour {row['acc_colour']:.3f}, shape "
+                 f"{row['acc_shape']:.3f}, size {row['acc_size']:.3f}, position {row['acc_position']:.3f})")
+  if row.get("clip_score_mean") is not None:
+    parts.append(f"CLIP score {row['clip_score_mean']:.2f} +- {row['clip_score_std']:.2f} (100 x cosine)")
+  return "; ".join(parts)
+
+
+def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike,
+                settings: Mapping[str, Any] | None = None) -> tuple[pathlib.Path, pathlib.Path]:
+  """Writes out_dir/sweep.csv (one row per scale, COLUMNS; empty = not measured) and sweep.json."""
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  csv_path, json_path = out / "sweep.csv", out / "sweep.json"
+  with open(csv_path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=COLUMNS)
+    w.writeheader()
+    for r in rows:
+      w.writerow({c: ("" if r.get(c) is None else r[c]) for c in COLUMNS})
+  doc = {"rows": [{c: r.get(c) for c in COLUMNS} for r in rows], "settings": dict(settings or {}),
+         "metrics": METRIC_DEFINITIONS, "chance_accuracy": attrs_lib.chance_accuracy()}
+  json_path.write_text(json.dumps(doc, indent=2, default=_json_default))
+  return csv_path, json_path
+
+
+def read_table(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """Reads sweep.csv back (numbers as floats/ints, empty cells as None)."""
+  rows = []
+  with open(path, newline="") as f:
+    for r in csv.DictReader(f):
+      row: dict[str, Any] = {}
+      for k, v in r.items():
+        if v == "":
+          row[k] = None
+        elif k in ("n", "unreadable"):
+          row[k] = int(v)
+        elif k == "samples_dir":
+          row[k] = v
+        else:
+          row[k] = float(v)
+      rows.append(row)
+  return rows
+
+
+def _json_default(o):
+  if isinstance(o, (np.integer,)):
+    return int(o)
+  if isinstance(o, (np.floating,)):
+    return float(o)
+  if isinstance(o, np.ndarray):
+    return o.tolist()
+  raise TypeError(f"cannot write {type(o).__name__} to JSON")

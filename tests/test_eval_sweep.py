@@ -1,0 +1,223 @@
+"""Guidance sweep end to end on a tiny random model, the table/plot writer, grids, and the CLI."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from glide_jax.eval import attributes as A
+from glide_jax.eval import plots, sweep
+
+
+def _rows():
+  return [dict(guidance_scale=s, n=10, acc_all=a, acc_colour=min(1, a + 0.2), acc_shape=a,
+               acc_size=min(1, a + 0.1), acc_position=a, unreadable=0, clip_score_mean=c,
+               clip_score_std=2.0, samples_dir=f"scale_{s:g}")
+          for s, a, c in ((1.0, 0.1, 20.0), (3.0, 0.4, 25.5), (2.0, 0.3, 23.0))]
+
+
+def test_table_and_plot_writer(tmp_path):
+  rows = _rows()
+  csv_path, json_path = sweep.write_table(rows, tmp_path, settings={"bundle": "b"})
+  back = sweep.read_table(csv_path)
+  assert [r["guidance_scale"] for r in back] == [1.0, 3.0, 2.0]
+  for got, want in zip(back, rows):
+    for k in sweep.COLUMNS:
+      assert got[k] == pytest.approx(want[k]) if isinstance(want[k], float) else got[k] == want[k]
+  doc = json.loads(json_path.read_text())
+  assert doc["settings"] == {"bundle": "b"} and "100 x cosine" in doc["metrics"]["clip_score_*"]
+  assert doc["chance_accuracy"]["all"] == pytest.approx(1 / 180)
+  png = plots.plot_sweep(rows, tmp_path / "sweep.png", title="t")
+  with Image.open(png) as im:
+    assert im.size[0] > 1000 and im.size[1] > 300  # three panels side by side
+    assert np.asarray(im.convert("L")).std() > 5  # something is drawn
+  # Only accuracy: one panel; nothing measured: a clear error.
+  only_acc = [{k: v for k, v in r.items() if not k.startswith("clip")} for r in rows]
+  with Image.open(plots.plot_sweep(only_acc, tmp_path / "acc.png")) as im:
+    assert im.size[0] < 700
+  with pytest.raises(ValueError, match="nothing to plot"):
+    plots.plot_sweep([dict(guidance_scale=1.0, n=3)], tmp_path / "none.png")
+
+
+def test_image_grid_layout():
+  images = np.stack([np.full((4, 5, 3), 10 * i, np.uint8) for i in range(1, 6)])
+  grid = plots.image_grid(images, ncols=3, pad=1)
+  assert grid.shape == (2 * 5 + 1, 3 * 6 + 1, 3)
+  assert (grid[1:5, 1:6] == 10).all() and (grid[6:10, 7:12] == 50).all()  # image 4 at row 1, col 1
+  assert (grid[6:10, 13:18] == 255).all()  # the empty sixth cell stays padding
+  with pytest.raises(ValueError, match="uint8"):
+    plots.image_grid(images.astype(np.float32))
+
+
+def _read_events(logdir):
+  """Parses TFRecord event files (length, crc, payload, crc) with tensorboardX's Event proto."""
+  import struct
+  from tensorboardX.proto import event_pb2
+
+  for path in sorted(logdir.glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      yield event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+
+
+def test_tensorboard_logging(tmp_path):
+  tb = plots.TensorBoard(tmp_path / "tb")
+  tb.scalars(1, {"acc_all": 0.5, "skip": float("nan")}, prefix="sweep/")
+  tb.image("grid", np.zeros((8, 8, 3), np.uint8), 1)
+  tb.close()
+  scalars, images = {}, []
+  for event in _read_events(tmp_path / "tb"):
+    for v in event.summary.value:
+      if v.HasField("image"):
+        images.append(v.tag)
+      else:
+        scalars[v.tag] = v.simple_value
+  assert scalars == {"sweep/acc_all": 0.5} and images == ["grid"]
+  plots.TensorBoard(None).scalars(0, {"a": 1.0})  # no logdir: a no-op
+
+
+def test_run_sweep_with_given_generator_matches_recomputed_accuracy(tmp_path):
+  """run_sweep's table agrees with the reader run again on the PNGs it wrote."""
+  prompts, expected = sweep.shapes_validation_prompts(12)
+  from glide_jax.data import render
+  good = render.render(render.sample_attributes(render.SPLIT_SEEDS["validation"], 0, 12), 32)
+  rng = np.random.default_rng(0)
+
+  def generate(ps, scale):  # "better" with scale: fewer samples replaced by noise
+    out = good.copy()
+    bad = rng.random(len(ps)) > scale / 4
+    out[bad] = rng.integers(0, 256, size=(int(bad.sum()), 32, 32, 3), dtype=np.uint8)
+    return out
+
+  rows = sweep.run_sweep(generate, prompts, [1.0, 4.0], tmp_path, attributes=expected, log=lambda s: None)
+  assert rows[1]["acc_all"] == 1.0  # scale 4: the dataset's own images
+  for row in sweep.read_table(tmp_path / "sweep.csv"):
+    images = np.stack([np.asarray(Image.open(tmp_path / row["samples_dir"] / f"{i:05d}.png")) for i in range(12)])
+    acc = A.caption_accuracy(images, A.parse_captions((tmp_path / "prompts.txt").read_text().split("\n")[:12]))
+    assert row["acc_all"] == pytest.approx(acc["all"]) and row["acc_shape"] == pytest.approx(acc["shape"])
+  assert (tmp_path / "sweep.png").is_file() and (tmp_path / "grids" / "scale_1.png").is_file()
+
+
+# --- end to end through the CLI, with a tiny random text2im bundle and a tiny noised CLIP -----
+
+@pytest.fixture(scope="module")
+def tiny_bundles(tmp_path_factory):
+  import jax
+  import jax.numpy as jnp
+  from flax.linen import meta as flax_meta
+
+  from glide_jax import bundle
+  from glide_jax.data import tokenizers
+  from glide_jax.models import registry
+
+  root = tmp_path_factory.mktemp("bundles")
+  captions, _ = sweep.shapes_validation_prompts(300)
+  sp = tokenizers.train_sentencepiece(captions, 48, root / "sp.model")
+  tok = tokenizers.SentencePieceTokenizer(sp, text_ctx=16)
+  options = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+                 attention_resolutions="16", dropout=0.0, text_ctx=16, xf_width=32, xf_layers=1,
+                 xf_heads=2, n_vocab=tok.vocab_size)
+  model = registry.create_model("text2im", options)
+  rng = np.random.default_rng(0)
+
+  def random_params(module, *args, **kwargs):
+    # Shapes by tracing only (compiling a U-Net init costs a minute here), then random values:
+    # fresh init zeroes the output conv, which would make every guidance scale sample the same.
+    shapes = flax_meta.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), *args, **kwargs)["params"])
+
+    def draw(path, s):
+      if jax.tree_util.keystr(path).endswith("'scale']"):
+        return (1 + 0.1 * rng.normal(size=s.shape)).astype(np.float32)
+      fan_in = max(int(np.prod(s.shape[:-1])), 1) if len(s.shape) > 1 else 25
+      return (rng.normal(size=s.shape) / math.sqrt(fan_in)).astype(np.float32)
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+  params = random_params(model, **model.dummy_inputs(1, 32))
+  tok_meta = {"type": "sentencepiece", "text_ctx": 16}
+  base = bundle.save_bundle(root / "base", params, {
+      "model": {"kind": "text2im", "options": options},
+      "diffusion": {"steps": 1000, "noise_schedule": "squaredcos_cap_v2", "timestep_respacing": "4",
+                    "sampler": "ddim"},
+      "tokenizer": tok_meta, "dtype": "float32"}, tokenizer_files={"model": sp})
+  clip_mod = pytest.importorskip("glide_jax.models.clip")
+  clip_options = dict(image_size=16, patch_size=4, n_vocab=tok.vocab_size, max_text_len=16, n_embd=16,
+                      n_head_text=2, n_head_state_text=8, n_xf_blocks_text=1,
+                      n_head_image=2, n_head_state_image=8, n_xf_blocks_image=1)
+  cmodel = clip_mod.create_clip_model(clip_options)
+  cparams = random_params(cmodel, jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,), jnp.int32),
+                          jnp.zeros((1, 16), jnp.int32), jnp.ones((1,), jnp.int32))
+  clip = bundle.save_bundle(root / "clip", cparams, {
+      "model": {"kind": "noised_clip", "options": clip_options}, "tokenizer": tok_meta,
+      "dtype": "float32"}, tokenizer_files={"model": sp})
+  return base, clip
+
+
+def test_sweep_cli_end_to_end(tiny_bundles, tmp_path):
+  from glide_jax import cli
+  from glide_jax.eval import clip_score
+
+  base, clip = tiny_bundles
+  out = tmp_path / "sweep"
+  rc = cli.main(["eval", "sweep", "--bundle", str(base), "--clip-bundle", str(clip), "--scales", "1,4",
+                 "--shapes-validation", "6", "--batch-size", "6", "--out", str(out),
+                 "--tensorboard", str(tmp_path / "tb")])
+  assert rc == 0
+  for name in ("sweep.csv", "sweep.json", "sweep.png", "prompts.txt", "grids/scale_1.png", "scale_4/00005.png"):
+    assert (out / name).is_file(), name
+  assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+  rows = sweep.read_table(out / "sweep.csv")
+  assert [r["guidance_scale"] for r in rows] == [1.0, 4.0] and all(r["n"] == 6 for r in rows)
+  settings = json.loads((out / "sweep.json").read_text())["settings"]
+  assert settings["sampler"] == "ddim" and settings["timestep_respacing"] == "4"
+  prompts = (out / "prompts.txt").read_text().splitlines()
+  expected = A.parse_captions(prompts)
+  bundle_clip = clip_score.load_clip_bundle(clip)
+  pixels = {}
+  for r in rows:
+    images = np.stack([np.asarray(Image.open(out / r["samples_dir"] / f"{i:05d}.png")) for i in range(6)])
+    pixels[r["guidance_scale"]] = images
+    acc = A.caption_accuracy(images, expected)
+    for a in ("all",) + A.ATTRIBUTES:
+      assert r[f"acc_{a}"] == pytest.approx(acc[a])
+    cs = clip_score.clip_score_of_samples(bundle_clip, images, prompts)
+    assert r["clip_score_mean"] == pytest.approx(cs["mean"], abs=1e-3)
+    # The accuracy command reads the same directory to the same numbers.
+    jpath = tmp_path / f"acc_{r['guidance_scale']:g}.json"
+    assert cli.main(["eval", "accuracy", "--images", str(out / r["samples_dir"]), "--prompts",
+                     str(out / "prompts.txt"), "--out", str(jpath)]) == 0
+    assert json.loads(jpath.read_text())["all"] == pytest.approx(acc["all"])
+  assert pixels[1.0].shape == (6, 32, 32, 3)
+  assert not np.array_equal(pixels[1.0], pixels[4.0])  # the scale reached the sampler
+
+
+def test_accuracy_cli_attribute_files(tmp_path):
+  from glide_jax import cli
+  from glide_jax.commands import eval as eval_cmd
+  from glide_jax.data import render
+
+  a = render.sample_attributes(render.SPLIT_SEEDS["validation"], 0, 8)
+  images = render.render(a, 32)
+  sweep.save_images(tmp_path / "imgs", images)
+  with open(tmp_path / "attrs.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(A.ATTRIBUTES)
+    for i in range(8):  # names in some rows, indices in others
+      w.writerow([A.COLOURS[a["colour"][i]] if i % 2 else a["colour"][i], a["shape"][i], a["size"][i],
+                  A.POSITIONS[a["position"][i]]])
+  assert cli.main(["eval", "accuracy", "--images", str(tmp_path / "imgs"), "--attributes",
+                   str(tmp_path / "attrs.csv"), "--out", str(tmp_path / "r.json")]) == 0
+  r = json.loads((tmp_path / "r.json").read_text())
+  assert r["all"] == 1.0 and r["n"] == 8
+  (tmp_path / "bad.json").write_text(json.dumps({"colour": [9], "shape": [0], "size": [0], "position": [0]}))
+  with pytest.raises(ValueError, match="colour=9 out of range"):
+    eval_cmd.read_attributes_file(tmp_path / "bad.json")
+  with pytest.raises(SystemExit, match="8 images"):
+    (tmp_path / "p.txt").write_text("a small red circle on the left\n")
+    cli.main(["eval", "accuracy", "--images", str(tmp_path / "imgs"), "--prompts", str(tmp_path / "p.txt")])
