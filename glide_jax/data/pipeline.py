@@ -305,7 +305,10 @@ class _Spec:
     self.image_key = cfg_get(data_cfg, "image_key", "image")
     self.caption_key = cfg_get(data_cfg, "caption_key", "caption")
     self.random_crop = bool(cfg_get(data_cfg, "random_crop", True)) and train
-    self.low_res_size = int(cfg_get(data_cfg, "low_res_size", 64))
+    # Low-res conditioning whenever data.low_res_size > 0 (upsample, and upsample-inpaint).
+    self.low_res_size = int(cfg_get(data_cfg, "low_res_size", 0))
+    if stage == "upsample" and self.low_res_size <= 0:
+      self.low_res_size = self.image_size // 4
     self.low_res_blur = float(cfg_get(data_cfg, "low_res_blur", 0.0)) if train else 0.0
     self.low_res_noise = float(cfg_get(data_cfg, "low_res_noise", 0.0)) if train else 0.0
     from glide_jax.data import masks
@@ -317,7 +320,9 @@ class _Spec:
                        f"(features: {sorted(features.keys())})")
     self.attributes = [k for k in ATTRIBUTE_KEYS if k in features.keys()]
     self.keep = top | set(self.attributes)
-    if stage == "upsample" and self.low_res_size >= self.image_size:
+    if stage == "inpaint" and self.masks.kind == "none":
+      raise ValueError("the inpaint stage needs data.masks.kind = 'random'")
+    if self.low_res_size and self.low_res_size >= self.image_size:
       raise ValueError(f"data.low_res_size={self.low_res_size} must be below image_size={self.image_size}")
 
 
@@ -352,7 +357,7 @@ def _batch_fn(spec: _Spec):
   def fn(batch):
     batch = dict(batch)
     seeds = batch.pop("_seed")
-    if spec.stage == "upsample":
+    if spec.low_res_size > 0:
       batch["low_res"] = make_low_res(batch["image"], seeds, spec.low_res_size, spec.low_res_blur,
                                       spec.low_res_noise)
     if spec.stage == "inpaint":

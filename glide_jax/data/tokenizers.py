@@ -1,11 +1,12 @@
 """Tokenizers: captions -> (tokens [B, L] int32, mask [B, L] bool, True = real token).
 
-Two kinds, one interface (`encode_batch`, `empty`, `text_ctx`, `vocab_size`, `pad_id`,
+Three kinds, one interface (`encode_batch`, `empty`, `text_ctx`, `vocab_size`, `pad_id`,
 `truncated`, `spec()`):
   - `SentencePieceTokenizer`: a model trained on a dataset's captions (`train_sentencepiece`).
   - `GPT2BPETokenizer`: GLIDE's GPT-2 byte-level BPE, from glide-text2im's `encoder.json` and
     `vocab.bpe` (optionally .gz), run by the `tokenizers` library. Like GLIDE's `bpe.py` it
     lower-cases, adds no start/end token and right-pads with the end token (n_vocab - 1).
+  - `WordTokenizer`: a fixed word list (by default glide_shapes' closed vocabulary), for tiny runs.
 Tokens are right-padded to `text_ctx`; longer captions are truncated and counted in `truncated`.
 The empty caption is all padding with an all-false mask: `empty(n)` is exactly that, the form
 the trainer uses for caption dropout and the sampler for the unconditional branch.
@@ -153,11 +154,62 @@ class GPT2BPETokenizer(Tokenizer):
     return {"type": self.kind, "files": dict(self.files), "text_ctx": self.text_ctx}
 
 
+def shapes_words() -> list[str]:
+  """The closed vocabulary of glide_shapes captions (sorted), for the built-in `words` tokenizer."""
+  from glide_jax.data import render
+
+  words = {"a", ",", ":"}
+  for names in (render.COLOURS, render.SHAPES, render.SIZES, render.WHERE):
+    for name in names:
+      words.update(name.split())
+  return sorted(words)
+
+
+class WordTokenizer(Tokenizer):
+  """Word-level tokens from a fixed list: 0 = pad, 1 = unk, then the words in order.
+
+  Text is lower-cased and split into runs of letters/digits and single other characters. With
+  no vocabulary file it uses the glide_shapes vocabulary (`shapes_words`).
+  """
+
+  kind = "words"
+
+  def __init__(self, vocab_file: str | os.PathLike | None = None, text_ctx: int = DEFAULT_TEXT_CTX):
+    import re
+
+    self.vocab_file = os.fspath(vocab_file) if vocab_file else None
+    if self.vocab_file:
+      words = [w.strip() for w in _read_maybe_gz(self.vocab_file).decode("utf-8").splitlines() if w.strip()]
+    else:
+      words = shapes_words()
+    self.words = ["<pad>", "<unk>"] + [w for w in words if w not in ("<pad>", "<unk>")]
+    self._ids = {w: i for i, w in enumerate(self.words)}
+    self._split = re.compile(r"[^\W_]+|[^\w\s]|_")
+    super().__init__(text_ctx, len(self.words), 0)
+
+  def encode_ids(self, texts: Sequence[str]) -> list[list[int]]:
+    return [[self._ids.get(w, 1) for w in self._split.findall(t.lower())] for t in texts]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    out = ""
+    for i in ids:
+      if int(i) == self.pad_id:
+        continue
+      w = self.words[int(i)] if 0 <= int(i) < len(self.words) else "<unk>"
+      out += w if (not out or not w[0].isalnum()) else " " + w
+    return out
+
+  def spec(self) -> dict[str, Any]:
+    files = {"vocab": self.vocab_file} if self.vocab_file else {}
+    return {"type": self.kind, "files": files, "text_ctx": self.text_ctx}
+
+
 def load_tokenizer(spec: Mapping[str, Any]) -> Tokenizer:
   """Builds a tokenizer from a dict (a bundle's meta['tokenizer'] or the config's data.tokenizer).
 
   {"type": "sentencepiece", "files": {"model": path}, "text_ctx": 128} or
-  {"type": "gpt2_bpe", "files": {"encoder.json": p, "vocab.bpe": p}, "text_ctx": 128};
+  {"type": "gpt2_bpe", "files": {"encoder.json": p, "vocab.bpe": p}, "text_ctx": 128} ("gpt2" too);
+  {"type": "words", "files": {"vocab": p} or {}, "text_ctx": 16} (no file: the shapes words);
   instead of "files", "path" may name the model file (sentencepiece) or a directory holding
   encoder.json(.gz) and vocab.bpe(.gz) (gpt2_bpe).
   """
@@ -171,7 +223,12 @@ def load_tokenizer(spec: Mapping[str, Any]) -> Tokenizer:
     if not model:
       raise ValueError("sentencepiece tokenizer spec needs files.model or path")
     return SentencePieceTokenizer(model, text_ctx)
-  if kind == "gpt2_bpe":
+  if kind == "words":
+    return WordTokenizer(files.get("vocab") or path or None, text_ctx)
+  if kind in ("gpt2_bpe", "gpt2"):
+    if not path and not files:
+      raise ValueError("the gpt2 tokenizer needs glide-text2im's encoder.json and vocab.bpe (or .gz): "
+                       "set data.tokenizer.path to the directory holding them (nothing is downloaded)")
     if path and not files:
       for name in ("encoder.json", "vocab.bpe"):
         for candidate in (name, name + ".gz"):
@@ -181,7 +238,8 @@ def load_tokenizer(spec: Mapping[str, Any]) -> Tokenizer:
     if missing:
       raise ValueError(f"gpt2_bpe tokenizer spec is missing files {missing} (spec: {spec})")
     return GPT2BPETokenizer(files["encoder.json"], files["vocab.bpe"], text_ctx)
-  raise ValueError(f"unknown tokenizer type {kind!r}; expected 'sentencepiece' or 'gpt2_bpe'")
+  raise ValueError(f"unknown tokenizer type {kind!r}; expected 'sentencepiece', 'gpt2_bpe' (or 'gpt2') "
+                   "or 'words'")
 
 
 def train_sentencepiece(captions: Iterable[str], vocab_size: int, out: str | os.PathLike,

@@ -1,0 +1,116 @@
+"""`glide-jax data`: build datasets and train tokenizers.
+
+  glide-jax data prepare --name glide_shapes/size64 [--data-dir D]
+  glide-jax data build --images DIR --out DATA_DIR [--min-size 64 --max-size 512 --val-fraction 0.05]
+  glide-jax data train-tokenizer --dataset glide_shapes/size32 --vocab-size 256 --out tok.model
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+  p = sub.add_parser("prepare", help="Prepare a TFDS dataset (glide_shapes is procedural: no download).")
+  p.add_argument("--name", default="glide_shapes/size32", help="TFDS name, e.g. glide_shapes/size64")
+  p.add_argument("--data-dir", default=None, help="TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+  p.add_argument("--train-examples", type=int, default=None,
+                 help="glide_shapes only: train size (use a data dir of its own for non-default sizes)")
+  p.add_argument("--validation-examples", type=int, default=None, help="glide_shapes only: validation size")
+
+  b = sub.add_parser("build", help="Build the image_folder dataset from a directory of captioned images.")
+  b.add_argument("--images", required=True, help="directory of images with x.txt captions or captions.jsonl/.csv")
+  b.add_argument("--out", required=True, help="TFDS data dir to write (use it as data.data_dir)")
+  b.add_argument("--min-size", type=int, default=64, help="skip images whose short side is smaller")
+  b.add_argument("--max-size", type=int, default=512, help="scale images down to this short side (0: keep)")
+  b.add_argument("--val-fraction", type=float, default=0.05, help="fraction of files (by path hash) for validation")
+  b.add_argument("--format", choices=("png", "jpeg"), default="png", help="how images are stored")
+  b.add_argument("--overwrite", action="store_true", help="rebuild even if --out already holds a dataset")
+
+  t = sub.add_parser("train-tokenizer", help="Train a sentencepiece tokenizer on a dataset's captions.")
+  t.add_argument("--dataset", required=True, help="TFDS name (glide_shapes/size32, image_folder, coco_captions ...)")
+  t.add_argument("--data-dir", default=None)
+  t.add_argument("--split", default="train")
+  t.add_argument("--caption-key", default="caption", help="feature holding captions ('/' for nested: captions/text)")
+  t.add_argument("--vocab-size", type=int, required=True)
+  t.add_argument("--out", required=True, help="the .model file to write")
+  t.add_argument("--max-captions", type=int, default=1_000_000)
+  t.add_argument("--model-type", choices=("unigram", "bpe", "word", "char"), default="unigram")
+
+
+def run(args: argparse.Namespace) -> int:
+  try:
+    if args.action == "prepare":
+      return _prepare(args)
+    if args.action == "build":
+      return _build(args)
+    return _train_tokenizer(args)
+  except (FileNotFoundError, NotADirectoryError, FileExistsError, ValueError, KeyError) as e:
+    print(f"glide-jax data {args.action}: error: {e}", file=sys.stderr)
+    return 2
+
+
+def _prepare(args) -> int:
+  import tensorflow_datasets as tfds
+
+  import glide_jax.data  # noqa: F401  (registers the builders)
+
+  kwargs = {}
+  if args.name.split("/")[0] == "glide_shapes":
+    kwargs = {"train_examples": args.train_examples, "validation_examples": args.validation_examples}
+  elif args.train_examples or args.validation_examples:
+    raise ValueError("--train-examples/--validation-examples apply to glide_shapes only")
+  builder = tfds.builder(args.name, data_dir=args.data_dir, **kwargs)
+  builder.download_and_prepare()
+  print(f"{args.name}: prepared in {builder.data_dir}: "
+        + ", ".join(f"{k} {v.num_examples}" for k, v in builder.info.splits.items()))
+  return 0
+
+
+def _build(args) -> int:
+  from glide_jax.data import image_folder
+
+  report = image_folder.build_image_folder(args.images, args.out, min_size=args.min_size,
+                                           max_size=args.max_size, val_fraction=args.val_fraction,
+                                           image_format=args.format, overwrite=args.overwrite)
+  print(image_folder.format_report(report))
+  print(f"dataset: {report['dataset_dir']}; report: {os.path.join(report['dataset_dir'], image_folder.REPORT_NAME)}")
+  print(f"use it with data.name='image_folder', data.data_dir='{args.out}'")
+  return 0
+
+
+def iter_captions(name: str, data_dir: str | None, split: str, caption_key: str, limit: int):
+  """Caption strings of a TFDS split (images are not decoded)."""
+  import tensorflow_datasets as tfds
+  from tqdm import tqdm
+
+  from glide_jax.data import pipeline
+
+  builder = pipeline.load_builder({"name": name, "data_dir": data_dir})
+  top = caption_key.split("/")[0]
+  if top not in builder.info.features.keys():
+    raise KeyError(f"{name} has no feature {top!r} (features: {sorted(builder.info.features.keys())})")
+  decoders = {k: tfds.decode.SkipDecoding() for k in builder.info.features.keys() if k != top}
+  ds = builder.as_dataset(split=split, decoders=decoders).take(limit)
+  total = min(limit, builder.info.splits[split].num_examples)
+  for ex in tqdm(ds.as_numpy_iterator(), total=total, desc="captions", unit="ex"):
+    value = ex
+    for part in caption_key.split("/"):
+      value = value[part]
+    for c in ([value] if isinstance(value, bytes) else list(value)):
+      yield c.decode("utf-8", "replace")
+
+
+def _train_tokenizer(args) -> int:
+  from glide_jax.data import tokenizers
+
+  captions = list(iter_captions(args.dataset, args.data_dir, args.split, args.caption_key, args.max_captions))
+  path = tokenizers.train_sentencepiece(captions, args.vocab_size, args.out, model_type=args.model_type)
+  tok = tokenizers.SentencePieceTokenizer(path)
+  print(f"trained a {args.model_type} sentencepiece model on {len(captions)} captions: {path} "
+        f"({tok.vocab_size} pieces; pad id {tok.pad_id})")
+  print(f"use it with data.tokenizer = {{'type': 'sentencepiece', 'path': '{path}', 'text_ctx': 128}}")
+  return 0
