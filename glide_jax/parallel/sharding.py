@@ -2,8 +2,9 @@
 
 The rule table (config `rules`) is a sequence of `(logical name, mesh axes)`; `mesh axes` is None,
 one mesh axis name, or a tuple of them. A logical name may appear several times: the rules are
-tried in order, and the first one whose mesh axes are unused in that array and divide the
-dimension wins. If none fits, the dimension is replicated and the fallback is reported.
+tried in order, and the first one whose mesh axes are unused in that array, larger than 1 and
+divide the dimension wins; a rule mapping to None stops the search (replicated). If none fits,
+the dimension is replicated and the fallback is reported.
 """
 from __future__ import annotations
 
@@ -87,8 +88,10 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], rules: Ru
         for a in _axes_tuple(axes):
           if a not in mesh.shape:
             raise ValueError(f"rules: {name!r} -> {axes!r} names mesh axis {a!r}, not in {tuple(mesh.shape)}")
+        if axes is None:
+          break  # an explicit "replicate" rule
         if not axes_t:
-          break  # the rule maps to (size-1 or no) axes: replicated, and that is what it asks
+          continue  # only size-1 mesh axes: they shard nothing, try the next rule for this name
         if used.intersection(axes_t):
           continue
         size = math.prod(mesh.shape[a] for a in axes_t)
