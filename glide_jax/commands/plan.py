@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
   # --- compile as given, then alternatives --------------------------------------------------------
   tried: list[tuple[object, object]] = []
+  failures: list[str] = []
   header = f"{'candidate':38s} {'mesh r,d,f,t':>13s} {'remat':>6s} {'micro':>5s} {'per-chip memory':>26s} {'fits':>4s} {'compile':>8s}"
   print("\n" + header)
 
@@ -96,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
       res, _ = plan_lib.compile_train_step(cfg, devices, label, extra)
     except plan_lib.PlanError as e:
       print(f"{label:38s} skipped: {e}")
+      return None
+    except Exception as e:  # noqa: BLE001 - report the compiler's refusal, try the next setting
+      print(f"{label:38s} compile failed: {type(e).__name__}: {str(e).strip()[:600]}", flush=True)
+      failures.append(f"{label}: {type(e).__name__}: {str(e).strip()[:600]}")
       return None
     res.fits = bool(res.per_device_bytes and not res.error and res.per_device_bytes <= device_hbm)
     mem = f"{_gib(res.per_device_bytes * per_chip)} / {_gib(chip.hbm_bytes)}"
@@ -120,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
       attempt(label, extra)
   if not tried:
     print("glide-jax plan: nothing could be compiled", file=sys.stderr)
+    print(json.dumps({"fits": False, "topology": args.topology, "per_chip_bytes": 0,
+                      "hbm_bytes": int(chip.hbm_bytes), "flops_per_step": 0.0,
+                      "model_flops_per_step": model_flops, "errors": failures}, sort_keys=True))
     return 2
   cfg, res = chosen if chosen is not None else tried[0]
 
