@@ -190,13 +190,16 @@ def reference_first_loss(config, mesh_1):
 
 
 MESHES = {"1x8": (1, 8), "2x4": (2, 4), "8x1": (8, 1)}
-CASES = [("base", "1x8"), ("base", "2x4"), ("base", "8x1"), ("upsample", "2x4"), ("inpaint", "8x1"), ("clip", "1x8")]
+CASES = [("base", "1x8"), ("base-lsm", "2x4"), ("base", "8x1"), ("upsample", "2x4"), ("inpaint", "8x1"), ("clip", "1x8")]
 
 
 @pytest.mark.parametrize("stage,mesh_name", CASES)
 def test_stage_trains_on_mesh_with_the_single_device_first_loss(stage, mesh_name, tmp_path):
   data, fsdp = MESHES[mesh_name]
-  config = ts.tiny_config(stage, "--config.total_steps=2", *ts.mesh_overrides(data, fsdp))
+  extra = []
+  if stage == "base-lsm":  # the loss-second-moment sampler (the program test_checkpoint.py also compiles)
+    stage, extra = "base", ["--config.diffusion.schedule_sampler=loss-second-moment"]
+  config = ts.tiny_config(stage, "--config.total_steps=2", *ts.mesh_overrides(data, fsdp), *extra)
   result = train.train(config, str(tmp_path), data_iterator=ts.SyntheticIterator(config),
                        tokenizer=ts.tokenizer(config), progress=False, compiler_options=ts.FAST)
   assert len(result["losses"]) == 2 and all(np.isfinite(result["losses"]))
@@ -204,3 +207,30 @@ def test_stage_trains_on_mesh_with_the_single_device_first_loss(stage, mesh_name
   assert leaf.sharding.mesh.shape["data"] == data and leaf.sharding.mesh.shape["fsdp"] == fsdp
   ref = reference_first_loss(config, None)
   assert abs(result["losses"][0] - ref) / abs(ref) < 1e-5, (result["losses"][0], ref)
+
+
+def make_small_shapes(data_dir):
+  """A 512-example glide_shapes/size32 in its own data_dir (the registered one is 60k examples)."""
+  from glide_jax.data.shapes import GlideShapes
+  GlideShapes(config="size32", train_examples=512, validation_examples=64,
+              data_dir=str(data_dir)).download_and_prepare()
+
+
+def test_tiny_base_loss_falls_on_glide_shapes(tmp_path):
+  make_small_shapes(tmp_path / "tfds")
+  # the real pipeline and the words tokenizer; images resized 32 -> 8 px for the tiny U-Net
+  config = ts.tiny_config("base", "--config.total_steps=40", "--config.log.every=10", "--config.checkpoint.every=40",
+                          "--config.optimizer.warmup_steps=5", f"--config.data.data_dir={tmp_path / 'tfds'}",
+                          "--config.log.sample_every=40", "--config.sampling.steps=3", "--config.log.tensorboard=true",
+                          *ts.mesh_overrides(1, 8))
+  result = train.train(config, str(tmp_path / "wd"), progress=False, compiler_options=ts.FAST)
+  losses = np.asarray(result["losses"])
+  assert np.all(np.isfinite(losses))
+  assert losses[-10:].mean() < 0.6 * losses[:5].mean(), losses
+  log = (tmp_path / "wd" / "train.log").read_text()
+  assert "caption_dropout_rate=" in log and "images_per_s=" in log and "loss_q0=" in log
+  from PIL import Image
+  for name in ("ema", "raw"):  # the sample grids of the fixed prompts, EMA and raw
+    grid = np.asarray(Image.open(tmp_path / "wd" / "samples" / f"{name}_00000040.png"))
+    assert grid.ndim == 3 and grid.shape[-1] == 3 and grid.std() > 0
+  assert list((tmp_path / "wd" / "tensorboard").glob("events.*"))

@@ -111,7 +111,10 @@ def mesh_overrides(data: int, fsdp: int) -> list[str]:
 
 def session_cache(tmp_path_factory) -> str:
   """One XLA cache per pytest session (worker), shared by the training test modules."""
-  path = tmp_path_factory.getbasetemp() / "glide_jax_xla_cache"
-  path.mkdir(exist_ok=True)
+  base = tmp_path_factory.getbasetemp()
+  if base.name.startswith("popen-gw"):  # pytest-xdist: share one cache between the workers
+    base = base.parent
+  path = base / "glide_jax_xla_cache"
+  path.mkdir(parents=True, exist_ok=True)
   enable_compilation_cache(str(path))
   return str(path)

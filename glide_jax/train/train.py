@@ -216,6 +216,8 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
   step = int(state.step)
   total = int(config.total_steps)
   log_every = max(1, int(config.log.every))
+  sample_every = int(config.log.sample_every or 0)
+  sample_low_res = np.asarray(host_batch["low_res"]) if "low_res" in host_batch else None
   losses: list[Any] = []
   pending: list[dict] = []
   stopped = False
@@ -253,6 +255,9 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
         writer.progress(step, summary.get("loss", float("nan")), images_s)
         t_last, wait_acc, steps_since = time.perf_counter(), 0.0, 0
 
+      if sample_every and (step % sample_every == 0 or step == total):
+        write_sample_grids(config, stage, tokenizer, state, step, workdir, writer, sample_low_res)
+
       stop_now = multihost.agree_on_flag(stop.requested or _preemption_notice(step))
       if ckpt.should_save(step) or step == total or stop_now:
         ckpt.save(step, state, step_rng, data_iterator.get_state(), config, force=True)
@@ -268,6 +273,49 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
     writer.close()
   return {"state": state, "losses": [float(x) for x in jax.device_get(losses)], "stopped": stopped,
           "step": step}
+
+
+def write_sample_grids(config: Any, stage: stages.Stage, tokenizer: Any, state: state_lib.TrainState, step: int,
+                       workdir: str, writer: MetricWriter, low_res: np.ndarray | None = None) -> None:
+  """Samples `log.sample_prompts` from a fixed seed with the EMA (first rate) and raw parameters;
+  writes `WORKDIR/samples/{ema,raw}_<step>.png` and TensorBoard images. Runs on every process
+  (the sampler is SPMD over the gathered params); only process 0 writes."""
+  if stage.name == "clip" or tokenizer is None or not config.log.sample_prompts:
+    return
+  from glide_jax import images
+  from glide_jax.diffusion.pipeline import SamplerModel, generate
+
+  prompts = list(config.log.sample_prompts)
+  settings = {"steps": int(config.diffusion.steps), "noise_schedule": config.diffusion.noise_schedule,
+              "timestep_respacing": str(config.sampling.steps), "sampler": config.sampling.sampler,
+              "guidance_scale": float(config.sampling.guidance_scale)}
+  ema_key = state_lib.ema_key(float(config.ema.rates[0])) if len(config.ema.rates) else None
+  trees = {"raw": state.params}
+  if ema_key is not None:
+    trees = {"ema": state.ema[ema_key], "raw": state.params}
+  extra = {}
+  if stage.kind in ("upsample", "upsample_inpaint"):
+    if low_res is None:
+      return
+    reps = -(-len(prompts) // low_res.shape[0])
+    extra["low_res"] = np.concatenate([low_res] * reps)[:len(prompts)]
+  for name, tree in trees.items():
+    params = _host_params(tree)
+    sm = SamplerModel(kind=stage.kind, model=stage.model, params=params, meta={}, tokenizer=tokenizer,
+                      image_size=stage.image_size, diffusion_settings=settings)
+    samples = generate(sm, prompts, jax.random.key(int(config.log.sample_seed)), **extra)
+    if multihost.is_main():
+      grid = images.make_grid(images.to_uint8(np.asarray(samples)))
+      images.save_png(os.path.join(workdir, "samples", f"{name}_{step:08d}.png"), grid)
+      writer.image(step, f"samples/{name}", grid)
+  writer.text(f"step {step}: wrote sample grids of {len(prompts)} prompts to {workdir}/samples")
+
+
+def _host_params(tree: Any) -> Any:
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def _preemption_notice(step: int) -> bool:

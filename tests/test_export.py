@@ -1,0 +1,76 @@
+"""`glide-jax export`: workdir -> bundle (EMA by default, bf16, tokenizer), loadable by the sampler,
+and the jax.export-serialized sampler equals the in-process one."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import train_support as ts
+from glide_jax import bundle, cli
+from glide_jax.commands import export as export_cmd
+from glide_jax.train import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  ts.session_cache(tmp_path_factory)
+  workdir = tmp_path_factory.mktemp("wd")
+  config = ts.tiny_config("base", "--config.total_steps=2", "--config.sampling.steps=3", *ts.mesh_overrides(1, 8))
+  result = train.train(config, str(workdir), data_iterator=ts.SyntheticIterator(config),
+                       tokenizer=ts.tokenizer(config), progress=False, compiler_options=ts.FAST)
+  return workdir, config, result
+
+
+def test_export_writes_ema_params_and_the_sampler_loads_them(trained, tmp_path):
+  workdir, config, result = trained
+  out = tmp_path / "bundle"
+  assert cli.main(["export", "--workdir", str(workdir), "--out", str(out)]) == 0
+  params, meta = bundle.load_bundle(out)
+  ema = jax.device_get(result["state"].ema[repr(float(config.ema.rates[0]))])
+  raw = jax.device_get(result["state"].params)
+  for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(ema), jax.tree.leaves(raw)):
+    got = params
+    for k in p:
+      got = got[k.key]
+    np.testing.assert_array_equal(got, a)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(raw)))
+  assert meta["model"]["kind"] == "text2im" and meta["model"]["options"]["image_size"] == 8
+  assert meta["tokenizer"]["type"] == "words" and meta["source"]["params"] == "ema"
+  from glide_jax.diffusion.pipeline import load_sampler_model
+  sm = load_sampler_model(out)
+  assert sm.image_size == 8 and sm.tokenizer.text_ctx == 8
+
+  assert cli.main(["export", "--workdir", str(workdir), "--out", str(tmp_path / "b16"), "--params", "raw",
+                   "--bf16"]) == 0
+  p16, m16 = bundle.load_bundle(tmp_path / "b16")
+  assert m16["dtype"] == "bfloat16"
+  k = raw["out_2"]["kernel"] if "out_2" in raw else jax.tree.leaves(raw)[0]
+  leaf16 = p16["out_2"]["kernel"] if "out_2" in p16 else None
+  if leaf16 is not None:
+    assert str(leaf16.dtype) == "bfloat16"
+    np.testing.assert_allclose(leaf16.astype(np.float32), k, rtol=1e-2, atol=1e-3)
+  assert cli.main(["export", "--workdir", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_serialized_sampler_equals_the_in_process_one(trained, tmp_path):
+  workdir, config, _ = trained
+  path = export_cmd.export(str(workdir), str(tmp_path / "s"), serialize=True, serialize_batch=2)
+  blob = (path / "sampler.jax_exported").read_bytes()
+  spec = json.loads((path / "sampler.json").read_text())
+  assert spec["batch"] == 2
+  params, _ = bundle.load_bundle(path)
+  exported = jax.export.deserialize(bytearray(blob))
+  tok = ts.tokenizer(config)
+  tokens = np.tile(np.arange(1, 9, dtype=np.int32), (2, 1))
+  mask = np.ones((2, 8), bool)
+  ut, um = tok.empty(2)
+  key = jax.random.key_data(jax.random.key(7))
+  served = exported.call(params, tokens, mask, ut, um, key, jnp.float32(3.0))
+  fn, size = export_cmd.sampling_function(config)
+  direct = jax.jit(fn)(params, tokens, mask, ut, um, jax.random.key(7), jnp.float32(3.0))
+  assert served.shape == (2, size, size, 3)
+  np.testing.assert_allclose(np.asarray(served), np.asarray(direct), rtol=1e-5, atol=1e-5)
