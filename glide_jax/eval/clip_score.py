@@ -7,6 +7,7 @@ public CLIP); numbers from a noised CLIP trained on glide_shapes are comparable 
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -56,6 +57,14 @@ def _resize_to(images: np.ndarray, size: int) -> np.ndarray:
   return x
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_jit(model, variables, x, tokens, text_len):
+  # The module is static (hashable), params are traced: one compilation per model and batch shape.
+  t = jnp.zeros((x.shape[0],), jnp.int32)  # t = 0: the images are clean samples
+  return (model.apply(variables, x, t, method="encode_image"),
+          model.apply(variables, tokens, text_len, method="encode_text"))
+
+
 def encode(clip: ClipBundle, images: np.ndarray, captions: Sequence[str], batch_size: int = 64
            ) -> tuple[np.ndarray, np.ndarray]:
   """-> (z_image [N, D], z_text [N, D]) float64, unnormalised, images encoded at t = 0.
@@ -70,12 +79,6 @@ def encode(clip: ClipBundle, images: np.ndarray, captions: Sequence[str], batch_
   model, tok = clip.model, clip.tokenizer
   variables = {"params": clip.params["params"] if "params" in clip.params else clip.params}
   max_len = int(model.max_text_len)
-
-  @jax.jit
-  def enc(x, tokens, text_len):
-    t = jnp.zeros((x.shape[0],), jnp.int32)  # t = 0: the images are clean samples
-    return (model.apply(variables, x, t, method="encode_image"),
-            model.apply(variables, tokens, text_len, method="encode_text"))
 
   zi, zt = [], []
   for lo in range(0, len(images), batch_size):
@@ -93,7 +96,8 @@ def encode(clip: ClipBundle, images: np.ndarray, captions: Sequence[str], batch_
       x = np.concatenate([x, np.repeat(x[-1:], pad, 0)])
       tokens = np.concatenate([tokens, np.repeat(tokens[-1:], pad, 0)])
       text_len = np.concatenate([text_len, np.repeat(text_len[-1:], pad, 0)])
-    a, b = enc(jnp.asarray(x), jnp.asarray(tokens, jnp.int32), jnp.asarray(text_len))
+    a, b = _encode_jit(model, variables, jnp.asarray(x), jnp.asarray(tokens, jnp.int32),
+                       jnp.asarray(text_len))
     zi.append(np.asarray(a, np.float64)[:n])
     zt.append(np.asarray(b, np.float64)[:n])
   return np.concatenate(zi), np.concatenate(zt)
