@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 DEFAULT_TEXT_CTX = 128
+UNK_ID = 1  # of sentencepiece models trained here (pad 0, unk 1)
 
 
 class Tokenizer:
@@ -257,7 +258,7 @@ def train_sentencepiece(captions: Iterable[str], vocab_size: int, out: str | os.
   buf = io.BytesIO()
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(captions), model_writer=buf, vocab_size=int(vocab_size),
-      model_type=model_type, character_coverage=character_coverage, pad_id=0, unk_id=1,
+      model_type=model_type, character_coverage=character_coverage, pad_id=0, unk_id=UNK_ID,
       bos_id=-1, eos_id=-1, hard_vocab_limit=False, input_sentence_size=2_000_000,
       shuffle_input_sentence=True, minloglevel=2)
   out = os.fspath(out)
