@@ -1,0 +1,257 @@
+"""Prompt -> samples: load bundles, encode prompts once, run a compiled sampler, and the cascades.
+
+  base = load_sampler_model("bundles/base")
+  images = generate(base, ["a red circle"], jax.random.key(0), guidance_scale=3.0)   # [1, 64, 64, 3]
+  up = load_sampler_model("bundles/upsample")
+  big = generate(up, ["a red circle"], key, low_res=images)                          # [1, 256, 256, 3]
+
+Each (model, sampler, steps, shape, options) compiles once: parameters and conditioning are traced
+arguments of one `jit` around one `lax.scan`; the text transformer runs once per batch, before it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glide_jax.diffusion import guidance, samplers, schedules
+
+UNET_KINDS = ("text2im", "upsample", "inpaint", "upsample_inpaint")
+_SAMPLER_ALIASES = {"ddpm": "ancestral", "p_sample": "ancestral", "dpm-solver++": "dpm++", "dpmpp": "dpm++"}
+
+
+def canonical_sampler(name: str) -> str:
+  name = _SAMPLER_ALIASES.get(name, name)
+  if name not in samplers.SAMPLERS:
+    raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(samplers.SAMPLERS)}")
+  return name
+
+
+def resolve_bundle_dir(path: str | os.PathLike) -> pathlib.Path:
+  """A bundle directory, or a training workdir holding one under WORKDIR/bundle (written by export)."""
+  path = pathlib.Path(path)
+  if (path / "meta.json").is_file():
+    return path
+  if (path / "bundle" / "meta.json").is_file():
+    return path / "bundle"
+  raise FileNotFoundError(
+      f"{path} is neither a glide-jax bundle (no meta.json) nor a workdir with an exported bundle "
+      f"({path / 'bundle'}); run `glide-jax export` on the workdir first")
+
+
+@dataclasses.dataclass
+class SamplerModel:
+  """A loaded bundle, ready to sample."""
+  kind: str
+  model: Any                 # the Flax module
+  params: Any                # unboxed parameter tree (device arrays)
+  meta: dict
+  tokenizer: Any             # has encode_batch / empty, or None
+  image_size: int
+  diffusion_settings: dict   # steps, noise_schedule, timestep_respacing, sampler, guidance_scale, upsample_temp
+  options: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def is_upsampler(self) -> bool:
+    return self.kind in ("upsample", "upsample_inpaint")
+
+  @property
+  def is_inpaint(self) -> bool:
+    return self.kind in ("inpaint", "upsample_inpaint")
+
+
+def load_sampler_model(path: str | os.PathLike, tokenizer: Any = None, dtype: Any = jnp.float32) -> SamplerModel:
+  """Loads a bundle (or WORKDIR/bundle). `tokenizer` overrides the bundle's (e.g. a GPT-2 BPE directory
+  for an imported glide-text2im bundle, whose meta names no files): a tokenizer object, or a path."""
+  from glide_jax import bundle
+  from glide_jax.models import registry
+
+  path = resolve_bundle_dir(path)
+  params, meta = bundle.load_bundle(path)
+  kind = registry.canonical_kind(meta["model"]["kind"])
+  if kind not in UNET_KINDS:
+    raise ValueError(f"{path}: bundle holds a {kind!r} model; `sample` needs one of {UNET_KINDS}")
+  options = dict(meta["model"].get("options") or {})
+  model = registry.create_model(kind, options, dtype=dtype)
+  if "params" in params and len(params) == 1:
+    params = params["params"]
+  params = jax.tree_util.tree_map(jnp.asarray, params)
+  tok = _load_tokenizer(meta, tokenizer, path)
+  settings = dict(meta.get("diffusion") or {})
+  settings.setdefault("steps", 1000)
+  settings.setdefault("noise_schedule", "linear" if kind in ("upsample", "upsample_inpaint") else "squaredcos_cap_v2")
+  return SamplerModel(kind=kind, model=model, params=params, meta=meta, tokenizer=tok,
+                      image_size=registry.image_size_of(kind, options), diffusion_settings=settings,
+                      options=options)
+
+
+def _load_tokenizer(meta: dict, override: Any, path: pathlib.Path):
+  from glide_jax.data import tokenizers
+
+  if override is not None and not isinstance(override, (str, os.PathLike)):
+    return override
+  spec = dict(meta.get("tokenizer") or {})
+  if override is not None:
+    spec["path"] = str(override)
+    spec.pop("files", None)
+  text_ctx = int((meta["model"].get("options") or {}).get("text_ctx", 128))
+  spec.setdefault("text_ctx", text_ctx)
+  if not spec.get("type"):
+    raise ValueError(f"{path}/meta.json names no tokenizer; pass one (--tokenizer)")
+  try:
+    return tokenizers.load_tokenizer(spec)
+  except (ValueError, OSError) as e:
+    raise ValueError(f"{path}: cannot build the bundle's tokenizer ({e}); pass --tokenizer") from e
+
+
+def make_diffusion(sm: SamplerModel, respacing: str | int | None = None) -> schedules.Diffusion:
+  s = sm.diffusion_settings
+  respacing = s.get("timestep_respacing", "") if respacing is None else str(respacing)
+  return schedules.create_diffusion(int(s["steps"]), s["noise_schedule"], respacing)
+
+
+# Compiled samplers, shared by every SamplerModel of the same architecture (so loading a bundle twice,
+# e.g. one run per prompt file, compiles once). The progress callback is looked up at run time.
+_COMPILED: dict[tuple, Callable] = {}
+_PROGRESS: list[Callable | None] = [None]
+
+
+def _report_progress(done):
+  if _PROGRESS[0] is not None:
+    _PROGRESS[0](done)
+
+
+def _compiled_sampler(sm: SamplerModel, diffusion: schedules.Diffusion, shape: tuple[int, ...], *, sampler: str,
+                      cfg: bool, low_res: bool, inpaint: bool, clip: Any, threshold: Any,
+                      progress: bool) -> Callable:
+  key = (sm.kind, json.dumps(sm.options, sort_keys=True, default=str), str(sm.model.dtype),
+         diffusion.noise_schedule, diffusion.timestep_respacing, diffusion.original_num_steps, shape, sampler,
+         cfg, low_res, inpaint, None if clip is None else id(clip[0]), threshold, progress)
+  if key in _COMPILED:
+    return _COMPILED[key]
+  model = sm.model
+  progress_fn = _report_progress if progress else None
+
+  def run(params, tokens, mask, u_tokens, u_mask, low_res_img, inpaint_image, inpaint_mask, rng,
+          guidance_scale, temperature, eta, clip_params, clip_z_text, clip_scale):
+    variables = {"params": params}
+    text = model.apply(variables, tokens, mask, method="encode_text")
+    extra = {}
+    if low_res:
+      extra["low_res"] = low_res_img
+    if inpaint and sm.is_inpaint:
+      extra["inpaint_image"] = inpaint_image * inpaint_mask
+      extra["inpaint_mask"] = inpaint_mask
+
+    def apply_fn(x, t, cond):
+      text_cond, kw = cond
+      return model.apply(variables, x, t, text_cond=text_cond, **kw).astype(x.dtype)
+
+    if cfg:
+      u_text = model.apply(variables, u_tokens, u_mask, method="encode_text")
+      model_fn = guidance.cfg_model_fn(apply_fn, (text, extra), (u_text, extra), guidance_scale)
+    else:
+      model_fn = lambda x, t: apply_fn(x, t, (text, extra))  # noqa: E731
+    denoised_fn = guidance.inpaint_denoised_fn(inpaint_image, inpaint_mask) if inpaint else None
+    cond_fn = None
+    if clip is not None:
+      cond_fn = guidance.clip_cond_fn(clip[0], clip_params, clip_z_text, clip_scale)
+    return samplers.sample_loop(model_fn, diffusion, shape, rng, sampler=sampler, denoised_fn=denoised_fn,
+                                cond_fn=cond_fn, temperature=temperature, threshold=threshold, eta=eta,
+                                progress=progress_fn)
+
+  fn = jax.jit(run)
+  _COMPILED[key] = fn
+  return fn
+
+
+def generate(sm: SamplerModel, prompts: Sequence[str], key: jax.Array, *, guidance_scale: float | None = None,
+             sampler: str | None = None, respacing: str | int | None = None, low_res: np.ndarray | None = None,
+             inpaint_image: np.ndarray | None = None, inpaint_mask: np.ndarray | None = None,
+             temperature: float | None = None, threshold: Any = None, eta: float = 0.0, clip_model: Any = None,
+             clip_guidance_scale: float = 0.0, progress: Callable | None = None) -> np.ndarray:
+  """Samples one image per prompt: [B, S, S, 3] float32 in [-1, 1], S = the model's image size.
+
+  guidance_scale: classifier-free guidance (None = the bundle's default, 1 or 0 = no CFG; the
+  upsampler runs without it, as GLIDE). low_res: [B, s, s, 3] for upsamplers (rounded to 8 bits
+  here). inpaint_image [B, S, S, 3] with inpaint_mask [B, S, S, 1] (1 = known). clip_model:
+  (module, params, z_text [B, D]) for CLIP guidance at `clip_guidance_scale` (no CFG then, as GLIDE).
+  """
+  settings = sm.diffusion_settings
+  sampler = canonical_sampler(sampler or settings.get("sampler", "ancestral"))
+  if guidance_scale is None:
+    guidance_scale = 1.0 if sm.is_upsampler else float(settings.get("guidance_scale", 3.0))
+  if temperature is None:
+    temperature = float(settings.get("upsample_temp", guidance.UPSAMPLE_TEMPERATURE)) if sm.is_upsampler else 1.0
+  use_clip = clip_model is not None and clip_guidance_scale != 0
+  cfg = guidance_scale not in (0.0, 1.0) and not use_clip
+  if sm.tokenizer is None:
+    raise ValueError("this model has no tokenizer; load it with one")
+  b, s = len(prompts), sm.image_size
+  tokens, mask = sm.tokenizer.encode_batch(list(prompts))
+  u_tokens, u_mask = sm.tokenizer.empty(b)
+  if sm.is_upsampler:
+    if low_res is None:
+      raise ValueError(f"the {sm.kind} model needs low_res images")
+    low_res = np.asarray(guidance.round_to_uint8(jnp.asarray(low_res, jnp.float32)))
+    if low_res.shape[0] != b:
+      raise ValueError(f"low_res has {low_res.shape[0]} images for {b} prompts")
+  elif low_res is not None:
+    raise ValueError(f"the {sm.kind} model takes no low_res input")
+  inpaint = inpaint_image is not None
+  if inpaint:
+    if inpaint_mask is None:
+      raise ValueError("inpainting needs both an image and a mask")
+    inpaint_image = np.broadcast_to(np.asarray(inpaint_image, np.float32), (b, s, s, 3))
+    inpaint_mask = np.broadcast_to(np.asarray(inpaint_mask, np.float32), (b, s, s, 1))
+    guidance.check_inpaint_mask(inpaint_mask)
+  zeros_img = np.zeros((b, s, s, 3), np.float32)
+  clip_params = clip_z = None
+  if use_clip:
+    clip_params, clip_z = clip_model[1], clip_model[2]
+  diffusion = make_diffusion(sm, respacing)
+  if isinstance(threshold, list):
+    threshold = tuple(threshold)
+  fn = _compiled_sampler(sm, diffusion, (b, s, s, 3), sampler=sampler, cfg=cfg, low_res=sm.is_upsampler,
+                         inpaint=inpaint, clip=clip_model if use_clip else None, threshold=threshold,
+                         progress=progress is not None)
+  _PROGRESS[0] = progress
+  out = fn(sm.params, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(u_tokens), jnp.asarray(u_mask),
+           low_res if low_res is not None else jnp.zeros((b, 1, 1, 3)),
+           inpaint_image if inpaint else zeros_img, inpaint_mask if inpaint else zeros_img[..., :1],
+           key, jnp.float32(guidance_scale), jnp.float32(temperature), jnp.float32(eta), clip_params, clip_z,
+           jnp.float32(clip_guidance_scale))
+  out = np.asarray(out)
+  _PROGRESS[0] = None
+  return out
+
+
+def cascade(base: SamplerModel, prompts: Sequence[str], key: jax.Array, upsampler: SamplerModel | None = None,
+            *, base_kwargs: dict | None = None, upsample_kwargs: dict | None = None,
+            inpaint_image: np.ndarray | None = None, inpaint_mask: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+  """prompt -> base sample (64 px) -> upsampled sample (256 px); with an image and mask (1 = known),
+  the inpainting cascade (the mask is nearest-upsampled for the upsampler, as GLIDE's notebook).
+  Returns (base samples, upsampled samples or None)."""
+  from glide_jax import images
+
+  k_base, k_up = jax.random.split(key)
+  kw = dict(base_kwargs or {})
+  if inpaint_image is not None:
+    kw.update(inpaint_image=images.resize_images(inpaint_image, base.image_size),
+              inpaint_mask=images.resize_mask_nearest(inpaint_mask, base.image_size))
+  small = generate(base, prompts, k_base, **kw)
+  if upsampler is None:
+    return small, None
+  ukw = dict(upsample_kwargs or {})
+  if inpaint_image is not None:
+    ukw.update(inpaint_image=images.resize_images(inpaint_image, upsampler.image_size),
+               inpaint_mask=images.resize_mask_nearest(inpaint_mask, upsampler.image_size))
+  big = generate(upsampler, prompts, k_up, low_res=small, **ukw)
+  return small, big

@@ -1,0 +1,152 @@
+"""`glide-jax sample` end to end on tiny random-weight bundles with a sentencepiece tokenizer made here."""
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from glide_jax import bundle, cli, images
+from glide_jax.data import tokenizers
+from glide_jax.diffusion import pipeline
+from glide_jax.models import registry
+
+TINY = dict(num_channels=32, channel_mult="1,2", attention_resolutions="4", num_res_blocks=1, xf_width=32,
+            xf_layers=1, xf_heads=2, text_ctx=8, num_head_channels=16, dropout=0.0)
+CAPTIONS = ["a red circle", "a blue square", "a small green triangle", "a big yellow circle on the left",
+            "two red squares", "a purple star at the top"] * 5
+NO_BAR = lambda done: None  # noqa: E731  (the CLI always compiles the progress callback; share its programs)
+
+
+def _random_params(kind: str, options: dict, seed: int):
+  """Random weights of the right shapes without compiling an init (the reference zero-initialises
+  output layers; random ones make the samples depend on every weight)."""
+  shapes = registry.param_shapes(kind, options)
+  leaves, tree = jax.tree_util.tree_flatten_with_path(shapes)
+  rng = np.random.default_rng(seed)
+  out = []
+  for path, s in leaves:
+    name = jax.tree_util.keystr(path)
+    fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
+    value = rng.normal(size=s.shape) / np.sqrt(fan_in) if len(s.shape) > 1 else 0.05 * rng.normal(size=s.shape)
+    if "scale" in name:
+      value = 1.0 + value
+    out.append(value.astype(np.float32))
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), out)
+
+
+def _make_bundle(root: pathlib.Path, name: str, kind: str, image_size: int, sp_model: str, diffusion: dict):
+  options = dict(TINY, image_size=image_size, n_vocab=64)
+  meta = dict(model={"kind": kind, "options": options}, diffusion=diffusion,
+              tokenizer={"type": "sentencepiece", "text_ctx": 8}, dtype="float32")
+  return bundle.save_bundle(root / name, _random_params(kind, options, len(name)), meta,
+                            tokenizer_files={"model": sp_model})
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+  root = tmp_path_factory.mktemp("bundles")
+  sp = tokenizers.train_sentencepiece(CAPTIONS, 40, root / "sp.model")
+  base = _make_bundle(root, "base", "text2im", 8, sp, dict(steps=1000, noise_schedule="squaredcos_cap_v2",
+                                                            timestep_respacing="100", sampler="ddpm", guidance_scale=3.0))
+  up = _make_bundle(root, "upsample", "upsample", 16, sp, dict(steps=1000, noise_schedule="linear",
+                                                               timestep_respacing="fast27", sampler="ddim",
+                                                               upsample_temp=0.997))
+  inpaint = _make_bundle(root, "inpaint", "inpaint", 8, sp, dict(steps=1000, noise_schedule="squaredcos_cap_v2",
+                                                                 timestep_respacing="100", sampler="ddpm"))
+  # a training workdir whose exported bundle is WORKDIR/bundle
+  work = root / "work"
+  (work / "checkpoints").mkdir(parents=True)
+  bundle.save_bundle(work / "bundle", *bundle.load_bundle(base)[:1], meta=_meta_of(base),
+                     tokenizer_files={"model": sp})
+  return dict(base=base, up=up, inpaint=inpaint, work=work, sp=sp)
+
+
+def _meta_of(path):
+  meta = json.loads((pathlib.Path(path) / "meta.json").read_text())
+  meta.pop("format"), meta.pop("version")
+  meta["tokenizer"].pop("files")
+  return meta
+
+
+def _read(out, n):
+  return [np.asarray(Image.open(out / f"{i:06d}.png")) for i in range(n)]
+
+
+def test_sample_writes_pngs_in_prompt_order_and_is_reproducible(bundles, tmp_path):
+  prompt_file = tmp_path / "prompts.txt"
+  prompt_file.write_text("a blue square\n\na small green triangle\nTwo red squares\n")
+  common = ["--prompt", "a red circle", "--prompt-file", str(prompt_file), "--steps", "4",
+            "--batch-size", "2", "--seed", "7", "--guidance-scale", "3"]
+  assert cli.main(["sample", "--bundle", str(bundles["base"]), "--out", str(tmp_path / "a"), *common]) == 0
+  # --workdir resolves WORKDIR/bundle (the same weights): identical images for the same seed
+  assert cli.main(["sample", "--workdir", str(bundles["work"]), "--out", str(tmp_path / "b"), *common,
+                   "--no-progress"]) == 0
+  a, b = _read(tmp_path / "a", 4), _read(tmp_path / "b", 4)
+  for x, y in zip(a, b):
+    assert x.shape == (8, 8, 3) and x.dtype == np.uint8
+    np.testing.assert_array_equal(x, y)
+  assert not np.array_equal(a[0], a[1])
+  assert (tmp_path / "a" / "grid.png").is_file() and not (tmp_path / "a" / "000004.png").exists()
+  order = json.loads((tmp_path / "a" / "prompts.json").read_text())
+  assert order == {"000000.png": "a red circle", "000001.png": "a blue square", "000002.png": "a small green triangle",
+                   "000003.png": "Two red squares"}
+
+  # the command's images are the pipeline's: batch i uses fold_in(PRNGKey(seed), i)
+  sm = pipeline.load_sampler_model(bundles["base"])
+  second, _ = pipeline.cascade(sm, ["a small green triangle", "Two red squares"],
+                               jax.random.fold_in(jax.random.PRNGKey(7), 1),
+                               base_kwargs=dict(guidance_scale=3.0, respacing="4", progress=NO_BAR))
+  np.testing.assert_array_equal(images.to_uint8(second), np.stack(a[2:]))
+
+
+def test_cfg_scale_one_equals_the_conditional_model(bundles):
+  sm = pipeline.load_sampler_model(bundles["base"])
+  key = jax.random.PRNGKey(3)
+  prompts = ["a red circle", "a blue square"]
+  plain = pipeline.generate(sm, prompts, key, guidance_scale=1.0, respacing="4", progress=NO_BAR)
+  # the CFG path (doubled batch) at scale 1 + 1e-7 must agree with the plain conditional path
+  guided = pipeline.generate(sm, prompts, key, guidance_scale=1.0 + 1e-7, respacing="4", progress=NO_BAR)
+  np.testing.assert_allclose(guided, plain, atol=1e-4)
+  strong = pipeline.generate(sm, prompts, key, guidance_scale=8.0, respacing="4", progress=NO_BAR)
+  assert np.abs(strong - plain).max() > 1e-3
+
+
+def test_cascade_and_inpainting_from_the_command(bundles, tmp_path):
+  img = np.zeros((16, 16, 3), np.uint8)
+  img[:, :, 0] = 200
+  Image.fromarray(img).save(tmp_path / "img.png")
+  mask = np.zeros((16, 16), np.uint8)
+  mask[:8] = 255  # top half known
+  Image.fromarray(mask).save(tmp_path / "mask.png")
+  out = tmp_path / "up"
+  assert cli.main(["sample", "--bundle", str(bundles["base"]), "--upsample", str(bundles["up"]),
+                   "--prompt", "a red circle", "--steps", "3", "--upsample-steps", "3", "--sampler", "dpm++",
+                   "--out", str(out), "--no-progress"]) == 0
+  assert np.asarray(Image.open(out / "000000.png")).shape == (16, 16, 3)
+  assert np.asarray(Image.open(out / "base" / "000000.png")).shape == (8, 8, 3)
+
+  out = tmp_path / "inpaint"
+  assert cli.main(["sample", "--bundle", str(bundles["inpaint"]), "--prompt", "a red circle", "--steps", "4",
+                   "--inpaint-image", str(tmp_path / "img.png"), "--inpaint-mask", str(tmp_path / "mask.png"),
+                   "--guidance-scale", "5", "--out", str(out), "--no-progress"]) == 0
+  res = np.asarray(Image.open(out / "000000.png")).astype(int)
+  known = images.to_uint8(images.resize_images(images.from_uint8(img)[None], 8))[0].astype(int)
+  np.testing.assert_allclose(res[:4], known[:4], atol=1)  # the known rows come back as given
+  assert np.abs(res[4:] - known[4:]).max() > 10
+
+
+def test_bad_inputs_are_refused(bundles, tmp_path):
+  with pytest.raises(SystemExit, match="exactly one"):
+    cli.main(["sample", "--prompt", "x", "--out", str(tmp_path)])
+  with pytest.raises(SystemExit, match="no prompts"):
+    cli.main(["sample", "--bundle", str(bundles["base"]), "--out", str(tmp_path)])
+  with pytest.raises(FileNotFoundError, match="export"):
+    cli.main(["sample", "--workdir", str(tmp_path), "--prompt", "x", "--out", str(tmp_path)])
+  with pytest.raises(SystemExit, match="upsampler"):
+    cli.main(["sample", "--bundle", str(bundles["up"]), "--prompt", "x", "--out", str(tmp_path)])
+  with pytest.warns(UserWarning, match="inverted"):
+    sm = pipeline.load_sampler_model(bundles["inpaint"])
+    pipeline.generate(sm, ["x"], jax.random.PRNGKey(0), respacing="4", inpaint_image=np.zeros((1, 8, 8, 3)),
+                      inpaint_mask=np.ones((1, 8, 8, 1)), guidance_scale=5.0, progress=NO_BAR)
