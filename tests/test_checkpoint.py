@@ -11,8 +11,8 @@ import time
 import jax
 import numpy as np
 import pytest
-
 import train_support as ts
+
 from glide_jax.parallel import mesh as mesh_lib
 from glide_jax.parallel import sharding as shard_lib
 from glide_jax.train import checkpoint as ckpt_lib
@@ -146,7 +146,8 @@ def test_sigkill_mid_save_resumes_from_last_complete_checkpoint_and_sigterm_save
   # A restart resumes from that step (the half-written one is ignored) and SIGTERM saves and exits 0.
   proc = _spawn(tmp_path, cache_dir, every=1000)
   log = tmp_path / "train.log"
-  _wait_for(lambda: log.is_file() and f"step {last + 2} " in log.read_text(), proc)
+  _wait_for(lambda: log.is_file() and f"step {last + 2} " in log.read_text().split("resumed from step")[-1]
+            and "resumed from step" in log.read_text(), proc)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out[-3000:]

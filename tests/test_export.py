@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import train_support as ts
+
 from glide_jax import bundle, cli
 from glide_jax.commands import export as export_cmd
 from glide_jax.train import train

@@ -9,9 +9,8 @@ import sys
 
 import jax
 import numpy as np
-import pytest
-
 import train_support as ts
+
 from glide_jax.train import train
 
 TESTS = pathlib.Path(__file__).resolve().parent

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import train_support as ts
 from jax.sharding import PartitionSpec as P
 
-import train_support as ts
 from glide_jax.models import layers, registry
 from glide_jax.parallel import mesh as mesh_lib
 from glide_jax.parallel import sharding as shard_lib
@@ -71,8 +71,8 @@ def test_state_is_created_sharded_never_whole_on_one_device():
   mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 4})
   rules = shard_lib.normalize_rules(ts.tiny_config("base").rules)
   tx, _ = optim.make_optimizer({"lr": 1e-3})
-  init = lambda r: Toy().init(r, jnp.zeros((1, 16)))["params"]  # noqa: E731
-  state, sh = state_lib.create_train_state(init, tx, (0.9,), mesh, rules, jax.random.key(0))
+  init = lambda r: Toy().init(r, jnp.zeros((1, 16)))["params"]
+  state, _ = state_lib.create_train_state(init, tx, (0.9,), mesh, rules, jax.random.key(0))
   kernel = state.params["Dense_0"]["kernel"]
   assert kernel.shape == (16, 24) and kernel.sharding.spec == P("fsdp", None)
   assert {s.data.shape for s in kernel.addressable_shards} == {(4, 24)}

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import train_support as ts
+
 from glide_jax.data.tokenizers import Tokenizer
 from glide_jax.models import layers
 from glide_jax.parallel import mesh as mesh_lib
@@ -48,8 +48,8 @@ def toy_setup(microbatches=1, rates=(0.9, 0.99), dropout=0.0):
   rules = shard_lib.normalize_rules(ts.tiny_config("base").rules)
   tx, sched = optim.make_optimizer({"lr": 1e-2, "grad_clip_norm": 1.0})
   sampler = timesteps.make_sampler("uniform", 50)
-  init = lambda r: TOY.init(r, jnp.zeros((1, 8)))["params"]  # noqa: E731
-  state, sh = state_lib.create_train_state(init, tx, rates, mesh, rules, jax.random.key(0), sampler.init)
+  init = lambda r: TOY.init(r, jnp.zeros((1, 8)))["params"]
+  state, _ = state_lib.create_train_state(init, tx, rates, mesh, rules, jax.random.key(0), sampler.init)
   cfg = step_lib.StepConfig(ema_rates=rates, microbatches=microbatches, caption_dropout=dropout, num_timesteps=50)
   fn = step_lib.make_train_step(toy_loss, tx, sched, cfg, sampler, (jnp.zeros(8, jnp.int32), jnp.zeros(8, bool)),
                                 mesh, rules)
@@ -107,7 +107,7 @@ def test_ema_is_one_update_per_step_at_each_rate():
     state, _ = step(state, shard_lib.host_local_to_global(toy_batch(0), mesh), jax.random.key(1))
   p1 = jax.device_get(state.params)
   for rate in (0.5, 0.99):
-    want = jax.tree.map(lambda a, b: rate * a + (1 - rate) * b, p0, p1)
+    want = jax.tree.map(lambda a, b, r=rate: r * a + (1 - r) * b, p0, p1)
     got = jax.device_get(state.ema[state_lib.ema_key(rate)])
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -174,7 +174,6 @@ def reference_first_loss(config, mesh_1):
   it = ts.SyntheticIterator(config)
   batch = {k: jnp.asarray(v) for k, v in next(it).items() if k in stage.batch_keys}
   tok = ts.tokenizer(config)
-  tx, _ = optim.make_optimizer(config.optimizer)
   name = "uniform" if config.stage == "clip" else config.diffusion.schedule_sampler
   sampler = timesteps.make_sampler(name, stage.diffusion.num_timesteps)
   init_rng, step_rng = jax.random.split(jax.random.key(int(config.seed)))

@@ -4,8 +4,6 @@
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 

@@ -54,7 +54,7 @@ def load_params(workdir: str, which: str, rate: float | None, step: int | None) 
   if which == "raw":
     return restored["params"], step
   if rate is None:
-    key = sorted(restored, key=float)[0] if len(restored) == 1 else list(restored)[0]
+    key = next(iter(restored))  # the first rate of the config
   else:
     key = next((k for k in restored if abs(float(k) - rate) < 1e-12), None)
     if key is None:
@@ -84,7 +84,10 @@ def export(workdir: str, out: str | None = None, which: str = "ema", rate: float
   cfg_file = os.path.join(workdir, "config.json")
   if not os.path.isfile(cfg_file):
     raise FileNotFoundError(f"{workdir} is not a training workdir: {cfg_file} is missing")
-  config = config_lib.config_from_json(open(cfg_file).read())
+  with open(cfg_file) as f:
+    config = config_lib.config_from_json(f.read())
+  if rate is None and len(config.ema.rates):
+    rate = float(config.ema.rates[0])  # the config's first EMA rate
   params, step = load_params(workdir, which, rate, step)
   dtype = "float32"
   if bf16:

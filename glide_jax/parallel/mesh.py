@@ -6,7 +6,8 @@ a slice (ICI). On a single slice (or CPU/GPU) the mesh is simply `jax.make_mesh`
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np

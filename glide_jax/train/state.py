@@ -11,7 +11,8 @@
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax
 import flax.linen as nn

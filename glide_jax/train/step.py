@@ -11,12 +11,14 @@ quartile logs; `mse`, `vb`, ... are averaged into metrics).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from glide_jax.parallel import sharding as shard_lib
 from glide_jax.train.state import TrainState
@@ -143,7 +145,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
         n = state.step.astype(jnp.float32)
         rate = jnp.minimum(rate, (1.0 + n) / (10.0 + n))
       new_ema[k] = _ema_update(state.ema[k], new_params, rate)
-    keep = lambda new, old: jax.tree.map(lambda a, c: jnp.where(finite, a, c), new, old)  # noqa: E731
+    keep = lambda new, old: jax.tree.map(lambda a, c: jnp.where(finite, a, c), new, old)
     new_sampler = sampler.update(state.sampler, batch["t"], jax.lax.stop_gradient(aux["losses"])) \
         if "losses" in aux else state.sampler
     new_state = state.replace(

@@ -22,7 +22,7 @@ def uniform(num_timesteps: int) -> TimestepSampler:
     del state
     t = jax.random.randint(key, (b,), 0, num_timesteps, jnp.int32)
     return t, jnp.ones((b,), jnp.float32)
-  return TimestepSampler(init=lambda: {}, sample=sample, update=lambda state, t, losses: state)
+  return TimestepSampler(init=dict, sample=sample, update=lambda state, t, losses: state)
 
 
 def loss_second_moment(num_timesteps: int, history: int = HISTORY_PER_TERM,

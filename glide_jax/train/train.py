@@ -12,7 +12,8 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -108,7 +109,7 @@ def load_workdir_params(workdir: str, which: str = "ema", step: int | None = Non
     restored = mngr.restore(step, args=ocp.args.Composite(**{
         item: ocp.args.PyTreeRestore(restore_args=restore_args)}))[item]
   if which == "ema":
-    return restored[sorted(restored)[0]]
+    return restored[next(iter(restored))]
   return restored["params"]
 
 
@@ -212,7 +213,10 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
   multihost.check_params_agree(state.params, int(state.step))
   stop = _StopSignal()
   stop.install()
-  watchdog = multihost.Watchdog(float(os.environ.get("GLIDE_JAX_WATCHDOG_SECONDS", "0") or 0))
+  # A dead peer blocks the others inside a collective: on multi-process runs, exit after 30 min
+  # without a finished step (GLIDE_JAX_WATCHDOG_SECONDS overrides; 0 = off).
+  default_watchdog = "1800" if jax.process_count() > 1 else "0"
+  watchdog = multihost.Watchdog(float(os.environ.get("GLIDE_JAX_WATCHDOG_SECONDS", default_watchdog) or 0))
   step = int(state.step)
   total = int(config.total_steps)
   log_every = max(1, int(config.log.every))
@@ -257,6 +261,7 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
 
       if sample_every and (step % sample_every == 0 or step == total):
         write_sample_grids(config, stage, tokenizer, state, step, workdir, writer, sample_low_res)
+        watchdog.kick()
 
       stop_now = multihost.agree_on_flag(stop.requested or _preemption_notice(step))
       if ckpt.should_save(step) or step == total or stop_now:
