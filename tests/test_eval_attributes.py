@@ -100,9 +100,9 @@ def test_caption_parsing_all_templates():
       cap = A.make_caption(want["colour"], want["shape"], want["size"], want["position"], t)
       assert A.parse_caption(cap) == want
   # The spec's own examples, spelled out by hand.
-  assert A.parse_caption("a small red circle on the left") == dict(colour=0, shape=0, size=0, position=0)
-  assert A.parse_caption("a blue triangle, large, at the bottom") == dict(colour=4, shape=2, size=1, position=3)
-  assert A.parse_caption("in the center: a large purple square") == dict(colour=5, shape=1, size=1, position=4)
+  assert A.parse_caption("a small red circle on the left") == {"colour": 0, "shape": 0, "size": 0, "position": 0}
+  assert A.parse_caption("a blue triangle, large, at the bottom") == {"colour": 4, "shape": 2, "size": 1, "position": 3}
+  assert A.parse_caption("in the center: a large purple square") == {"colour": 5, "shape": 1, "size": 1, "position": 4}
   with pytest.raises(ValueError, match="a pink circle"):
     A.parse_caption("a pink circle")
 

@@ -1,18 +1,18 @@
 """CLIP score of samples with a tiny random noised CLIP, against a direct computation."""
 from __future__ import annotations
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 clip_mod = pytest.importorskip("glide_jax.models.clip")
-from glide_jax.data.tokenizers import Tokenizer  # noqa: E402
-from glide_jax.eval import clip_score as cs  # noqa: E402
+from glide_jax.data.tokenizers import Tokenizer
+from glide_jax.eval import clip_score as cs
 
-TINY = dict(image_size=16, patch_size=4, n_vocab=40, max_text_len=12, n_embd=16, n_timesteps=1000,
-            n_head_text=2, n_head_state_text=8, n_xf_blocks_text=1,
-            n_head_image=2, n_head_state_image=8, n_xf_blocks_image=1)
+TINY = {"image_size": 16, "patch_size": 4, "n_vocab": 40, "max_text_len": 12, "n_embd": 16, "n_timesteps": 1000,
+            "n_head_text": 2, "n_head_state_text": 8, "n_xf_blocks_text": 1,
+            "n_head_image": 2, "n_head_state_image": 8, "n_xf_blocks_image": 1}
 
 
 class WordTokenizer(Tokenizer):
@@ -39,7 +39,7 @@ def tiny_clip():
   params = jax.tree_util.tree_map(
       lambda s: (rng.normal(size=s.shape) / np.sqrt(s.shape[0] if len(s.shape) > 1 else 25)).astype(np.float32),
       shapes)
-  words = "a small large red yellow green cyan blue purple circle square triangle on the left right at top bottom in center".split()
+  words = ["a", "small", "large", "red", "yellow", "green", "cyan", "blue", "purple", "circle", "square", "triangle", "on", "the", "left", "right", "at", "top", "bottom", "in", "center"]
   return cs.ClipBundle(model, params, WordTokenizer(words), source="tiny-random")
 
 

@@ -6,17 +6,18 @@ random weights; its `state_dict()` is what our importer reads.
 """
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-import torch.nn as tnn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
+import torch.nn as tnn
+import torch.nn.functional as F
 
-from glide_jax.eval import inception as inc  # noqa: E402
-
+from glide_jax.eval import inception as inc
 
 # --- an independent PyTorch reference -----------------------------------------------------------
 
@@ -277,7 +278,7 @@ def test_import_errors_name_the_keys(reference_net, tmp_path):
     inc.load_fid_inception_weights(tmp_path / "w.h5")
   # A pickle carrying an arbitrary object is refused by weights_only loading.
   torch.save({"a": object()}, tmp_path / "evil.pth")
-  with pytest.raises(Exception):
+  with pytest.raises(pickle.UnpicklingError):
     inc.load_fid_inception_weights(tmp_path / "evil.pth")
 
 
@@ -287,8 +288,9 @@ def test_compute_fid_against_reference_features(reference_net, tmp_path, monkeyp
   The distance itself is tested in test_eval_frechet.py; a 2048-d sqrtm takes minutes on this
   shared CPU, so here it is replaced by a recorder.
   """
-  from glide_jax.eval import fid, frechet
   from PIL import Image
+
+  from glide_jax.eval import fid, frechet
 
   rng = np.random.default_rng(3)
   a = rng.integers(0, 256, size=(6, 80, 80, 3), dtype=np.uint8)

@@ -14,9 +14,9 @@ from glide_jax.eval import plots, sweep
 
 
 def _rows():
-  return [dict(guidance_scale=s, n=10, acc_all=a, acc_colour=min(1, a + 0.2), acc_shape=a,
-               acc_size=min(1, a + 0.1), acc_position=a, unreadable=0, clip_score_mean=c,
-               clip_score_std=2.0, samples_dir=f"scale_{s:g}")
+  return [{"guidance_scale": s, "n": 10, "acc_all": a, "acc_colour": min(1, a + 0.2), "acc_shape": a,
+               "acc_size": min(1, a + 0.1), "acc_position": a, "unreadable": 0, "clip_score_mean": c,
+               "clip_score_std": 2.0, "samples_dir": f"scale_{s:g}"}
           for s, a, c in ((1.0, 0.1, 20.0), (3.0, 0.4, 25.5), (2.0, 0.3, 23.0))]
 
 
@@ -40,7 +40,7 @@ def test_table_and_plot_writer(tmp_path):
   with Image.open(plots.plot_sweep(only_acc, tmp_path / "acc.png")) as im:
     assert im.size[0] < 700
   with pytest.raises(ValueError, match="nothing to plot"):
-    plots.plot_sweep([dict(guidance_scale=1.0, n=3)], tmp_path / "none.png")
+    plots.plot_sweep([{"guidance_scale": 1.0, "n": 3}], tmp_path / "none.png")
 
 
 def test_image_grid_layout():
@@ -56,6 +56,7 @@ def test_image_grid_layout():
 def _read_events(logdir):
   """Parses TFRecord event files (length, crc, payload, crc) with tensorboardX's Event proto."""
   import struct
+
   from tensorboardX.proto import event_pb2
 
   for path in sorted(logdir.glob("events.out.tfevents.*")):
@@ -121,9 +122,9 @@ def tiny_bundles(tmp_path_factory):
   captions, _ = sweep.shapes_validation_prompts(300)
   sp = tokenizers.train_sentencepiece(captions, 48, root / "sp.model")
   tok = tokenizers.SentencePieceTokenizer(sp, text_ctx=16)
-  options = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2",
-                 attention_resolutions="16", dropout=0.0, text_ctx=16, xf_width=32, xf_layers=1,
-                 xf_heads=2, n_vocab=tok.vocab_size)
+  options = {"image_size": 32, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2",
+                 "attention_resolutions": "16", "dropout": 0.0, "text_ctx": 16, "xf_width": 32, "xf_layers": 1,
+                 "xf_heads": 2, "n_vocab": tok.vocab_size}
   model = registry.create_model("text2im", options)
   rng = np.random.default_rng(0)
 
@@ -147,9 +148,9 @@ def tiny_bundles(tmp_path_factory):
                     "sampler": "ddim"},
       "tokenizer": tok_meta, "dtype": "float32"}, tokenizer_files={"model": sp})
   clip_mod = pytest.importorskip("glide_jax.models.clip")
-  clip_options = dict(image_size=16, patch_size=4, n_vocab=tok.vocab_size, max_text_len=16, n_embd=16,
-                      n_head_text=2, n_head_state_text=8, n_xf_blocks_text=1,
-                      n_head_image=2, n_head_state_image=8, n_xf_blocks_image=1)
+  clip_options = {"image_size": 16, "patch_size": 4, "n_vocab": tok.vocab_size, "max_text_len": 16, "n_embd": 16,
+                      "n_head_text": 2, "n_head_state_text": 8, "n_xf_blocks_text": 1,
+                      "n_head_image": 2, "n_head_state_image": 8, "n_xf_blocks_image": 1}
   cmodel = clip_mod.create_clip_model(clip_options)
   cparams = random_params(cmodel, jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,), jnp.int32),
                           jnp.zeros((1, 16), jnp.int32), jnp.ones((1,), jnp.int32))

@@ -21,7 +21,7 @@ How one image is read:
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -227,6 +227,6 @@ def parse_captions(captions: Iterable[str]) -> dict[str, np.ndarray]:
 
 def make_caption(colour: int, shape: int, size: int, position: int, template: int = 0) -> str:
   """The caption the dataset would write for these attributes with template 0, 1 or 2."""
-  fields = dict(size=SIZES[size], colour=COLOURS[colour], shape=SHAPES[shape], where=WHERE[position])
+  fields = {"size": SIZES[size], "colour": COLOURS[colour], "shape": SHAPES[shape], "where": WHERE[position]}
   return ("a {size} {colour} {shape} {where}", "a {colour} {shape}, {size}, {where}",
           "{where}: a {size} {colour} {shape}")[template].format(**fields)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +78,7 @@ def encode(clip: ClipBundle, images: np.ndarray, captions: Sequence[str], batch_
   if len(captions) != len(images):
     raise ValueError(f"{len(images)} images but {len(captions)} captions")
   model, tok = clip.model, clip.tokenizer
-  variables = {"params": clip.params["params"] if "params" in clip.params else clip.params}
+  variables = {"params": clip.params.get("params", clip.params)}
   max_len = int(model.max_text_len)
 
   zi, zt = [], []
@@ -121,7 +122,7 @@ def clip_score_of_samples(clip: ClipBundle | str | os.PathLike, images: np.ndarr
   cos = np.sum(z_image * z_text, axis=-1) / (
       (np.linalg.norm(z_image, axis=-1) + 1e-12) * (np.linalg.norm(z_text, axis=-1) + 1e-12))
   per = mult * cos
-  return {"mean": float(per.mean()), "std": float(per.std()), "n": int(len(per)),
+  return {"mean": float(per.mean()), "std": float(per.std()), "n": len(per),
           "scale": f"exp(logit_scale) x cosine = {mult:g} x cosine (noised CLIP at t=0)",
           "multiplier": mult, "timestep": 0, "clip": clip.source, "per_sample": per}
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-from glide_jax.eval import frechet
-from glide_jax.eval import inception
+from glide_jax.eval import frechet, inception
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 

@@ -25,11 +25,12 @@ import copy
 import functools
 import os
 import pathlib
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import numpy as np
 
 INPUT_SIZE = 299
@@ -117,7 +118,7 @@ class InceptionC(nn.Module):
   @nn.compact
   def __call__(self, x):
     c7 = self.channels_7x7
-    row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
+    row, col = {"kernel": (1, 7), "padding": (0, 3)}, {"kernel": (7, 1), "padding": (3, 0)}
     b1 = BasicConv2d(192, name="branch1x1")(x)
     b7 = BasicConv2d(c7, name="branch7x7_1")(x)
     b7 = BasicConv2d(c7, **row, name="branch7x7_2")(b7)
@@ -151,7 +152,7 @@ class InceptionE(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    row, col = dict(kernel=(1, 3), padding=(0, 1)), dict(kernel=(3, 1), padding=(1, 0))
+    row, col = {"kernel": (1, 3), "padding": (0, 1)}, {"kernel": (3, 1), "padding": (1, 0)}
     b1 = BasicConv2d(320, name="branch1x1")(x)
     b3 = BasicConv2d(384, name="branch3x3_1")(x)
     b3 = jnp.concatenate([BasicConv2d(384, **row, name="branch3x3_2a")(b3),

@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -21,8 +22,8 @@ def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2, pad_v
   if images.dtype != np.uint8:
     raise ValueError(f"image_grid expects uint8 images, got {images.dtype}")
   n, h, w, _ = images.shape
-  ncols = ncols or max(1, int(math.ceil(math.sqrt(n))))
-  nrows = int(math.ceil(n / ncols))
+  ncols = ncols or max(1, math.ceil(math.sqrt(n)))
+  nrows = math.ceil(n / ncols)
   grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), pad_value, np.uint8)
   for i in range(n):
     r, c = divmod(i, ncols)

@@ -15,7 +15,8 @@ import csv
 import json
 import os
 import pathlib
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -116,7 +117,7 @@ def make_generator(bundle_path: str | os.PathLike, sampler: str | None = None,
 
   def guided(v, cond, uncond, scale, x, t):
     # Bound through Partial: parameters, text and scale are traced, so nothing recompiles per batch.
-    apply_fn = lambda xx, tt, c: model.apply(v, xx, tt, text_cond=c)  # noqa: E731
+    apply_fn = lambda xx, tt, c: model.apply(v, xx, tt, text_cond=c)
     return cfg_model_fn(apply_fn, cond, uncond, scale)(x, t)
 
   def generate(prompts: Sequence[str], guidance_scale: float) -> np.ndarray:
@@ -179,7 +180,7 @@ def run_sweep(generate: GenerateFn, prompts: Sequence[str], scales: Sequence[flo
       row.update(clip_score_mean=cs["mean"], clip_score_std=cs["std"])
     rows.append(row)
     log(_row_summary(row))
-    tb.scalars(int(round(scale * 1000)), {k: v for k, v in row.items() if k.startswith(("acc_", "clip_"))},
+    tb.scalars(round(scale * 1000), {k: v for k, v in row.items() if k.startswith(("acc_", "clip_"))},
                prefix="sweep/")
     from PIL import Image
     with Image.open(grid) as im:
