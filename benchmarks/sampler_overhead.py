@@ -50,15 +50,15 @@ def main(argv: list[str] | None = None) -> int:
   if args.preset == "base":
     kind, options = registry.PRESETS["base"]
   else:
-    kind, options = "text2im", dict(num_channels=32, channel_mult="1,2", attention_resolutions="4",
-                                    num_res_blocks=1, xf_width=32, xf_layers=1, xf_heads=2, text_ctx=8,
-                                    num_head_channels=16, image_size=8, n_vocab=64)
+    kind, options = "text2im", {"num_channels": 32, "channel_mult": "1,2", "attention_resolutions": "4",
+                                    "num_res_blocks": 1, "xf_width": 32, "xf_layers": 1, "xf_heads": 2, "text_ctx": 8,
+                                    "num_head_channels": 16, "image_size": 8, "n_vocab": 64}
   model = registry.create_model(kind, options)
   size = registry.image_size_of(kind, options)
   shapes = registry.param_shapes(kind, options)
   rng = np.random.default_rng(0)
   params = jax.tree_util.tree_map(
-      lambda s: jnp.asarray((rng.standard_normal(s.shape, np.float32) * 0.02)), shapes)
+      lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32) * 0.02), shapes)
   n_params = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes))
   text_ctx = int(registry.resolve_options(kind, options)["text_ctx"])
   b = args.batch
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     @jax.jit
     def run(p, c, u, key):
-      apply_fn = lambda x, t, cc: model.apply({"params": p}, x, t, text_cond=cc)  # noqa: E731
+      apply_fn = lambda x, t, cc: model.apply({"params": p}, x, t, text_cond=cc)
       model_fn = guidance.cfg_model_fn(apply_fn, c, u, 3.0)
       return samplers.sample_loop(model_fn, diffusion, (b, size, size, 3), key)
     return lambda: run(params, cond, uncond, jax.random.PRNGKey(0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import pathlib
+
 import numpy as np
 
 
@@ -24,8 +25,8 @@ def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2, pad_va
   if images.ndim != 4:
     raise ValueError(f"make_grid wants [N, H, W, C] images, got shape {images.shape}")
   n, h, w, c = images.shape
-  ncols = ncols or int(math.ceil(math.sqrt(n)))
-  rows = int(math.ceil(n / ncols))
+  ncols = ncols or math.ceil(math.sqrt(n))
+  rows = math.ceil(n / ncols)
   grid = np.full((rows * (h + pad) + pad, ncols * (w + pad) + pad, c), pad_value, dtype=images.dtype)
   for i in range(n):
     r, col = divmod(i, ncols)
@@ -83,7 +84,7 @@ def load_mask(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
 def resize_mask_nearest(mask: np.ndarray, size: int) -> np.ndarray:
   """[B, h, w, 1] -> [B, size, size, 1] by nearest neighbour (GLIDE upsamples the 64 px mask this way)."""
   mask = np.asarray(mask)
-  b, h, w, c = mask.shape
+  _b, h, w, _c = mask.shape
   rows = (np.arange(size) * h) // size
   cols = (np.arange(size) * w) // size
   return mask[:, rows][:, :, cols]

@@ -12,18 +12,18 @@ from glide_jax.data import tokenizers
 from glide_jax.diffusion import pipeline
 from glide_jax.models import registry
 
-TINY = dict(num_channels=32, channel_mult="1,2", attention_resolutions="4", num_res_blocks=1, xf_width=32,
-            xf_layers=1, xf_heads=2, text_ctx=8, num_head_channels=16, dropout=0.0)
+TINY = {"num_channels": 32, "channel_mult": "1,2", "attention_resolutions": "4", "num_res_blocks": 1, "xf_width": 32,
+            "xf_layers": 1, "xf_heads": 2, "text_ctx": 8, "num_head_channels": 16, "dropout": 0.0}
 CAPTIONS = ["a red circle", "a blue square", "a small green triangle", "a big yellow circle on the left",
             "two red squares", "a purple star at the top"] * 5
-NO_BAR = lambda done: None  # noqa: E731  (the CLI always compiles the progress callback; share its programs)
+NO_BAR = lambda done: None
 
 
 def _random_params(kind: str, options: dict, seed: int):
   """Random weights of the right shapes without compiling an init (the reference zero-initialises
   output layers; random ones make the samples depend on every weight)."""
   shapes = registry.param_shapes(kind, options)
-  leaves, tree = jax.tree_util.tree_flatten_with_path(shapes)
+  leaves, _tree = jax.tree_util.tree_flatten_with_path(shapes)
   rng = np.random.default_rng(seed)
   out = []
   for path, s in leaves:
@@ -38,8 +38,8 @@ def _random_params(kind: str, options: dict, seed: int):
 
 def _make_bundle(root: pathlib.Path, name: str, kind: str, image_size: int, sp_model: str, diffusion: dict):
   options = dict(TINY, image_size=image_size, n_vocab=64)
-  meta = dict(model={"kind": kind, "options": options}, diffusion=diffusion,
-              tokenizer={"type": "sentencepiece", "text_ctx": 8}, dtype="float32")
+  meta = {"model": {"kind": kind, "options": options}, "diffusion": diffusion,
+              "tokenizer": {"type": "sentencepiece", "text_ctx": 8}, "dtype": "float32"}
   return bundle.save_bundle(root / name, _random_params(kind, options, len(name)), meta,
                             tokenizer_files={"model": sp_model})
 
@@ -48,19 +48,19 @@ def _make_bundle(root: pathlib.Path, name: str, kind: str, image_size: int, sp_m
 def bundles(tmp_path_factory):
   root = tmp_path_factory.mktemp("bundles")
   sp = tokenizers.train_sentencepiece(CAPTIONS, 40, root / "sp.model")
-  base = _make_bundle(root, "base", "text2im", 8, sp, dict(steps=1000, noise_schedule="squaredcos_cap_v2",
-                                                            timestep_respacing="100", sampler="ddpm", guidance_scale=3.0))
-  up = _make_bundle(root, "upsample", "upsample", 16, sp, dict(steps=1000, noise_schedule="linear",
-                                                               timestep_respacing="fast27", sampler="ddim",
-                                                               upsample_temp=0.997))
-  inpaint = _make_bundle(root, "inpaint", "inpaint", 8, sp, dict(steps=1000, noise_schedule="squaredcos_cap_v2",
-                                                                 timestep_respacing="100", sampler="ddpm"))
+  base = _make_bundle(root, "base", "text2im", 8, sp, {"steps": 1000, "noise_schedule": "squaredcos_cap_v2",
+                                                            "timestep_respacing": "100", "sampler": "ddpm", "guidance_scale": 3.0})
+  up = _make_bundle(root, "upsample", "upsample", 16, sp, {"steps": 1000, "noise_schedule": "linear",
+                                                               "timestep_respacing": "fast27", "sampler": "ddim",
+                                                               "upsample_temp": 0.997})
+  inpaint = _make_bundle(root, "inpaint", "inpaint", 8, sp, {"steps": 1000, "noise_schedule": "squaredcos_cap_v2",
+                                                                 "timestep_respacing": "100", "sampler": "ddpm"})
   # a training workdir whose exported bundle is WORKDIR/bundle
   work = root / "work"
   (work / "checkpoints").mkdir(parents=True)
   bundle.save_bundle(work / "bundle", *bundle.load_bundle(base)[:1], meta=_meta_of(base),
                      tokenizer_files={"model": sp})
-  return dict(base=base, up=up, inpaint=inpaint, work=work, sp=sp)
+  return {"base": base, "up": up, "inpaint": inpaint, "work": work, "sp": sp}
 
 
 def _meta_of(path):
@@ -97,7 +97,7 @@ def test_sample_writes_pngs_in_prompt_order_and_is_reproducible(bundles, tmp_pat
   sm = pipeline.load_sampler_model(bundles["base"])
   second, _ = pipeline.cascade(sm, ["a small green triangle", "Two red squares"],
                                jax.random.fold_in(jax.random.PRNGKey(7), 1),
-                               base_kwargs=dict(guidance_scale=3.0, respacing="4", progress=NO_BAR))
+                               base_kwargs={"guidance_scale": 3.0, "respacing": "4", "progress": NO_BAR})
   np.testing.assert_array_equal(images.to_uint8(second), np.stack(a[2:]))
 
 
@@ -146,7 +146,7 @@ def test_bad_inputs_are_refused(bundles, tmp_path):
     cli.main(["sample", "--workdir", str(tmp_path), "--prompt", "x", "--out", str(tmp_path)])
   with pytest.raises(SystemExit, match="upsampler"):
     cli.main(["sample", "--bundle", str(bundles["up"]), "--prompt", "x", "--out", str(tmp_path)])
+  sm = pipeline.load_sampler_model(bundles["inpaint"])
   with pytest.warns(UserWarning, match="inverted"):
-    sm = pipeline.load_sampler_model(bundles["inpaint"])
     pipeline.generate(sm, ["x"], jax.random.PRNGKey(0), respacing="4", inpaint_image=np.zeros((1, 8, 8, 3)),
                       inpaint_mask=np.ones((1, 8, 8, 1)), guidance_scale=5.0, progress=NO_BAR)

@@ -76,8 +76,8 @@ def test_ddim_eta_one_equals_ancestral_with_posterior_variance():
   """DDIM with eta = 1 is DDPM with sigma^2 = beta~ (Song et al. 2021): same keys, same samples."""
   d = schedules.create_diffusion(1000, "squaredcos_cap_v2", "30")
   m = exact_model(d)
-  tilde = lambda x, t: m(x, t).at[..., 3:].set(-1.0)  # noqa: E731  (v = -1: posterior variance)
-  kw = dict(clip_denoised=False, return_intermediates=True)
+  tilde = lambda x, t: m(x, t).at[..., 3:].set(-1.0)
+  kw = {"clip_denoised": False, "return_intermediates": True}
   a, ia = samplers.sample(tilde, d, (256, 1, 1, 3), jax.random.PRNGKey(3), sampler="ancestral", **kw)
   b, ib = samplers.sample(tilde, d, (256, 1, 1, 3), jax.random.PRNGKey(3), sampler="ddim", eta=1.0, **kw)
   # float32 rounding differs at the first steps (1/sqrt(abar) ~ 1e3 at t = 999)
@@ -90,7 +90,7 @@ def test_ddim_eta_one_equals_ancestral_with_posterior_variance():
 def test_temperature_scales_initial_noise_only():
   d = schedules.create_diffusion(1000, "squaredcos_cap_v2", "10")
   seen = []
-  model = lambda x, t: jnp.zeros(x.shape[:-1] + (6,))  # noqa: E731
+  model = lambda x, t: jnp.zeros(x.shape[:-1] + (6,))
   _, inter = samplers.sample(model, d, (512, 2, 2, 3), jax.random.PRNGKey(0), temperature=0.5,
                              return_intermediates=True, sampler="ddim", clip_denoised=False)
   x_t = np.asarray(inter["x"])
@@ -157,7 +157,7 @@ def test_dynamic_threshold_matches_numpy():
 def test_dynamic_thresholding_keeps_high_guidance_sampling_bounded():
   d = schedules.create_diffusion(1000, "squaredcos_cap_v2", "20")
   m = exact_model(d)
-  loud = lambda x, t: m(x, t) * jnp.array([20.0] * 3 + [1.0] * 3)  # noqa: E731  (an over-guided eps)
+  loud = lambda x, t: m(x, t) * jnp.array([20.0] * 3 + [1.0] * 3)
   for name in ("plms", "dpm++"):  # the high-order ones (PITFALLS 19)
     x = samplers.sample(loud, d, (64, 2, 2, 3), jax.random.PRNGKey(0), sampler=name, threshold=("dynamic", 0.99))
     assert np.isfinite(np.asarray(x)).all() and float(jnp.abs(x).max()) <= 1.0 + 1e-3, name

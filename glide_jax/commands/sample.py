@@ -143,18 +143,18 @@ def run(args) -> int:
   for index, start in enumerate(range(0, len(prompts), args.batch_size)):
     batch = prompts[start:start + args.batch_size]
     n = len(batch)
-    base_kw = dict(guidance_scale=args.guidance_scale, sampler=args.sampler, respacing=args.steps,
-                   temperature=args.temperature, threshold=threshold, eta=args.eta, progress=progress)
+    base_kw = {"guidance_scale": args.guidance_scale, "sampler": args.sampler, "respacing": args.steps,
+                   "temperature": args.temperature, "threshold": threshold, "eta": args.eta, "progress": progress}
     if clip_model is not None:
       base_kw.update(clip_model=(clip_model[0], clip_model[1], clip_model[2][start:start + n]),
                      clip_guidance_scale=args.clip_guidance_scale)
     up_sampler = args.upsample_sampler or ("ancestral" if inpaint_image is not None and up is not None
                                            and "sampler" not in up.diffusion_settings else None)
-    up_kw = dict(sampler=up_sampler, respacing=args.upsample_steps, temperature=args.upsample_temperature,
-                 progress=progress)
+    up_kw = {"sampler": up_sampler, "respacing": args.upsample_steps, "temperature": args.upsample_temperature,
+                 "progress": progress}
     kw = {}
     if inpaint_image is not None:
-      kw = dict(inpaint_image=np.repeat(inpaint_image, n, 0), inpaint_mask=np.repeat(inpaint_mask, n, 0))
+      kw = {"inpaint_image": np.repeat(inpaint_image, n, 0), "inpaint_mask": np.repeat(inpaint_mask, n, 0)}
     small, big = pipeline.cascade(base, batch, jax.random.fold_in(root, index), up,
                                   base_kwargs=base_kw, upsample_kwargs=up_kw, **kw)
     final = big if big is not None else small

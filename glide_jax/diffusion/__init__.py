@@ -4,12 +4,31 @@ training loss, timestep samplers, compiled samplers, guidance and reference-dump
 See docs/diffusion.md (the functions and their contracts) and docs/sampling.md (how to sample).
 """
 from glide_jax.diffusion.gaussian import (  # noqa: F401
-    MeanVariance, condition_mean, condition_score, ddim_step, model_timesteps, p_mean_variance,
-    p_sample_step, predict_eps_from_xstart, predict_xstart_from_eps, process_xstart,
-    q_posterior_mean_variance, q_sample)
+    MeanVariance,
+    condition_mean,
+    condition_score,
+    ddim_step,
+    model_timesteps,
+    p_mean_variance,
+    p_sample_step,
+    predict_eps_from_xstart,
+    predict_xstart_from_eps,
+    process_xstart,
+    q_posterior_mean_variance,
+    q_sample,
+)
 from glide_jax.diffusion.losses import training_losses  # noqa: F401
 from glide_jax.diffusion.samplers import SAMPLERS, sample, sample_loop  # noqa: F401
 from glide_jax.diffusion.schedules import (  # noqa: F401
-    Diffusion, create_diffusion, get_named_beta_schedule, space_timesteps)
+    Diffusion,
+    create_diffusion,
+    get_named_beta_schedule,
+    space_timesteps,
+)
 from glide_jax.diffusion.timestep_samplers import (  # noqa: F401
-    LossHistory, loss_history_init, loss_history_update, sample_loss_second_moment, sample_uniform)
+    LossHistory,
+    loss_history_init,
+    loss_history_update,
+    sample_loss_second_moment,
+    sample_uniform,
+)

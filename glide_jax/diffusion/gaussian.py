@@ -7,7 +7,8 @@ so float32 buffers promote exactly into a float64 computation (as the reference'
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -156,6 +157,6 @@ def ddim_step(diffusion: Diffusion, out: MeanVariance, x: jax.Array, t: jax.Arra
   sigma = jnp.asarray(eta, abar.dtype) * jnp.sqrt((1 - abar_prev) / (1 - abar)) * jnp.sqrt(1 - abar / abar_prev)
   coef_eps = jnp.sqrt(1 - abar_prev - sigma ** 2)
   shape = (-1,) + (1,) * (x.ndim - 1)
-  cast = lambda a: a.astype(x.dtype).reshape(shape)  # noqa: E731
+  cast = lambda a: a.astype(x.dtype).reshape(shape)
   mean_pred = out.pred_xstart * cast(jnp.sqrt(abar_prev)) + cast(coef_eps) * eps
   return mean_pred + _nonzero(t, x) * cast(sigma) * noise

@@ -7,7 +7,8 @@ parameters they close over are traced arguments.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +56,7 @@ def clip_cond_fn(clip_model: Any, clip_params: Any, z_text: jax.Array, grad_scal
   The gradient is taken with respect to the NOISY x_t at the ORIGINAL timestep (the samplers pass
   timestep_map[t]); `condition_mean` then shifts the ancestral mean by variance * grad.
   """
-  variables = {"params": clip_params["params"] if "params" in clip_params else clip_params}
+  variables = {"params": clip_params.get("params", clip_params)}
   scale = float(getattr(clip_model, "logit_scale", np.log(100.0))) if logit_scale is None else logit_scale
   z_text = jax.lax.stop_gradient(z_text)
   z_text_n = z_text / (jnp.linalg.norm(z_text, axis=-1, keepdims=True) + 1e-12)

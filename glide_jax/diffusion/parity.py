@@ -6,7 +6,7 @@ Key layout: `betas/<schedule>`, `respace/<spec>`, `<schedule>/<respacing|full>/{
 from __future__ import annotations
 
 import contextlib
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,7 @@ def _need(data: Mapping[str, np.ndarray], key: str) -> np.ndarray:
 
 def _group_outputs(data, prefix: str, schedule: str, respacing: str, steps: int, dtype) -> dict[str, np.ndarray]:
   diffusion = schedules.create_diffusion(steps, schedule, "" if respacing == "full" else respacing)
-  inp = lambda name: jnp.asarray(_nhwc(_need(data, f"{prefix}/input/{name}")), dtype=dtype)  # noqa: E731
+  inp = lambda name: jnp.asarray(_nhwc(_need(data, f"{prefix}/input/{name}")), dtype=dtype)
   t = jnp.asarray(_need(data, f"{prefix}/input/t"), dtype=jnp.int32)
   x_start, noise, x_t, model_out = inp("x_start"), inp("noise"), inp("x_t"), inp("model_out")
   ours: dict[str, np.ndarray] = {"betas": np.asarray(diffusion.betas),
@@ -73,7 +73,7 @@ def _group_outputs(data, prefix: str, schedule: str, respacing: str, steps: int,
 
 def _loss_outputs(data, prefix: str, schedule: str, dtype) -> dict[str, np.ndarray]:
   diffusion = schedules.create_diffusion(1000, schedule, "")
-  inp = lambda name: jnp.asarray(_nhwc(_need(data, f"{prefix}/input/{name}")), dtype=dtype)  # noqa: E731
+  inp = lambda name: jnp.asarray(_nhwc(_need(data, f"{prefix}/input/{name}")), dtype=dtype)
   t = jnp.asarray(_need(data, f"{prefix}/input/t"), dtype=jnp.int32)
   model_out = inp("model_out")
   terms = losses.training_losses(diffusion, lambda x, tt: model_out, inp("x_start"), t, inp("noise"))

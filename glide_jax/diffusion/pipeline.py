@@ -14,7 +14,8 @@ import dataclasses
 import json
 import os
 import pathlib
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -157,7 +158,7 @@ def _compiled_sampler(sm: SamplerModel, diffusion: schedules.Diffusion, shape: t
       u_text = model.apply(variables, u_tokens, u_mask, method="encode_text")
       model_fn = guidance.cfg_model_fn(apply_fn, (text, extra), (u_text, extra), guidance_scale)
     else:
-      model_fn = lambda x, t: apply_fn(x, t, (text, extra))  # noqa: E731
+      model_fn = lambda x, t: apply_fn(x, t, (text, extra))
     denoised_fn = guidance.inpaint_denoised_fn(inpaint_image, inpaint_mask) if inpaint else None
     cond_fn = None
     if clip is not None:

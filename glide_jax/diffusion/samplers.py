@@ -21,7 +21,8 @@ condition_score (the DDIM rule of [GD]) before their update.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -130,7 +130,7 @@ def diffusion_from_betas(betas: np.ndarray, timestep_map: np.ndarray | None = No
   post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
   # log of the posterior variance, with index 0 (which is 0) replaced by index 1's value.
   post_log_var = np.log(np.append(post_var[1], post_var[1:])) if n > 1 else np.log(betas)
-  cast = lambda a: np.asarray(a, dtype=dtype)  # noqa: E731
+  cast = lambda a: np.asarray(a, dtype=dtype)
   if timestep_map is None:
     timestep_map = np.arange(n, dtype=np.int32)
   return Diffusion(
