@@ -166,15 +166,15 @@ def test_sweep_cli_end_to_end(tiny_bundles, tmp_path):
 
   base, clip = tiny_bundles
   out = tmp_path / "sweep"
-  rc = cli.main(["eval", "sweep", "--bundle", str(base), "--clip-bundle", str(clip), "--scales", "1,4",
+  rc = cli.main(["eval", "sweep", "--bundle", str(base), "--clip-bundle", str(clip), "--scales", "2,4",
                  "--shapes-validation", "6", "--batch-size", "6", "--out", str(out),
                  "--tensorboard", str(tmp_path / "tb")])
   assert rc == 0
-  for name in ("sweep.csv", "sweep.json", "sweep.png", "prompts.txt", "grids/scale_1.png", "scale_4/00005.png"):
+  for name in ("sweep.csv", "sweep.json", "sweep.png", "prompts.txt", "grids/scale_2.png", "scale_4/00005.png"):
     assert (out / name).is_file(), name
   assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
   rows = sweep.read_table(out / "sweep.csv")
-  assert [r["guidance_scale"] for r in rows] == [1.0, 4.0] and all(r["n"] == 6 for r in rows)
+  assert [r["guidance_scale"] for r in rows] == [2.0, 4.0] and all(r["n"] == 6 for r in rows)
   settings = json.loads((out / "sweep.json").read_text())["settings"]
   assert settings["sampler"] == "ddim" and settings["timestep_respacing"] == "4"
   prompts = (out / "prompts.txt").read_text().splitlines()
@@ -194,8 +194,8 @@ def test_sweep_cli_end_to_end(tiny_bundles, tmp_path):
     assert cli.main(["eval", "accuracy", "--images", str(out / r["samples_dir"]), "--prompts",
                      str(out / "prompts.txt"), "--out", str(jpath)]) == 0
     assert json.loads(jpath.read_text())["all"] == pytest.approx(acc["all"])
-  assert pixels[1.0].shape == (6, 32, 32, 3)
-  assert not np.array_equal(pixels[1.0], pixels[4.0])  # the scale reached the sampler
+  assert pixels[2.0].shape == (6, 32, 32, 3)
+  assert not np.array_equal(pixels[2.0], pixels[4.0])  # the scale reached the sampler
 
 
 def test_accuracy_cli_attribute_files(tmp_path):
@@ -219,6 +219,28 @@ def test_accuracy_cli_attribute_files(tmp_path):
   (tmp_path / "bad.json").write_text(json.dumps({"colour": [9], "shape": [0], "size": [0], "position": [0]}))
   with pytest.raises(ValueError, match="colour=9 out of range"):
     eval_cmd.read_attributes_file(tmp_path / "bad.json")
+  (tmp_path / "p.txt").write_text("a small red circle on the left\n")
   with pytest.raises(SystemExit, match="8 images"):
-    (tmp_path / "p.txt").write_text("a small red circle on the left\n")
     cli.main(["eval", "accuracy", "--images", str(tmp_path / "imgs"), "--prompts", str(tmp_path / "p.txt")])
+  with pytest.raises(SystemExit, match="no prompts.json"):
+    cli.main(["eval", "accuracy", "--images", str(tmp_path / "imgs")])
+
+
+def test_accuracy_cli_on_a_sample_command_directory(tmp_path, capsys):
+  """`glide-jax sample` writes 000000.png ..., grid.png and prompts.json {file: prompt}."""
+  from glide_jax import cli
+  from glide_jax.data import render
+
+  a = render.sample_attributes(render.SPLIT_SEEDS["validation"], 100, 5)
+  images = render.render(a, 64)
+  captions = [render.caption(*(a[k][i] for k in ("colour", "shape", "size", "position", "template")))
+              for i in range(5)]
+  captions[0] = A.make_caption((a["colour"][0] + 1) % 6, a["shape"][0], a["size"][0], a["position"][0])
+  for i, im in enumerate(images):
+    Image.fromarray(im).save(tmp_path / f"{i:06d}.png")
+  Image.fromarray(plots.image_grid(images)).save(tmp_path / "grid.png")
+  (tmp_path / "prompts.json").write_text(json.dumps({f"{i:06d}.png": c for i, c in enumerate(captions)}))
+  assert cli.main(["eval", "accuracy", "--images", str(tmp_path), "--out", str(tmp_path / "r.json")]) == 0
+  r = json.loads((tmp_path / "r.json").read_text())
+  assert r["n"] == 5 and r["colour"] == pytest.approx(0.8) and r["shape"] == 1.0 and r["all"] == pytest.approx(0.8)
+  assert "over 5 samples" in capsys.readouterr().out

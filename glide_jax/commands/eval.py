@@ -26,17 +26,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.formatter_class = argparse.RawDescriptionHelpFormatter
   sub = parser.add_subparsers(dest="eval_command", metavar="METRIC", required=True)
 
+  images_help = ("directory of samples (PNG), in file-name order; a `glide-jax sample` output "
+                 "directory (with its prompts.json) brings its own prompts")
   p = sub.add_parser("accuracy", help="caption accuracy of glide_shapes samples")
-  p.add_argument("--images", required=True, help="directory of samples (PNG), in file-name order")
-  g = p.add_mutually_exclusive_group(required=True)
+  p.add_argument("--images", required=True, help=images_help)
+  g = p.add_mutually_exclusive_group()
   g.add_argument("--attributes", help="expected attributes: .json ({attr: [...]} or [{attr: ...}]) or "
                                       ".csv with columns colour,shape,size,position (indices or names)")
-  g.add_argument("--prompts", help="the prompts, one per line, in glide_shapes caption templates")
+  g.add_argument("--prompts", help="the prompts in glide_shapes caption templates: one per line, or .json")
   p.add_argument("--out", help="write the result as JSON here")
 
   p = sub.add_parser("clip-score", help="CLIP score of samples under a noised CLIP at t=0")
-  p.add_argument("--images", required=True)
-  p.add_argument("--prompts", required=True, help="one prompt per line, image order")
+  p.add_argument("--images", required=True, help=images_help)
+  p.add_argument("--prompts", help="one prompt per line (or .json), image order")
   p.add_argument("--clip-bundle", required=True, help="noised CLIP bundle (glide-jax export / import-torch)")
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--out")
@@ -116,18 +118,32 @@ def read_attributes_file(path: str | pathlib.Path) -> dict[str, np.ndarray]:
   return {a: np.asarray(v, np.int64) for a, v in out.items()}
 
 
-def _accuracy(args) -> int:
-  from glide_jax.eval import attributes as A
-  from glide_jax.eval.fid import load_image_dir
+def _images_and_prompts(args) -> tuple[np.ndarray, list[str] | None]:
+  from glide_jax.eval.fid import load_samples
   from glide_jax.eval.sweep import read_prompts
 
-  images = load_image_dir(args.images)
-  expected = (read_attributes_file(args.attributes) if args.attributes
-              else A.parse_captions(read_prompts(args.prompts)))
-  n_exp = len(expected["colour"])
-  if n_exp != len(images):
-    raise SystemExit(f"{args.images} has {len(images)} images but {args.attributes or args.prompts} "
-                     f"describes {n_exp}")
+  images, prompts = load_samples(args.images)
+  if getattr(args, "prompts", None):
+    prompts = read_prompts(args.prompts)
+  if prompts is not None and len(prompts) != len(images):
+    raise SystemExit(f"{args.images} has {len(images)} images but {args.prompts or 'its prompts.json'} "
+                     f"has {len(prompts)} prompts")
+  return images, prompts
+
+
+def _accuracy(args) -> int:
+  from glide_jax.eval import attributes as A
+
+  images, prompts = _images_and_prompts(args)
+  if args.attributes:
+    expected = read_attributes_file(args.attributes)
+    if len(expected["colour"]) != len(images):
+      raise SystemExit(f"{args.images} has {len(images)} images but {args.attributes} "
+                       f"describes {len(expected['colour'])}")
+  elif prompts is not None:
+    expected = A.parse_captions(prompts)
+  else:
+    raise SystemExit(f"{args.images} has no prompts.json: pass --prompts or --attributes")
   acc = A.caption_accuracy(images, expected)
   chance = A.chance_accuracy()
   print(f"caption accuracy over {acc['n']} samples (glide_shapes attribute reader): "
@@ -141,13 +157,10 @@ def _accuracy(args) -> int:
 
 def _clip_score(args) -> int:
   from glide_jax.eval.clip_score import clip_score_of_samples, format_clip_score
-  from glide_jax.eval.fid import load_image_dir
-  from glide_jax.eval.sweep import read_prompts
 
-  images = load_image_dir(args.images)
-  prompts = read_prompts(args.prompts)
-  if len(prompts) != len(images):
-    raise SystemExit(f"{args.images} has {len(images)} images but {args.prompts} has {len(prompts)} prompts")
+  images, prompts = _images_and_prompts(args)
+  if prompts is None:
+    raise SystemExit(f"{args.images} has no prompts.json: pass --prompts")
   result = clip_score_of_samples(args.clip_bundle, images, prompts, batch_size=args.batch_size)
   print(format_clip_score(result))
   _write_json(args.out, {**result, "images": str(args.images)})
@@ -158,7 +171,7 @@ def _fid(args) -> int:
   from glide_jax.eval import fid, frechet, inception
 
   params = inception.load_fid_inception_weights(args.inception_weights)
-  images = fid.load_image_dir(args.images)
+  images, _ = fid.load_samples(args.images)
   result = fid.compute_fid(images, args.reference, args.inception_weights, batch_size=args.batch_size,
                            reference=args.reference_name, params=params)
   print(fid.format_fid(result))

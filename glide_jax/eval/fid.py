@@ -42,6 +42,36 @@ def load_image_dir(path: str | os.PathLike, limit: int | None = None) -> np.ndar
   return np.stack(images)
 
 
+def load_samples(path: str | os.PathLike) -> tuple[np.ndarray, list[str] | None]:
+  """A samples directory -> (uint8 [N, H, W, 3], prompts or None).
+
+  A directory written by `glide-jax sample` holds `prompts.json` ({file name: prompt}) next to its
+  samples and a grid: exactly the files it names are read, in file-name order, with their prompts.
+  Any other directory: every image in it, in file-name order, and no prompts.
+  """
+  import json
+
+  from PIL import Image
+
+  path = pathlib.Path(path)
+  index = path / "prompts.json"
+  if not index.is_file():
+    return load_image_dir(path), None
+  mapping = json.loads(index.read_text())
+  if not isinstance(mapping, dict):
+    raise TypeError(f"{index}: expected {{file name: prompt}}")
+  names = sorted(mapping)
+  images = []
+  for name in names:
+    if not (path / name).is_file():
+      raise FileNotFoundError(f"{index} names {name}, which is not in {path}")
+    with Image.open(path / name) as im:
+      images.append(np.asarray(im.convert("RGB")))
+  if len({im.shape for im in images}) > 1:
+    raise ValueError(f"{path}: the samples named in prompts.json differ in size")
+  return np.stack(images), [str(mapping[n]) for n in names]
+
+
 def _as_images(x: ImagesOrPath, name: str) -> tuple[np.ndarray, str]:
   if isinstance(x, (str, os.PathLike)):
     return load_image_dir(x), os.fspath(x)

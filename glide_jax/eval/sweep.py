@@ -37,16 +37,22 @@ METRIC_DEFINITIONS = {
     "n": "samples per guidance scale",
 }
 
-_SAMPLER_ALIASES = {"ddpm": "ancestral", "p_sample": "ancestral"}
-
-
 def scale_dirname(scale: float) -> str:
   return f"scale_{scale:g}"
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
-  """One prompt per line; blank lines are skipped."""
-  lines = pathlib.Path(path).read_text().splitlines()
+  """One prompt per line (blank lines skipped), or a .json list, or the {file name: prompt}
+  `prompts.json` that `glide-jax sample` writes (ordered by file name)."""
+  path = pathlib.Path(path)
+  if path.suffix.lower() == ".json":
+    data = json.loads(path.read_text())
+    if isinstance(data, dict):
+      return [str(data[k]) for k in sorted(data)]
+    if isinstance(data, list):
+      return [str(x) for x in data]
+    raise ValueError(f"{path}: expected a JSON list of prompts or a {{file: prompt}} object")
+  lines = path.read_text().splitlines()
   prompts = [line.strip() for line in lines if line.strip()]
   if not prompts:
     raise ValueError(f"{path}: no prompts")
@@ -75,50 +81,26 @@ def save_images(directory: str | os.PathLike, images: np.ndarray) -> pathlib.Pat
 
 def make_generator(bundle_path: str | os.PathLike, sampler: str | None = None,
                    respacing: str | None = None, batch_size: int = 16, seed: int = 0,
-                   clip_denoised: bool = True) -> tuple[GenerateFn, dict[str, Any]]:
-  """A base (text2im) bundle -> generate(prompts, guidance_scale) -> uint8 [N, S, S, 3], and settings.
+                   tokenizer: Any = None) -> tuple[GenerateFn, dict[str, Any]]:
+  """A base (text2im) bundle or workdir -> generate(prompts, guidance_scale) -> uint8 [N, S, S, 3].
 
-  Classifier-free guidance on one doubled batch (glide_jax.diffusion.guidance.cfg_model_fn), the
-  text encoded once per batch, one compiled sampler for every batch and scale.
+  Sampling goes through `glide_jax.diffusion.pipeline.generate` (what `glide-jax sample` runs):
+  classifier-free guidance on one doubled batch, the text encoded once per batch, one compilation
+  per (batch shape, sampler). Batch b of every scale uses the key fold_in(PRNGKey(seed), b), so
+  all scales see the same noise.
   """
   import jax
-  import jax.numpy as jnp
-  from jax.tree_util import Partial
 
-  from glide_jax import bundle
-  from glide_jax.data.tokenizers import load_tokenizer
-  from glide_jax.diffusion.guidance import cfg_model_fn
-  from glide_jax.diffusion.samplers import SAMPLERS, sample
-  from glide_jax.diffusion.schedules import create_diffusion
-  from glide_jax.models import registry
+  from glide_jax.diffusion import pipeline
 
-  params, meta = bundle.load_bundle(bundle_path)
-  kind = registry.canonical_kind(meta["model"]["kind"])
-  if kind != "text2im":
-    raise ValueError(f"{bundle_path}: a guidance sweep needs a base text2im bundle, this one is {kind!r}")
-  if not meta.get("tokenizer"):
-    raise ValueError(f"{bundle_path}: meta.json names no tokenizer")
-  options = meta["model"].get("options") or {}
-  model = registry.create_model(kind, options)
-  size = int(registry.resolve_options(kind, options)["image_size"])
-  tok = load_tokenizer(meta["tokenizer"])
-  d = meta.get("diffusion") or {}
-  sampler = _SAMPLER_ALIASES.get(sampler or d.get("sampler") or "ancestral",
-                                 sampler or d.get("sampler") or "ancestral")
-  if sampler not in SAMPLERS:
-    raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
-  respacing = str(respacing if respacing is not None else d.get("timestep_respacing") or "100")
-  diffusion = create_diffusion(int(d.get("steps", 1000)), d.get("noise_schedule", "squaredcos_cap_v2"),
-                               respacing)
-  variables = {"params": jax.tree_util.tree_map(jnp.asarray, params)}
-  key = jax.random.PRNGKey(seed)
-
-  encode = jax.jit(lambda v, tokens, mask: model.apply(v, tokens, mask, method="encode_text"))
-
-  def guided(v, cond, uncond, scale, x, t):
-    # Bound through Partial: parameters, text and scale are traced, so nothing recompiles per batch.
-    apply_fn = lambda xx, tt, c: model.apply(v, xx, tt, text_cond=c)
-    return cfg_model_fn(apply_fn, cond, uncond, scale)(x, t)
+  sm = pipeline.load_sampler_model(bundle_path, tokenizer=tokenizer)
+  if sm.kind != "text2im":
+    raise ValueError(f"{bundle_path}: a guidance sweep needs a base text2im bundle, this one is {sm.kind!r}")
+  sampler = pipeline.canonical_sampler(sampler or sm.diffusion_settings.get("sampler") or "ancestral")
+  if respacing is None:  # the bundle's respacing; a sweep never defaults to all 1000 steps
+    respacing = str(sm.diffusion_settings.get("timestep_respacing") or "100")
+  diffusion = pipeline.make_diffusion(sm, respacing)
+  root = jax.random.PRNGKey(seed)
 
   def generate(prompts: Sequence[str], guidance_scale: float) -> np.ndarray:
     out = []
@@ -126,20 +108,16 @@ def make_generator(bundle_path: str | os.PathLike, sampler: str | None = None,
       batch = list(prompts[lo:lo + batch_size])
       n = len(batch)
       batch += [batch[-1]] * (batch_size - n)  # fixed batch shape: one compilation
-      tokens, mask = tok.encode_batch(batch)
-      empty_tokens, empty_mask = tok.empty(batch_size)
-      cond = encode(variables, jnp.asarray(tokens), jnp.asarray(mask))
-      uncond = encode(variables, jnp.asarray(empty_tokens), jnp.asarray(empty_mask))
-      model_fn = Partial(guided, variables, cond, uncond, jnp.float32(guidance_scale))
-      x = sample(model_fn, diffusion, (batch_size, size, size, 3), jax.random.fold_in(key, b),
-                 sampler=sampler, clip_denoised=clip_denoised)
-      x = np.asarray(x, np.float32)[:n]
-      out.append(np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8))
+      x = pipeline.generate(sm, batch, jax.random.fold_in(root, b), guidance_scale=float(guidance_scale),
+                            sampler=sampler, respacing=respacing)
+      out.append(np.clip(np.round((np.asarray(x[:n], np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8))
     return np.concatenate(out)
 
-  settings = {"bundle": str(bundle_path), "sampler": sampler, "timestep_respacing": respacing,
-              "diffusion_steps": int(d.get("steps", 1000)), "image_size": size, "seed": seed,
-              "batch_size": batch_size}
+  settings = {"bundle": str(bundle_path), "sampler": sampler,
+              "timestep_respacing": diffusion.timestep_respacing or str(diffusion.num_timesteps),
+              "sampling_steps": int(diffusion.num_timesteps),
+              "diffusion_steps": int(diffusion.original_num_steps), "image_size": int(sm.image_size),
+              "seed": seed, "batch_size": batch_size}
   return generate, settings
 
 
