@@ -91,3 +91,35 @@ def test_statistics_file_round_trip_and_errors(tmp_path):
     frechet.frechet_distance(mu, sigma, mu, sigma[:3, :3])
   with pytest.raises(ValueError, match="at least 2"):
     frechet.feature_statistics(np.zeros((1, 4)))
+
+
+def _pr_brute_force(real, fake, k):
+  def radii(x):
+    out = []
+    for i in range(len(x)):
+      d = sorted(float(np.sum((x[i] - x[j]) ** 2)) for j in range(len(x)) if j != i)
+      out.append(d[k - 1])
+    return out
+
+  def cover(points, centres, r):
+    return np.mean([any(np.sum((p - c) ** 2) <= rc for c, rc in zip(centres, r)) for p in points])
+  return cover(fake, real, radii(real)), cover(real, fake, radii(fake))
+
+
+def test_precision_recall_against_brute_force():
+  from glide_jax.eval.precision_recall import precision_recall
+
+  rng = np.random.default_rng(6)
+  real = rng.normal(size=(40, 3))
+  fake = rng.normal(size=(30, 3)) * 0.5 + np.array([1.0, 0, 0])  # narrower, shifted: precise, low recall
+  got = precision_recall(real, fake, k=3, batch=7)
+  p, r = _pr_brute_force(real, fake, 3)
+  assert got["precision"] == pytest.approx(p) and got["recall"] == pytest.approx(r)
+  assert got["precision"] > got["recall"]
+  assert (got["k"], got["n_real"], got["n_fake"]) == (3, 40, 30)
+  same = precision_recall(real, real.copy(), k=3)
+  assert same["precision"] == 1.0 and same["recall"] == 1.0
+  far = precision_recall(real, fake + 100.0, k=3)
+  assert far["precision"] == 0.0 and far["recall"] == 0.0
+  with pytest.raises(ValueError, match="k=40"):
+    precision_recall(real, fake, k=40)

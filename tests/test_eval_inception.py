@@ -323,3 +323,10 @@ def test_compute_fid_against_reference_features(reference_net, tmp_path, monkeyp
   assert out["fid"] == 42.0
   assert (out["n_a"], out["n_b"], out["reference"]) == (6, 4, str(ref_dir))
   assert "6 samples vs 4 reference images" in fid.format_fid(out)
+  # Precision/recall on the same features, against the reference's features directly.
+  from glide_jax.eval.precision_recall import precision_recall
+  out_pr = fid.compute_fid(a, ref_dir, weights_path=None, batch_size=2, params=params, resize=False,
+                           precision_recall_k=2)
+  want_pr = precision_recall(fb, fa, k=2)
+  assert (out_pr["precision"], out_pr["recall"]) == (want_pr["precision"], want_pr["recall"])
+  assert "k=2 nearest" in fid.format_fid(out_pr)

@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                  help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid's FID weights) or a "
                       ".safetensors/.npz conversion; never downloaded")
   p.add_argument("--batch-size", type=int, default=50)
+  p.add_argument("--precision-recall", type=int, metavar="K", default=0,
+                 help="also improved precision/recall with K nearest neighbours (needs reference images)")
   p.add_argument("--save-stats", help="also write the --images set's statistics to this .npz "
                                       "(reuse it later as --reference)")
   p.add_argument("--out")
@@ -173,7 +175,8 @@ def _fid(args) -> int:
   params = inception.load_fid_inception_weights(args.inception_weights)
   images, _ = fid.load_samples(args.images)
   result = fid.compute_fid(images, args.reference, args.inception_weights, batch_size=args.batch_size,
-                           reference=args.reference_name, params=params)
+                           reference=args.reference_name, params=params,
+                           precision_recall_k=args.precision_recall or None)
   print(fid.format_fid(result))
   if args.save_stats:
     mu, sigma, n = fid.inception_statistics(images, inception.make_feature_fn(params), args.batch_size)

@@ -88,36 +88,64 @@ def inception_statistics(images: np.ndarray, feature_fn, batch_size: int = 50
                                inception.FEATURE_DIM)
 
 
+def inception_features(images: np.ndarray, feature_fn, batch_size: int = 50) -> np.ndarray:
+  """uint8 images [N, H, W, 3] -> pool3 features [N, 2048] float32 (kept, for precision/recall)."""
+  return np.concatenate([f.astype(np.float32) for f in
+                         inception.batched_features(feature_fn, images, batch_size)])
+
+
 def compute_fid(images_a: ImagesOrPath, images_b: ImagesOrPath, weights_path: str | os.PathLike,
                 batch_size: int = 50, reference: str | None = None,
-                params: Mapping[str, Any] | None = None, resize: bool = True) -> dict[str, Any]:
+                params: Mapping[str, Any] | None = None, resize: bool = True,
+                precision_recall_k: int | None = None) -> dict[str, Any]:
   """FID between `images_a` (e.g. samples) and `images_b` (the reference set).
 
   images_a: uint8 [N, H, W, 3] or a directory of images. images_b: the same, or an `.npz` of
   reference statistics written by `frechet.save_statistics` (whose stored name and N are used).
   weights_path: the FID Inception weights (see `inception.load_fid_inception_weights`).
   `params` skips reading the file (already loaded); `resize=False` is for tests only.
-  Returns {'fid', 'n_a', 'n_b', 'reference', 'features': 'FID Inception-v3 pool3 (2048-d)'}.
+  `precision_recall_k`: also improved precision/recall with this k (needs reference images).
+  Returns {'fid', 'n_a', 'n_b', 'reference', 'features'} (+ 'precision', 'recall', 'pr_k').
   """
   if params is None:
     params = inception.load_fid_inception_weights(weights_path)
   feature_fn = inception.make_feature_fn(params, resize=resize)
   a, _ = _as_images(images_a, "images_a")
-  mu_a, sigma_a, n_a = inception_statistics(a, feature_fn, batch_size)
-  if isinstance(images_b, (str, os.PathLike)) and os.fspath(images_b).endswith(".npz"):
+  b_is_stats = isinstance(images_b, (str, os.PathLike)) and os.fspath(images_b).endswith(".npz")
+  if precision_recall_k and b_is_stats:
+    raise ValueError(f"precision/recall needs reference images, not stored statistics ({images_b})")
+  feats_a = feats_b = None
+  if precision_recall_k:
+    feats_a = inception_features(a, feature_fn, batch_size)
+    (mu_a, sigma_a), n_a = frechet.feature_statistics(feats_a), len(feats_a)
+  else:
+    mu_a, sigma_a, n_a = inception_statistics(a, feature_fn, batch_size)
+  if b_is_stats:
     mu_b, sigma_b, n_b, ref_name = frechet.load_statistics(images_b)
   else:
     b, ref_name = _as_images(images_b, "images_b")
-    mu_b, sigma_b, n_b = inception_statistics(b, feature_fn, batch_size)
+    if precision_recall_k:
+      feats_b = inception_features(b, feature_fn, batch_size)
+      (mu_b, sigma_b), n_b = frechet.feature_statistics(feats_b), len(feats_b)
+    else:
+      mu_b, sigma_b, n_b = inception_statistics(b, feature_fn, batch_size)
   # With N <= 2048 the covariances are rank-deficient (and FID strongly biased): offset at once.
   rank_deficient = min(n_a, n_b) <= inception.FEATURE_DIM
   value = frechet.frechet_distance(mu_a, sigma_a, mu_b, sigma_b, singular=rank_deficient)
-  return {"fid": value, "n_a": int(n_a),
-          "n_b": int(n_b), "reference": reference or ref_name,
-          "features": "FID Inception-v3 pool3 (2048-d), pt_inception-2015-12-05"}
+  result = {"fid": value, "n_a": int(n_a), "n_b": int(n_b), "reference": reference or ref_name,
+            "features": "FID Inception-v3 pool3 (2048-d), pt_inception-2015-12-05"}
+  if precision_recall_k:
+    from glide_jax.eval.precision_recall import precision_recall
+    pr = precision_recall(feats_b, feats_a, k=precision_recall_k)
+    result.update(precision=pr["precision"], recall=pr["recall"], pr_k=int(precision_recall_k))
+  return result
 
 
 def format_fid(result: Mapping[str, Any]) -> str:
-  """'FID 12.34 (N=5000 samples vs N=10000 of <reference>)': never a bare number."""
-  return (f"FID {result['fid']:.3f} ({result['n_a']} samples vs {result['n_b']} reference images "
+  """'FID 12.34 (5000 samples vs 10000 reference images of <reference>; ...)': never a bare number."""
+  text = (f"FID {result['fid']:.3f} ({result['n_a']} samples vs {result['n_b']} reference images "
           f"of {result['reference']}; {result.get('features', 'FID Inception-v3 pool3')})")
+  if "precision" in result:
+    text += (f"; precision {result['precision']:.3f}, recall {result['recall']:.3f} "
+             f"(k={result['pr_k']} nearest neighbours, same features)")
+  return text
