@@ -51,6 +51,11 @@ def test_image_grid_layout():
   assert (grid[6:10, 13:18] == 255).all()  # the empty sixth cell stays padding
   with pytest.raises(ValueError, match="uint8"):
     plots.image_grid(images.astype(np.float32))
+  framed = plots.image_grid(images[:2], ncols=2, pad=1, frames=[True, False])
+  assert tuple(framed[0, 0]) == plots.GOOD and tuple(framed[0, 6]) == plots.BAD
+  assert (framed[1:5, 1:6] == 10).all()
+  with pytest.raises(ValueError, match="3 frames for 2 images"):
+    plots.image_grid(images[:2], frames=[True] * 3)
 
 
 def _read_events(logdir):
@@ -240,7 +245,13 @@ def test_accuracy_cli_on_a_sample_command_directory(tmp_path, capsys):
     Image.fromarray(im).save(tmp_path / f"{i:06d}.png")
   Image.fromarray(plots.image_grid(images)).save(tmp_path / "grid.png")
   (tmp_path / "prompts.json").write_text(json.dumps({f"{i:06d}.png": c for i, c in enumerate(captions)}))
-  assert cli.main(["eval", "accuracy", "--images", str(tmp_path), "--out", str(tmp_path / "r.json")]) == 0
+  assert cli.main(["eval", "accuracy", "--images", str(tmp_path), "--out", str(tmp_path / "r.json"),
+                   "--grid", str(tmp_path / "g.png"), "--tensorboard", str(tmp_path / "tb"), "--step", "7"]) == 0
   r = json.loads((tmp_path / "r.json").read_text())
   assert r["n"] == 5 and r["colour"] == pytest.approx(0.8) and r["shape"] == 1.0 and r["all"] == pytest.approx(0.8)
   assert "over 5 samples" in capsys.readouterr().out
+  # The grid (cells 64 px + 2 px frames, scale 1): sample 0 framed red, sample 1 green.
+  grid = np.asarray(Image.open(tmp_path / "g.png"))
+  assert tuple(grid[0, 0]) == plots.BAD and tuple(grid[0, 66 + 1]) == plots.GOOD
+  scalars = {v.tag: (e.step, v.simple_value) for e in _read_events(tmp_path / "tb") for v in e.summary.value}
+  assert scalars["accuracy/all"] == (7, pytest.approx(0.8)) and scalars["accuracy/colour"][1] == pytest.approx(0.8)

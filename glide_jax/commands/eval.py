@@ -34,7 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--attributes", help="expected attributes: .json ({attr: [...]} or [{attr: ...}]) or "
                                       ".csv with columns colour,shape,size,position (indices or names)")
   g.add_argument("--prompts", help="the prompts in glide_shapes caption templates: one per line, or .json")
+  p.add_argument("--grid", help="write a PNG grid of the first 256 samples, framed green (read back "
+                                "right) or red (wrong)")
   p.add_argument("--out", help="write the result as JSON here")
+  _add_tensorboard(p)
 
   p = sub.add_parser("clip-score", help="CLIP score of samples under a noised CLIP at t=0")
   p.add_argument("--images", required=True, help=images_help)
@@ -42,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   p.add_argument("--clip-bundle", required=True, help="noised CLIP bundle (glide-jax export / import-torch)")
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--out")
+  _add_tensorboard(p)
 
   p = sub.add_parser("fid", help="FID against a reference set (FID Inception-v3 pool3)")
   p.add_argument("--images", required=True, help="directory of samples")
@@ -57,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   p.add_argument("--save-stats", help="also write the --images set's statistics to this .npz "
                                       "(reuse it later as --reference)")
   p.add_argument("--out")
+  _add_tensorboard(p)
 
   p = sub.add_parser("sweep", help="guidance sweep: accuracy / CLIP score vs guidance scale")
   p.add_argument("--bundle", required=True, help="base (text2im) bundle to sample")
@@ -72,6 +77,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   p.add_argument("--batch-size", type=int, default=16)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--tensorboard", help="also log scalars, grids and the plot to this TensorBoard dir")
+
+
+def _add_tensorboard(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--tensorboard", help="also log the result as TensorBoard scalars in this directory")
+  p.add_argument("--step", type=int, default=0, help="TensorBoard step (e.g. the training step of the samples)")
+
+
+def _log_tensorboard(args, values: dict[str, float]) -> None:
+  if getattr(args, "tensorboard", None):
+    from glide_jax.eval import plots
+    tb = plots.TensorBoard(args.tensorboard)
+    tb.scalars(args.step, values)
+    tb.close()
 
 
 def _write_json(path: str | None, result: dict[str, Any]) -> None:
@@ -146,8 +164,14 @@ def _accuracy(args) -> int:
     expected = A.parse_captions(prompts)
   else:
     raise SystemExit(f"{args.images} has no prompts.json: pass --prompts or --attributes")
-  acc = A.caption_accuracy(images, expected)
+  acc = A.caption_accuracy(images, expected, return_per_sample=True)
+  per_sample = acc.pop("per_sample")
   chance = A.chance_accuracy()
+  if args.grid:
+    from glide_jax.eval import plots
+    plots.save_grid(args.grid, images[:256], scale=max(1, 96 // images.shape[1]), frames=per_sample[:256])
+    print(f"wrote {args.grid} (green: all four attributes read back right; red: not)")
+  _log_tensorboard(args, {f"accuracy/{k}": v for k, v in acc.items() if k in ("all",) + A.ATTRIBUTES})
   print(f"caption accuracy over {acc['n']} samples (glide_shapes attribute reader): "
         f"all four {acc['all']:.4f} (chance {chance['all']:.4f}); "
         + ", ".join(f"{a} {acc[a]:.4f}" for a in A.ATTRIBUTES)
@@ -165,6 +189,7 @@ def _clip_score(args) -> int:
     raise SystemExit(f"{args.images} has no prompts.json: pass --prompts")
   result = clip_score_of_samples(args.clip_bundle, images, prompts, batch_size=args.batch_size)
   print(format_clip_score(result))
+  _log_tensorboard(args, {"clip_score/mean": result["mean"], "clip_score/std": result["std"]})
   _write_json(args.out, {**result, "images": str(args.images)})
   return 0
 
@@ -178,6 +203,7 @@ def _fid(args) -> int:
                            reference=args.reference_name, params=params,
                            precision_recall_k=args.precision_recall or None)
   print(fid.format_fid(result))
+  _log_tensorboard(args, {f"fid/{k}": result[k] for k in ("fid", "precision", "recall") if k in result})
   if args.save_stats:
     mu, sigma, n = fid.inception_statistics(images, inception.make_feature_fn(params), args.batch_size)
     frechet.save_statistics(args.save_stats, mu, sigma, n, str(args.images))

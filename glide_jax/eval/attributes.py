@@ -154,7 +154,8 @@ def read_attributes_batch(images: np.ndarray | Sequence[np.ndarray]) -> dict[str
 
 
 def caption_accuracy(images: np.ndarray | Sequence[np.ndarray],
-                     attributes: Mapping[str, Sequence[int] | np.ndarray]) -> dict[str, float | int]:
+                     attributes: Mapping[str, Sequence[int] | np.ndarray],
+                     return_per_sample: bool = False) -> dict[str, float | int]:
   """Fraction of images whose read-back attributes match the ones their captions asked for.
 
   images: [N, H, W, 3] uint8; attributes: {'colour', 'shape', 'size', 'position'} -> int [N].
@@ -177,6 +178,8 @@ def caption_accuracy(images: np.ndarray | Sequence[np.ndarray],
   result["all"] = float(np.mean(np.all([correct[a] for a in ATTRIBUTES], axis=0)))
   result["n"] = int(n)
   result["unreadable"] = int(np.sum(got["colour"] == UNREADABLE))
+  if return_per_sample:
+    result["per_sample"] = np.all([correct[a] for a in ATTRIBUTES], axis=0)  # type: ignore[assignment]
   return result
 
 

@@ -12,10 +12,17 @@ from typing import Any
 
 import numpy as np
 
+GOOD = (40, 170, 60)  # frame of a sample whose caption was read back right
+BAD = (220, 40, 40)
 
-def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2, pad_value: int = 255
-               ) -> np.ndarray:
-  """uint8 [N, H, W, 3] -> one uint8 [rows*(H+pad)+pad, cols*(W+pad)+pad, 3] grid, row-major."""
+
+def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2, pad_value: int = 255,
+               frames: Sequence[bool] | np.ndarray | None = None) -> np.ndarray:
+  """uint8 [N, H, W, 3] -> one uint8 [rows*(H+pad)+pad, cols*(W+pad)+pad, 3] grid, row-major.
+
+  frames: optional [N] bools; each cell gets a `pad`-wide green (True) or red (False) frame, e.g.
+  whether the attribute reader found the sample's caption.
+  """
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"image_grid expects [N, H, W, 3], got shape {images.shape}")
@@ -25,19 +32,23 @@ def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2, pad_v
   ncols = ncols or max(1, math.ceil(math.sqrt(n)))
   nrows = math.ceil(n / ncols)
   grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), pad_value, np.uint8)
+  if frames is not None and len(frames) != n:
+    raise ValueError(f"image_grid: {len(frames)} frames for {n} images")
   for i in range(n):
     r, c = divmod(i, ncols)
     y, x = pad + r * (h + pad), pad + c * (w + pad)
+    if frames is not None and pad > 0:
+      grid[y - pad:y + h + pad, x - pad:x + w + pad] = GOOD if frames[i] else BAD
     grid[y:y + h, x:x + w] = images[i]
   return grid
 
 
 def save_grid(path: str | os.PathLike, images: np.ndarray, ncols: int | None = None,
-              scale: int = 1) -> pathlib.Path:
+              scale: int = 1, frames: Sequence[bool] | np.ndarray | None = None) -> pathlib.Path:
   """Writes `image_grid(images)` as a PNG, optionally upscaled by `scale` (nearest) for small images."""
   from PIL import Image
 
-  grid = image_grid(images, ncols)
+  grid = image_grid(images, ncols, frames=frames)
   if scale > 1:
     grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
   path = pathlib.Path(path)

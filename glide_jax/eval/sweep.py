@@ -5,7 +5,8 @@ Every scale uses the same prompts and the same noise (one PRNG key): rows differ
 Layout of the output directory:
   prompts.txt                   the prompts, one per line (row i = image i of every scale)
   scale_<s>/00000.png ...       the samples (only they: the directory feeds `glide-jax eval accuracy`)
-  grids/scale_<s>.png           a grid of the first 64 samples of each scale
+  grids/scale_<s>.png           the first 64 samples of each scale, framed green (caption read back
+                                right) or red (wrong) when the prompts are glide_shapes captions
   sweep.csv, sweep.json         one row per scale (json adds the run's settings and metric definitions)
   sweep.png                     accuracy and CLIP score vs scale, and accuracy vs CLIP score
 """
@@ -145,13 +146,16 @@ def run_sweep(generate: GenerateFn, prompts: Sequence[str], scales: Sequence[flo
     if len(images) != len(prompts):
       raise RuntimeError(f"generator returned {len(images)} images for {len(prompts)} prompts")
     sdir = save_images(out / scale_dirname(scale), images)
-    grid = plots.save_grid(out / "grids" / f"{scale_dirname(scale)}.png", images[:64],
-                           scale=max(1, 128 // images.shape[1]))
     row: dict[str, Any] = {c: None for c in COLUMNS}
     row.update(guidance_scale=float(scale), n=len(images), samples_dir=str(sdir.relative_to(out)))
+    frames = None
     if attributes is not None:
-      acc = attrs_lib.caption_accuracy(images, attributes)
+      acc = attrs_lib.caption_accuracy(images, attributes, return_per_sample=True)
+      frames = acc["per_sample"][:64]
       row.update({f"acc_{k}": acc[k] for k in ("all",) + attrs_lib.ATTRIBUTES}, unreadable=acc["unreadable"])
+    # Green frame: all four attributes read back as the prompt asked; red: not.
+    grid = plots.save_grid(out / "grids" / f"{scale_dirname(scale)}.png", images[:64],
+                           scale=max(1, 128 // images.shape[1]), frames=frames)
     if clip is not None:
       from glide_jax.eval.clip_score import clip_score_of_samples
       cs = clip_score_of_samples(clip, images, prompts)
