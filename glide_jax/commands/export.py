@@ -86,6 +86,9 @@ def export(workdir: str, out: str | None = None, which: str = "ema", rate: float
     raise FileNotFoundError(f"{workdir} is not a training workdir: {cfg_file} is missing")
   with open(cfg_file) as f:
     config = config_lib.config_from_json(f.read())
+  if which == "ema" and not len(config.ema.rates):
+    print("glide-jax export: this run keeps no EMA; exporting the trained parameters", file=sys.stderr)
+    which = "raw"
   if rate is None and len(config.ema.rates):
     rate = float(config.ema.rates[0])  # the config's first EMA rate
   params, step = load_params(workdir, which, rate, step)

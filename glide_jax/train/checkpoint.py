@@ -78,10 +78,13 @@ class Checkpointer:
       return False
     main, ema = _state_items(state)
     cfg = json.loads(config_lib.config_to_json(config))
-    args = ocp.args.Composite(
-        state=ocp.args.StandardSave(main), ema=ocp.args.StandardSave(ema),
+    items = dict(
+        state=ocp.args.StandardSave(main),
         rng=ocp.args.StandardSave({"key_data": jax.random.key_data(rng)}),
         data=ocp.args.JsonSave(dict(data_state)), config=ocp.args.JsonSave(cfg))
+    if ema:  # a run without EMA (the noised CLIP) has no `ema` item: orbax refuses empty trees
+      items["ema"] = ocp.args.StandardSave(ema)
+    args = ocp.args.Composite(**items)
     return bool(self.manager.save(step, args=args, force=True))
 
   def wait(self) -> None:
@@ -119,14 +122,15 @@ class Checkpointer:
     main_like, ema_like = _state_items(state_like)
     main_sh, ema_sh = _state_items(shardings)
     rng_sh = jax.sharding.NamedSharding(jax.tree.leaves(shardings)[0].mesh, jax.sharding.PartitionSpec())
-    args = ocp.args.Composite(
+    items = dict(
         state=ocp.args.StandardRestore(_abstract(main_like, main_sh)),
-        ema=ocp.args.StandardRestore(_abstract(ema_like, ema_sh)),
         rng=ocp.args.StandardRestore({"key_data": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rng_sh)}),
         data=ocp.args.JsonRestore())
-    r = self.manager.restore(step, args=args)
+    if ema_like:
+      items["ema"] = ocp.args.StandardRestore(_abstract(ema_like, ema_sh))
+    r = self.manager.restore(step, args=ocp.args.Composite(**items))
     m = r["state"]
-    state = TrainState(step=m["step"], params=m["params"], opt_state=m["opt_state"], ema=r["ema"],
+    state = TrainState(step=m["step"], params=m["params"], opt_state=m["opt_state"], ema=r["ema"] if ema_like else {},
                        skipped=m["skipped"], sampler=m["sampler"])
     rng = jax.random.wrap_key_data(r["rng"]["key_data"])
     return state, rng, dict(r["data"] or {})
