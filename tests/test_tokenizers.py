@@ -146,7 +146,7 @@ def test_gpt2_bpe_matches_reference_on_tiny_files(tiny_gpt2):
   assert tok.decode(tokens[0, :mask[0].sum()]) == "hello hello"
   assert not mask[4].any() and (tokens[4] == tok.pad_id).all()
   # Truncation: 30 pieces into a context of 24.
-  t2, m2 = tok.encode_batch(["hello " * 30])
+  _, m2 = tok.encode_batch(["hello " * 30])
   assert m2.all() and tok.truncated == 1
 
 
@@ -161,6 +161,52 @@ def test_gpt2_bpe_gz_files_and_directory(tiny_gpt2):
   assert tokens[0, :mask[0].sum()].tolist() == reference_bpe_encode("Hello red circle", encoder, ranks, byte_enc)
   assert tokenizers.load_tokenizer(tok.spec()).encode_batch(["Hello"])[0].tolist() == \
       tok.encode_batch(["Hello"])[0].tolist()
+
+
+CLIP_MERGES = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o</w>"), ("r", "e"), ("re", "d</w>"),
+               ("c", "i"), ("ci", "r"), ("cir", "cle</w>"), ("c", "le</w>"), ("l", "e</w>")]
+
+
+def reference_clip_encode(text, vocab, ranks, byte_enc, ctx):
+  """CLIP's BPE written out plainly (ASCII text): end-of-word suffix, SOT/EOT, zero padding."""
+  text = re.sub(r"\s+", " ", text).strip().lower()
+  ids = []
+  for piece in re.findall(r"'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+", text):
+    chars = [byte_enc[b] for b in piece.encode()]
+    word = chars[:-1] + [chars[-1] + "</w>"]
+    while len(word) > 1:
+      pairs = [(ranks.get((word[i], word[i + 1]), 1e9), i) for i in range(len(word) - 1)]
+      r, i = min(pairs)
+      if r == 1e9:
+        break
+      word = word[:i] + [word[i] + word[i + 1]] + word[i + 2:]
+    ids.extend(vocab[w] for w in word)
+  seq = [vocab["<|startoftext|>"]] + ids[:ctx - 2] + [vocab["<|endoftext|>"]]
+  return seq + [0] * (ctx - len(seq)), len(seq)
+
+
+def test_clip_bpe_on_tiny_file(tmp_path):
+  byte_enc = bytes_to_unicode()
+  symbols = list(byte_enc.values())
+  vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in CLIP_MERGES]
+  vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+  vocab = {v: i for i, v in enumerate(vocab_list)}
+  path = tmp_path / "bpe_simple_vocab_16e6.txt.gz"
+  path.write_bytes(gzip.compress(("\"bpe_simple_vocab_16e6.txt#version: 0.2\n"
+                                  + "\n".join(" ".join(m) for m in CLIP_MERGES)).encode()))
+  tok = tokenizers.load_tokenizer({"type": "clip", "path": str(tmp_path), "text_ctx": 10})
+  assert tok.vocab_size == len(vocab_list) and tok.pad_id == 0
+  ranks = {m: i for i, m in enumerate(CLIP_MERGES)}
+  texts = ["Hello red circle", "hello,  HELLO!", "", "it's a red red red red red red red red"]
+  tokens, mask = tok.encode_batch(texts)
+  for row, text in enumerate(texts):
+    want, length = reference_clip_encode(text, vocab, ranks, byte_enc, 10)
+    assert tokens[row].tolist() == want, text
+    assert mask[row].sum() == length and mask[row, :length].all()
+  assert tokens[0, 1:3].tolist() == [vocab["hello</w>"], vocab["red</w>"]]
+  assert mask[2].sum() == 2  # the empty caption is [SOT, EOT], as in GLIDE's CLIP
+  assert tok.truncated == 1
+  assert tok.decode(tokens[0]) == "hello red circle"
 
 
 def test_train_tokenizer_cli(tmp_path):

@@ -4,5 +4,5 @@ Importing this package registers the TFDS builders `glide_shapes` and `image_fol
 `tfds.load("glide_shapes/size64", split="validation")` works after `import glide_jax.data`.
 TensorFlow itself is imported only when a builder prepares or a pipeline is built.
 """
-from glide_jax.data import image_folder as image_folder  # noqa: F401  (registers `image_folder`)
-from glide_jax.data import shapes as shapes  # noqa: F401  (registers `glide_shapes`)
+from glide_jax.data import image_folder as image_folder
+from glide_jax.data import shapes as shapes

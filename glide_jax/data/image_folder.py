@@ -26,7 +26,7 @@ import json
 import os
 import pathlib
 from concurrent import futures
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -192,7 +192,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
   """A user's captioned images; build with `glide-jax data build --images DIR --out DATA_DIR`."""
 
   VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release."}
 
   def __init__(self, *, images_dir: str | None = None, min_size: int = 64, max_size: int = 512,
                val_fraction: float = 0.05, image_format: str = "png", workers: int = 4, **kwargs):
@@ -286,8 +286,9 @@ def build_image_folder(images_dir: str | os.PathLike, data_dir: str | os.PathLik
 
 
 def format_report(report: dict[str, Any], max_files: int = 20) -> str:
-  lines = [f"image_folder: {report['kept']} of {report['image_files']} images kept "
-           f"(train {report['examples'].get('train', 0)}, validation {report['examples'].get('validation', 0)})"]
+  ex = report["examples"]
+  lines = [(f"image_folder: {report['kept']} of {report['image_files']} images kept "
+            f"(train {ex.get('train', 0)}, validation {ex.get('validation', 0)})")]
   for reason, files in report["skipped"].items():
     if files:
       shown = ", ".join(files[:max_files]) + (" ..." if len(files) > max_files else "")

@@ -15,7 +15,8 @@ Everything is stateless: a mask is a pure function of its seed, which the pipeli
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -34,7 +35,7 @@ class MaskConfig:
   stroke_width: tuple[float, float] = (0.05, 0.15)
 
   @classmethod
-  def from_config(cls, cfg: Mapping[str, Any] | None) -> "MaskConfig":
+  def from_config(cls, cfg: Mapping[str, Any] | None) -> MaskConfig:
     """data.masks -> MaskConfig. `min_known`/`max_known` (known fraction) set max/min_area."""
     cfg = dict(cfg.items()) if cfg else {}
     if "min_known" in cfg:
@@ -54,7 +55,7 @@ class MaskConfig:
       raise ValueError(f"data.masks needs 0 <= min_area <= max_area <= 1 (known fractions "
                        f"0 <= min_known <= max_known <= 1), got areas {out.min_area}, {out.max_area}")
     if out.rect_prob < 0 or out.ellipse_prob < 0 or out.rect_prob + out.ellipse_prob > 1:
-      raise ValueError(f"data.masks: rect_prob + ellipse_prob must be within [0, 1]")
+      raise ValueError("data.masks: rect_prob + ellipse_prob must be within [0, 1]")
     return out
 
 
@@ -72,7 +73,7 @@ def random_masks(seeds: tf.Tensor, size: int, cfg: MaskConfig) -> tf.Tensor:
 
   def params(seed):
     s = tf.random.experimental.stateless_split(seed, 9)
-    u = lambda i, shape=(), lo=0.0, hi=1.0: tf.random.stateless_uniform(shape, s[i], lo, hi)  # noqa: E731
+    u = lambda i, shape=(), lo=0.0, hi=1.0: tf.random.stateless_uniform(shape, s[i], lo, hi)
     log_aspect = tf.math.log(float(cfg.max_aspect))
     return {
         "target": u(0, (), cfg.min_area, cfg.max_area),

@@ -25,7 +25,8 @@ import collections
 import logging
 import os
 import threading
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -132,7 +133,7 @@ class RecordSource:
         import tensorflow as tf
         handles[fid] = tf.io.gfile.GFile(path, "rb")
       else:
-        handles[fid] = open(path, "rb")
+        handles[fid] = open(path, "rb")  # noqa: SIM115  (kept open for random reads)
     return handles[fid]
 
   def read(self, indices: np.ndarray) -> np.ndarray:
@@ -159,7 +160,7 @@ def _index_tfrecord(path: str) -> tuple[np.ndarray, np.ndarray]:
     import tensorflow as tf
     f = tf.io.gfile.GFile(path, "rb")
   else:
-    f = open(path, "rb")
+    f = open(path, "rb")  # noqa: SIM115  (closed by the `with` below)
   offsets, lengths = [], []
   with f:
     pos = 0
@@ -193,7 +194,7 @@ def _decoders(features, keep: set[str]):
   import tensorflow_datasets as tfds
 
   skip = {}
-  for name in features.keys():
+  for name in list(features.keys()):
     if name not in keep:
       skip[name] = tfds.decode.SkipDecoding()
   return skip
@@ -314,11 +315,12 @@ class _Spec:
     from glide_jax.data import masks
     self.masks = masks.MaskConfig.from_config(_as_dict(cfg_get(data_cfg, "masks", None)))
     top = {k.split("/")[0] for k in (self.image_key, self.caption_key)}
+    names = set(features.keys())
     for key in top:
-      if key not in features.keys():
+      if key not in names:
         raise KeyError(f"data.image_key/caption_key: feature {key!r} is not in the dataset "
-                       f"(features: {sorted(features.keys())})")
-    self.attributes = [k for k in ATTRIBUTE_KEYS if k in features.keys()]
+                       f"(features: {sorted(names)})")
+    self.attributes = [k for k in ATTRIBUTE_KEYS if k in names]
     self.keep = top | set(self.attributes)
     if stage == "inpaint" and self.masks.kind == "none":
       raise ValueError("the inpaint stage needs data.masks.kind = 'random'")

@@ -8,7 +8,7 @@ inside a small window around it (the rest of the canvas is plain background) and
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

@@ -14,6 +14,7 @@ TFDS keys prepared data by name/config/version only.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -41,8 +42,8 @@ class GlideShapes(tfds.core.GeneratorBasedBuilder):
   """Coloured shapes on grey with captions naming colour, shape, size and position."""
 
   VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release, following SHAPES_DATASET.md."}
-  BUILDER_CONFIGS = [_config(32), _config(64), _config(256)]
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release, following SHAPES_DATASET.md."}
+  BUILDER_CONFIGS: ClassVar[list[ShapesConfig]] = [_config(32), _config(64), _config(256)]
   DEFAULT_CONFIG_NAME = "size32"
 
   def __init__(self, *, train_examples: int | None = None, validation_examples: int | None = None,

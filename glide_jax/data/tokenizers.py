@@ -1,15 +1,17 @@
 """Tokenizers: captions -> (tokens [B, L] int32, mask [B, L] bool, True = real token).
 
-Three kinds, one interface (`encode_batch`, `empty`, `text_ctx`, `vocab_size`, `pad_id`,
+Four kinds, one interface (`encode_batch`, `empty`, `text_ctx`, `vocab_size`, `pad_id`,
 `truncated`, `spec()`):
   - `SentencePieceTokenizer`: a model trained on a dataset's captions (`train_sentencepiece`).
   - `GPT2BPETokenizer`: GLIDE's GPT-2 byte-level BPE, from glide-text2im's `encoder.json` and
     `vocab.bpe` (optionally .gz), run by the `tokenizers` library. Like GLIDE's `bpe.py` it
     lower-cases, adds no start/end token and right-pads with the end token (n_vocab - 1).
+  - `ClipBPETokenizer`: the noised CLIP's tokenizer (CLIP's BPE with SOT/EOT, zero-padded).
   - `WordTokenizer`: a fixed word list (by default glide_shapes' closed vocabulary), for tiny runs.
 Tokens are right-padded to `text_ctx`; longer captions are truncated and counted in `truncated`.
-The empty caption is all padding with an all-false mask: `empty(n)` is exactly that, the form
-the trainer uses for caption dropout and the sampler for the unconditional branch.
+The empty caption is all padding with an all-false mask (except for `clip`, see its class):
+`empty(n)` is exactly that, the form the trainer uses for caption dropout and the sampler for the
+unconditional branch.
 
 No TensorFlow here: the sampler imports this module.
 """
@@ -20,7 +22,8 @@ import io
 import json
 import os
 import threading
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -155,6 +158,94 @@ class GPT2BPETokenizer(Tokenizer):
     return {"type": self.kind, "files": dict(self.files), "text_ctx": self.text_ctx}
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+  """GPT-2/CLIP's reversible byte -> printable character table, in its own order."""
+  bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
+        + list(range(ord("\xae"), ord("\xff") + 1)))
+  cs = bs[:]
+  extra = 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + extra)
+      extra += 1
+  return dict(zip(bs, (chr(c) for c in cs)))
+
+
+class ClipBPETokenizer(Tokenizer):
+  """The noised CLIP's tokenizer (CLIP's `simple_tokenizer`, as glide-text2im uses it).
+
+  From `bpe_simple_vocab_16e6.txt.gz` (given by the user): vocab = 256 byte symbols, the same with
+  `</w>`, the merges, `<|startoftext|>`, `<|endoftext|>` (49,408 for the real file). Text is
+  HTML-unescaped, whitespace-collapsed and lower-cased (ftfy's fix_text too when installed), split
+  with CLIP's regex and BPE-merged with the end-of-word suffix `</w>`. A caption becomes
+  `[SOT] + tokens[:text_ctx - 2] + [EOT]`, zero-padded (GLIDE: text_ctx 77, `text_len` = the mask's
+  sum, counting SOT and EOT); the empty caption is [SOT, EOT] here, while `empty(n)` stays all
+  padding, as for every tokenizer.
+  """
+
+  kind = "clip"
+  _PATTERN = (r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]"
+              r"|[^\s\p{L}\p{N}]+")
+
+  def __init__(self, bpe_file: str | os.PathLike, text_ctx: int = 77):
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    self.bpe_file = os.fspath(bpe_file)
+    lines = _read_maybe_gz(self.bpe_file).decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1] if m.strip()]
+    for n, m in enumerate(merges):
+      if len(m) != 2:
+        raise ValueError(f"{self.bpe_file}:{n + 2}: expected two symbols per merge, got {' '.join(m)!r}")
+    symbols = list(_bytes_to_unicode().values())
+    vocab_list = symbols + [v + "</w>" for v in symbols] + ["".join(m) for m in merges]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {v: i for i, v in enumerate(vocab_list)}
+    self.sot, self.eot = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+    bpe = models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", fuse_unk=False)
+    self._tok = HFTokenizer(bpe)
+    self._tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(self._PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    self._tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    self._byte_decoder = {c: b for b, c in _bytes_to_unicode().items()}
+    if text_ctx < 2:
+      raise ValueError(f"the clip tokenizer needs text_ctx >= 2, got {text_ctx}")
+    super().__init__(text_ctx, len(vocab_list), 0)  # GLIDE zero-pads CLIP tokens
+
+  @staticmethod
+  def _clean(text: str) -> str:
+    import html
+    import re
+    try:
+      import ftfy
+      text = ftfy.fix_text(text)
+    except ImportError:
+      pass
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+  def encode_ids(self, texts: Sequence[str]) -> list[list[int]]:
+    encodings = self._tok.encode_batch([self._clean(t) for t in texts], add_special_tokens=False)
+    keep = self.text_ctx - 2
+    cut = sum(len(e.ids) > keep for e in encodings)
+    with self._lock:
+      self.truncated += cut
+    return [[self.sot] + e.ids[:keep] + [self.eot] for e in encodings]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    ids = [int(i) for i in ids]
+    ids = ids[:ids.index(self.eot)] if self.eot in ids else ids  # padding (0) follows EOT
+    words = [self._tok.id_to_token(i) for i in ids if i != self.sot]
+    text = "".join(w for w in words if w is not None)
+    raw = bytearray(self._byte_decoder.get(c, 32) for c in text.replace("</w>", " "))
+    return raw.decode("utf-8", "replace").replace("</w>", " ").strip()
+
+  def spec(self) -> dict[str, Any]:
+    return {"type": self.kind, "files": {"bpe": self.bpe_file}, "text_ctx": self.text_ctx}
+
+
 def shapes_words() -> list[str]:
   """The closed vocabulary of glide_shapes captions (sorted), for the built-in `words` tokenizer."""
   from glide_jax.data import render
@@ -224,6 +315,14 @@ def load_tokenizer(spec: Mapping[str, Any]) -> Tokenizer:
     if not model:
       raise ValueError("sentencepiece tokenizer spec needs files.model or path")
     return SentencePieceTokenizer(model, text_ctx)
+  if kind == "clip":
+    bpe = files.get("bpe") or path
+    if not bpe:
+      raise ValueError("the clip tokenizer needs CLIP's bpe_simple_vocab_16e6.txt.gz (from glide-text2im): "
+                       "set data.tokenizer.path to it (nothing is downloaded)")
+    if os.path.isdir(bpe):
+      bpe = os.path.join(bpe, "bpe_simple_vocab_16e6.txt.gz")
+    return ClipBPETokenizer(bpe, int(spec.get("text_ctx") or 77))
   if kind == "words":
     return WordTokenizer(files.get("vocab") or path or None, text_ctx)
   if kind in ("gpt2_bpe", "gpt2"):
@@ -239,8 +338,8 @@ def load_tokenizer(spec: Mapping[str, Any]) -> Tokenizer:
     if missing:
       raise ValueError(f"gpt2_bpe tokenizer spec is missing files {missing} (spec: {spec})")
     return GPT2BPETokenizer(files["encoder.json"], files["vocab.bpe"], text_ctx)
-  raise ValueError(f"unknown tokenizer type {kind!r}; expected 'sentencepiece', 'gpt2_bpe' (or 'gpt2') "
-                   "or 'words'")
+  raise ValueError(f"unknown tokenizer type {kind!r}; expected 'sentencepiece', 'gpt2_bpe' (or 'gpt2'), "
+                   "'clip' or 'words'")
 
 
 def train_sentencepiece(captions: Iterable[str], vocab_size: int, out: str | os.PathLike,
