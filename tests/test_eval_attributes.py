@@ -61,7 +61,7 @@ def test_reader_on_pil_rendered_images(size, n):
 
 def test_reader_on_large_canvas_and_noise():
   """256 px (the upsampler's size), and the same images with noise and blur (sample-like)."""
-  images, attrs = _random_set(30, 256, seed=7)
+  images, attrs = _random_set(12, 256, seed=7)
   assert A.caption_accuracy(images, attrs)["all"] == 1.0
   images64, attrs64 = _random_set(120, 64, seed=8)
   rng = np.random.default_rng(0)
