@@ -2,7 +2,9 @@
 import json
 import pathlib
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -53,6 +55,10 @@ def bundles(tmp_path_factory):
   up = _make_bundle(root, "upsample", "upsample", 16, sp, {"steps": 1000, "noise_schedule": "linear",
                                                                "timestep_respacing": "fast27", "sampler": "ddim",
                                                                "upsample_temp": 0.997})
+  up_inpaint = _make_bundle(root, "upsample_inpaint", "upsample_inpaint", 16, sp,
+                            {"steps": 1000, "noise_schedule": "linear", "timestep_respacing": "fast27",
+                             "sampler": "ddpm", "upsample_temp": 0.997})
+  clip_bundle = _make_clip_bundle(root, sp)
   inpaint = _make_bundle(root, "inpaint", "inpaint", 8, sp, {"steps": 1000, "noise_schedule": "squaredcos_cap_v2",
                                                                  "timestep_respacing": "100", "sampler": "ddpm"})
   # a training workdir whose exported bundle is WORKDIR/bundle
@@ -60,7 +66,26 @@ def bundles(tmp_path_factory):
   (work / "checkpoints").mkdir(parents=True)
   bundle.save_bundle(work / "bundle", *bundle.load_bundle(base)[:1], meta=_meta_of(base),
                      tokenizer_files={"model": sp})
-  return {"base": base, "up": up, "inpaint": inpaint, "work": work, "sp": sp}
+  return {"base": base, "up": up, "inpaint": inpaint, "up_inpaint": up_inpaint, "clip": clip_bundle, "work": work,
+          "sp": sp}
+
+
+CLIP_TINY = {"image_size": 8, "patch_size": 4, "n_vocab": 64, "max_text_len": 8, "n_embd": 16, "n_head": 2,
+             "n_head_state": 8, "n_xf_blocks": 1}
+
+
+def _make_clip_bundle(root: pathlib.Path, sp_model: str):
+  from glide_jax.models import clip
+
+  model = clip.create_clip_model(CLIP_TINY)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32),
+                                             jnp.zeros((1, 8), jnp.int32), jnp.ones((1,), jnp.int32)))
+  shapes = nn.meta.unbox(shapes["params"])
+  rng = np.random.default_rng(5)
+  params = jax.tree_util.tree_map(lambda s: (rng.normal(size=s.shape) * 0.3).astype(np.float32), shapes)
+  meta = {"model": {"kind": "noised_clip", "options": CLIP_TINY}, "diffusion": {},
+          "tokenizer": {"type": "sentencepiece", "text_ctx": 8}, "dtype": "float32"}
+  return bundle.save_bundle(root / "clip", params, meta, tokenizer_files={"model": sp_model})
 
 
 def _meta_of(path):
@@ -128,13 +153,31 @@ def test_cascade_and_inpainting_from_the_command(bundles, tmp_path):
   assert np.asarray(Image.open(out / "base" / "000000.png")).shape == (8, 8, 3)
 
   out = tmp_path / "inpaint"
-  assert cli.main(["sample", "--bundle", str(bundles["inpaint"]), "--prompt", "a red circle", "--steps", "4",
+  assert cli.main(["sample", "--bundle", str(bundles["inpaint"]), "--upsample", str(bundles["up_inpaint"]),
+                   "--prompt", "a red circle", "--steps", "4", "--upsample-steps", "3",
                    "--inpaint-image", str(tmp_path / "img.png"), "--inpaint-mask", str(tmp_path / "mask.png"),
                    "--guidance-scale", "5", "--out", str(out), "--no-progress"]) == 0
-  res = np.asarray(Image.open(out / "000000.png")).astype(int)
-  known = images.to_uint8(images.resize_images(images.from_uint8(img)[None], 8))[0].astype(int)
-  np.testing.assert_allclose(res[:4], known[:4], atol=1)  # the known rows come back as given
-  assert np.abs(res[4:] - known[4:]).max() > 10
+  for res, size in ((np.asarray(Image.open(out / "base" / "000000.png")).astype(int), 8),
+                    (np.asarray(Image.open(out / "000000.png")).astype(int), 16)):
+    known = images.to_uint8(images.resize_images(images.from_uint8(img)[None], size))[0].astype(int)
+    half = size // 2
+    np.testing.assert_allclose(res[:half], known[:half], atol=1)  # the known rows come back as given
+    assert np.abs(res[half:] - known[half:]).max() > 10
+
+
+def test_clip_guided_sampling(bundles, tmp_path):
+  out = tmp_path / "clip"
+  args = ["sample", "--bundle", str(bundles["base"]), "--prompt", "a red circle", "--steps", "4", "--seed", "2",
+          "--out", str(out), "--no-progress"]
+  assert cli.main([*args, "--clip-bundle", str(bundles["clip"]), "--clip-guidance-scale", "200"]) == 0
+  guided = np.asarray(Image.open(out / "000000.png")).astype(int)
+  sm = pipeline.load_sampler_model(bundles["base"])
+  key = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(2), 0))[0]
+  plain = images.to_uint8(pipeline.generate(sm, ["a red circle"], key, guidance_scale=1.0, respacing="4",
+                                            progress=NO_BAR))[0].astype(int)
+  assert np.abs(guided - plain).max() > 5  # the CLIP gradient moved the sample
+  with pytest.raises(SystemExit, match="clip-bundle"):
+    cli.main([*args, "--clip-guidance-scale", "2"])
 
 
 def test_bad_inputs_are_refused(bundles, tmp_path):
