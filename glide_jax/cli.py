@@ -40,12 +40,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.print_help()
     return 0 if argv else 2
   name, rest = argv[0], argv[1:]
+  _quiet_library_logs()
   module_name, help_text = COMMANDS[name]
   module = importlib.import_module(f"glide_jax.commands.{module_name}")
   parser = argparse.ArgumentParser(prog=f"glide-jax {name}", description=help_text)
   module.add_arguments(parser)
   args = parser.parse_args(rest)
   return int(module.run(args) or 0)
+
+
+def _quiet_library_logs() -> None:
+  """Orbax and TF log every checkpoint phase at INFO through absl; our own log says what matters."""
+  import logging
+  import os
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 if __name__ == "__main__":
