@@ -2,7 +2,7 @@
 # Creates ./.venv (Python 3.11+) and installs glide-jax with the given extras (default: test,torch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-test,torch}"
+extras="${1-test,torch}"
 py="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
@@ -10,4 +10,8 @@ py="${PYTHON:-python3}"
 if [[ "$extras" == *torch* ]]; then
   .venv/bin/python -m pip install -q -c launch/constraints-cpu.txt torch
 fi
-.venv/bin/python -m pip install -q -c launch/constraints-cpu.txt -e ".[$extras]"
+if [ -n "$extras" ]; then
+  .venv/bin/python -m pip install -q -c launch/constraints-cpu.txt -e ".[$extras]"
+else
+  .venv/bin/python -m pip install -q -c launch/constraints-cpu.txt -e .
+fi
