@@ -64,6 +64,10 @@ def test_clip_score_matches_direct_computation(tiny_clip):
   assert out["std"] == pytest.approx(100.0 * cos.std(), abs=1e-3)
   assert out["n"] == 5 and out["timestep"] == 0 and out["multiplier"] == pytest.approx(100.0)
   assert "100 x cosine" in out["scale"] and "100 x cosine" in cs.format_clip_score(out)
+  # The (model, params) form with a tokenizer gives the same numbers.
+  pair = cs.clip_score_of_samples((tiny_clip.model, tiny_clip.params), images, captions,
+                                  tokenizer=tiny_clip.tokenizer, batch_size=2)
+  np.testing.assert_allclose(pair["per_sample"], out["per_sample"], rtol=1e-6)
   # Also the library's own clip_score on the same encodings (a second route to the same number).
   np.testing.assert_allclose(np.asarray(clip_mod.clip_score(jnp.asarray(zt), jnp.asarray(zi))),
                              out["per_sample"], rtol=1e-4, atol=1e-3)
@@ -74,5 +78,7 @@ def test_clip_score_errors(tiny_clip):
   with pytest.raises(ValueError, match="2 images but 1 captions"):
     cs.clip_score_of_samples(tiny_clip, images, ["a red circle"])
   long = " ".join(["red"] * 14)
+  with pytest.raises(ValueError, match="tokenizer= given"):
+    cs.clip_score_of_samples((tiny_clip.model, tiny_clip.params), images, ["a", "b"])
   with pytest.raises(ValueError, match="max_text_len=12"):
     cs.clip_score_of_samples(tiny_clip, images, [long, long])

@@ -104,16 +104,21 @@ def encode(clip: ClipBundle, images: np.ndarray, captions: Sequence[str], batch_
   return np.concatenate(zi), np.concatenate(zt)
 
 
-def clip_score_of_samples(clip: ClipBundle | str | os.PathLike, images: np.ndarray,
+def clip_score_of_samples(clip: ClipBundle | str | os.PathLike | tuple, images: np.ndarray,
                           captions: Sequence[str], tokenizer: Any = None,
                           batch_size: int = 64) -> dict[str, Any]:
   """CLIP score of each (image, caption) pair at t = 0, summarised.
 
-  clip: a ClipBundle or a bundle directory; `tokenizer` overrides the bundle's.
+  clip: a ClipBundle, a bundle directory, or a (model, params) pair (then `tokenizer` is
+  required); `tokenizer` overrides the bundle's.
   Returns {'mean', 'std', 'n', 'scale': 'exp(logit_scale) x cosine = 100 x cosine',
   'multiplier': 100.0, 'timestep': 0, 'clip': source, 'per_sample': [N] float64}.
   """
-  if not isinstance(clip, ClipBundle):
+  if isinstance(clip, tuple):
+    if len(clip) != 2 or tokenizer is None:
+      raise ValueError("clip as a tuple must be (model, params), with tokenizer= given")
+    clip = ClipBundle(clip[0], clip[1], tokenizer, source="in-memory")
+  elif not isinstance(clip, ClipBundle):
     clip = load_clip_bundle(clip)
   if tokenizer is not None:
     clip = ClipBundle(clip.model, clip.params, tokenizer, clip.source)
