@@ -8,7 +8,7 @@ from PIL import Image
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from glide_jax.data import image_folder  # noqa: E402
+from glide_jax.data import image_folder
 
 GOOD = {  # file -> caption
     "rgb.jpg": "a photo of a red thing",
@@ -97,7 +97,7 @@ def read_all(data_dir):
   return out
 
 
-BUILD = dict(min_size=32, max_size=100, val_fraction=0.3)
+BUILD = {"min_size": 32, "max_size": 100, "val_fraction": 0.3}
 
 
 def test_skip_rules_and_modes(folder, tmp_path):

@@ -4,7 +4,7 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from glide_jax.data import pipeline, render, tokenizers  # noqa: E402
+from glide_jax.data import pipeline, render, tokenizers
 
 N_TRAIN = 96
 TOK = {"type": "words", "text_ctx": 12}
@@ -82,7 +82,7 @@ def test_two_processes_cover_each_epoch_once(data_dir):
 
 def test_exact_resume_and_state_checks(data_dir):
   c = cfg(data_dir, masks={"kind": "random", "min_known": 0.3, "max_known": 0.9})
-  make = lambda seed=1: pipeline.make_train_iterator(c, "inpaint", 8, 32, seed=seed, process_index=0,  # noqa: E731
+  make = lambda seed=1: pipeline.make_train_iterator(c, "inpaint", 8, 32, seed=seed, process_index=0,
                                                      process_count=1)
   it = make()
   first = take(it, 3)
@@ -152,7 +152,8 @@ def test_masks_area_kinds_determinism():
 
 def test_global_batch_on_mesh_and_prefetch_state(data_dir):
   import jax
-  from jax.sharding import Mesh, PartitionSpec as P
+  from jax.sharding import Mesh
+  from jax.sharding import PartitionSpec as P
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
   it = pipeline.make_train_iterator(cfg(data_dir), "base", 8, 32, seed=9, process_index=0, process_count=1)
   ref = pipeline.make_train_iterator(cfg(data_dir), "base", 8, 32, seed=9, process_index=0, process_count=1)

@@ -55,7 +55,7 @@ def read_attributes(image: np.ndarray) -> dict:
 
 @pytest.fixture(scope="module")
 def shapes32(tmp_path_factory):
-  import glide_jax.data  # noqa: F401
+  import glide_jax.data
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   builder = glide_jax.data.shapes.GlideShapes(config="size32", train_examples=20,
                                               validation_examples=300, data_dir=data_dir)
@@ -113,7 +113,7 @@ def test_pixels_match_labels_size64(tmp_path):
   check_split(examples, 64)
   # Attribute frequencies look uniform (all values present).
   for key, names in (("colour", COLOURS), ("shape", SHAPES), ("position", POSITIONS)):
-    assert set(int(e[key]) for e in examples) == set(range(len(names)))
+    assert {int(e[key]) for e in examples} == set(range(len(names)))
 
 
 def brute_force(size, shape, colour, grey, cx, cy, r):

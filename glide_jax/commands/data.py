@@ -91,9 +91,10 @@ def iter_captions(name: str, data_dir: str | None, split: str, caption_key: str,
 
   builder = pipeline.load_builder({"name": name, "data_dir": data_dir})
   top = caption_key.split("/")[0]
-  if top not in builder.info.features.keys():
-    raise KeyError(f"{name} has no feature {top!r} (features: {sorted(builder.info.features.keys())})")
-  decoders = {k: tfds.decode.SkipDecoding() for k in builder.info.features.keys() if k != top}
+  names = set(builder.info.features.keys())
+  if top not in names:
+    raise KeyError(f"{name} has no feature {top!r} (features: {sorted(names)})")
+  decoders = {k: tfds.decode.SkipDecoding() for k in names if k != top}
   ds = builder.as_dataset(split=split, decoders=decoders).take(limit)
   total = min(limit, builder.info.splits[split].num_examples)
   for ex in tqdm(ds.as_numpy_iterator(), total=total, desc="captions", unit="ex"):
