@@ -274,7 +274,8 @@ def run_model_dump(data: Mapping[str, np.ndarray], dtype: Any = None) -> dict[st
   out = jax.jit(lambda v, kw: model.apply(v, **kw))(variables, kw)
   result = {"out": np.transpose(np.asarray(out, np.float32), (0, 3, 1, 2))}
   if "output/xf_out" in data or "output/xf_proj" in data:
-    cond = model.apply(variables, kw["tokens"], kw["mask"], method="encode_text")
+    encode = jax.jit(lambda v, t, m: model.apply(v, t, m, method="encode_text"))
+    cond = encode(variables, kw["tokens"], kw["mask"])
     result["xf_proj"] = np.asarray(cond["xf_proj"], np.float32)
     result["xf_out"] = np.transpose(np.asarray(cond["xf_out"], np.float32), (0, 2, 1))
   return result
