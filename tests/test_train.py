@@ -233,3 +233,28 @@ def test_tiny_base_loss_falls_on_glide_shapes(tmp_path):
     grid = np.asarray(Image.open(tmp_path / "wd" / "samples" / f"{name}_00000040.png"))
     assert grid.ndim == 3 and grid.shape[-1] == 3 and grid.std() > 0
   assert list((tmp_path / "wd" / "tensorboard").glob("events.*"))
+
+
+@pytest.mark.parametrize("source", ["bundle", "glide-text2im"])
+def test_inpaint_starts_from_a_base_model_with_zero_new_input_channels(source, tmp_path):
+  from glide_jax import bundle
+  from glide_jax.interop import glide_text2im
+
+  base_cfg = ts.tiny_config("base")
+  base_params = jax.device_get(nn.meta.unbox(jax.jit(stages.make_stage(base_cfg).init)(jax.random.key(4))))
+  if source == "bundle":
+    path = bundle.save_bundle(tmp_path / "b", base_params, {"model": {"kind": "text2im"}})
+  else:  # a released-style state_dict file
+    sd = glide_text2im.export_state_dict(base_params, "text2im", dict(base_cfg.model.options))
+    path = glide_text2im.save_state_dict(sd, tmp_path / "base.safetensors")
+  config = ts.tiny_config("inpaint", f"--config.init_from={path}")
+  params = train.load_init_params(config, stages.make_stage(config))
+  k_base = base_params["input_blocks_0_0"]["kernel"]
+  k = params["input_blocks_0_0"]["kernel"]
+  assert k_base.shape[2] == 3 and k.shape[2] == 7
+  np.testing.assert_array_equal(k[:, :, :3], k_base)
+  assert not np.any(k[:, :, 3:])
+  flat_b = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(base_params)}
+  for p, v in jax.tree_util.tree_leaves_with_path(params):
+    if "input_blocks_0_0" not in jax.tree_util.keystr(p) or "bias" in jax.tree_util.keystr(p):
+      np.testing.assert_array_equal(v, flat_b[jax.tree_util.keystr(p)])

@@ -169,6 +169,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def replicate(x: Any, mesh: Mesh) -> Any:
+  """The same value on every process -> a global array replicated over `mesh` (works multi-host,
+  where `device_put` onto non-addressable devices is refused)."""
+  return jax.jit(lambda a: a, out_shardings=replicated(mesh))(x)
+
+
 def constrain_batch(batch: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
   """Inside jit: pins every batch leaf to the batch sharding."""
   return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(

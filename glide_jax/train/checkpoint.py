@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from glide_jax import config_lib
@@ -80,7 +81,8 @@ class Checkpointer:
     cfg = json.loads(config_lib.config_to_json(config))
     items = dict(
         state=ocp.args.StandardSave(main),
-        rng=ocp.args.StandardSave({"key_data": jax.random.key_data(rng)}),
+        # host numpy: the same on every process (a single-device array cannot be saved multi-host)
+        rng=ocp.args.StandardSave({"key_data": np.asarray(jax.random.key_data(rng))}),
         data=ocp.args.JsonSave(dict(data_state)), config=ocp.args.JsonSave(cfg))
     if ema:  # a run without EMA (the noised CLIP) has no `ema` item: orbax refuses empty trees
       items["ema"] = ocp.args.StandardSave(ema)
@@ -124,7 +126,7 @@ class Checkpointer:
     rng_sh = jax.sharding.NamedSharding(jax.tree.leaves(shardings)[0].mesh, jax.sharding.PartitionSpec())
     items = dict(
         state=ocp.args.StandardRestore(_abstract(main_like, main_sh)),
-        rng=ocp.args.StandardRestore({"key_data": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rng_sh)}),
+        rng=ocp.args.StandardRestore({"key_data": np.zeros((2,), np.uint32)}),
         data=ocp.args.JsonRestore())
     if ema_like:
       items["ema"] = ocp.args.StandardRestore(_abstract(ema_like, ema_sh))
@@ -132,5 +134,6 @@ class Checkpointer:
     m = r["state"]
     state = TrainState(step=m["step"], params=m["params"], opt_state=m["opt_state"], ema=r["ema"] if ema_like else {},
                        skipped=m["skipped"], sampler=m["sampler"])
-    rng = jax.random.wrap_key_data(r["rng"]["key_data"])
+    key = jax.random.wrap_key_data(np.asarray(r["rng"]["key_data"], np.uint32))
+    rng = jax.jit(lambda k: k, out_shardings=rng_sh)(key)
     return state, rng, dict(r["data"] or {})

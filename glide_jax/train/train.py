@@ -167,6 +167,7 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
   ema_rates = tuple(float(r) for r in config.ema.rates)
   rng = jax.random.key(int(config.seed))
   init_rng, step_rng = jax.random.split(rng)
+  step_rng = shard_lib.replicate(step_rng, mesh)  # a global (multi-host) array
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), int(config.checkpoint.every),
                                int(config.checkpoint.keep), bool(config.checkpoint["async"]))
   resume_step = ckpt.latest_step()
