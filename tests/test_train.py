@@ -258,3 +258,12 @@ def test_inpaint_starts_from_a_base_model_with_zero_new_input_channels(source, t
   for p, v in jax.tree_util.tree_leaves_with_path(params):
     if "input_blocks_0_0" not in jax.tree_util.keystr(p) or "bias" in jax.tree_util.keystr(p):
       np.testing.assert_array_equal(v, flat_b[jax.tree_util.keystr(p)])
+
+
+def test_train_command_refuses_an_unknown_config_key(tmp_path, capsys):
+  from glide_jax import cli
+  code = cli.main(["train", "--config", "configs/base.py:variant=tiny", "--workdir", str(tmp_path),
+                   "--config.optimizer.no_such_key=1"])
+  assert code == 2
+  assert "no_such_key" in capsys.readouterr().err
+  assert not (tmp_path / "checkpoints").exists()
