@@ -24,20 +24,21 @@ PIPELINES = {  # name -> (dataset, stage, image size, extra data config)
 }
 
 
-def prepare(data_dir: str) -> dict[str, float]:
+def prepare(data_dir: str, names: list[str] | None = None) -> dict[str, float]:
   import tensorflow_datasets as tfds
 
   import glide_jax.data  # noqa: F401
 
   seconds = {}
-  for name in sorted({v[0] for v in PIPELINES.values()}):
+  for name in names or sorted({v[0] for v in PIPELINES.values()}):
     builder = tfds.builder(name, data_dir=data_dir)
     if builder.is_prepared():
       continue
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     builder.download_and_prepare()
     seconds[name] = time.perf_counter() - t
-    print(f"prepared {name} in {seconds[name]:.1f} s "
+    cpu = time.process_time() - cpu
+    print(f"prepared {name} in {seconds[name]:.1f} s wall, {cpu:.1f} s CPU "
           f"({', '.join(f'{k} {v.num_examples}' for k, v in builder.info.splits.items())})", flush=True)
   return seconds
 
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--seconds", type=float, default=20.0)
   p.add_argument("--cores", type=int, nargs="+", default=[1, 2])
   p.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=list(PIPELINES))
+  p.add_argument("--prepare-only", action="store_true", help="only prepare (and time) the datasets")
+  p.add_argument("--datasets", nargs="+", default=None, help="datasets to prepare (default: those the pipelines read)")
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.child:
@@ -78,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(measure(name, args.data_dir, args.batch, args.seconds, int(cores))))
     return 0
   print(f"machine: {os.cpu_count()} cores visible; batch {args.batch}; {args.seconds:.0f} s per run")
-  prepare(args.data_dir)
+  prepare(args.data_dir, args.datasets)
+  if args.prepare_only:
+    return 0
   rows = []
   for name in args.pipelines:
     for cores in args.cores:

@@ -14,6 +14,7 @@ TFDS keys prepared data by name/config/version only.
 from __future__ import annotations
 
 import dataclasses
+import io
 from typing import ClassVar
 
 import numpy as np
@@ -83,4 +84,14 @@ class GlideShapes(tfds.core.GeneratorBasedBuilder):
     size = self.builder_config.image_size
     chunk = max(16, 2 ** 19 // (size * size))  # keep the render buffers small
     for ex in render.generate(render.SPLIT_SEEDS[split], 0, self.split_count(split), size, chunk):
+      ex["image"] = encode_png(ex["image"])  # PIL is ~20x faster than TFDS's per-image TF encode
       yield ex["index"], ex
+
+
+def encode_png(image: np.ndarray) -> bytes:
+  """uint8 [H, W, 3] -> PNG bytes (lossless; fast compression: these images compress anyway)."""
+  from PIL import Image
+
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+  return buf.getvalue()
