@@ -177,6 +177,12 @@ def test_eval_iterator_and_errors(data_dir):
                                              process_count=2))
   assert [b["index"].tolist() for b in batches] == [[4, 5, 6, 7], [12, 13, 14, 15], [20, 21, 22, 23]]
   assert batches[0]["image"].shape == (4, 16, 16, 3)  # resized 32 -> 16 with antialiasing
+  # The noised CLIP stage reads the same image-text pairs.
+  clip = next(pipeline.make_eval_iterator(c, "clip", 8, 16, split="validation", process_index=1,
+                                          process_count=2))
+  assert sorted(clip) == sorted(batches[0])
+  for key in clip:
+    np.testing.assert_array_equal(clip[key], batches[0][key])
   with pytest.raises(ValueError, match="not divisible"):
     pipeline.make_train_iterator(c, "base", 9, 32, process_index=0, process_count=2)
   with pytest.raises(ValueError, match="fewer than one global batch"):
