@@ -179,7 +179,7 @@ def generate(sm: SamplerModel, prompts: Sequence[str], key: jax.Array, *, guidan
              clip_guidance_scale: float = 0.0, progress: Callable | None = None) -> np.ndarray:
   """Samples one image per prompt: [B, S, S, 3] float32 in [-1, 1], S = the model's image size.
 
-  guidance_scale: classifier-free guidance (None = the bundle's default, 1 or 0 = no CFG; the
+  guidance_scale: classifier-free guidance (None = the bundle's default, 1 = no CFG, 0 = unconditional; the
   upsampler runs without it, as GLIDE). low_res: [B, s, s, 3] for upsamplers (rounded to 8 bits
   here). inpaint_image [B, S, S, 3] with inpaint_mask [B, S, S, 1] (1 = known). clip_model:
   (module, params, z_text [B, D]) for CLIP guidance at `clip_guidance_scale` (no CFG then, as GLIDE).
@@ -191,7 +191,7 @@ def generate(sm: SamplerModel, prompts: Sequence[str], key: jax.Array, *, guidan
   if temperature is None:
     temperature = float(settings.get("upsample_temp", guidance.UPSAMPLE_TEMPERATURE)) if sm.is_upsampler else 1.0
   use_clip = clip_model is not None and clip_guidance_scale != 0
-  cfg = guidance_scale not in (0.0, 1.0) and not use_clip
+  cfg = guidance_scale != 1.0 and not use_clip  # 0 = the unconditional model, via the CFG mix
   if sm.tokenizer is None:
     raise ValueError("this model has no tokenizer; load it with one")
   b, s = len(prompts), sm.image_size
