@@ -148,6 +148,9 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
 
   # ---------------------------------------------------------------------- stage, tokenizer, data
   stage = stages.make_stage(config)
+  if stage.name == "clip" and micro > 1:
+    raise ValueError("config.microbatches must be 1 for the clip stage: the contrastive loss spans the "
+                     "whole batch, so accumulated microbatch gradients would not equal it")
   if tokenizer is None and (data_iterator is None or stage.uses_text):
     from glide_jax.data.pipeline import tokenizer_from_config
     tokenizer = tokenizer_from_config(config.data)
