@@ -228,7 +228,7 @@ def test_variant_matches_torch_reference(kind, options):
     kw["low_res"] = nhwc(low_res)
   if "inpaint" in kind:
     kw.update(inpaint_image=nhwc(image), inpaint_mask=nhwc(imask))
-  out = model.apply({"params": params}, nhwc(x), jnp.asarray(t), **kw)
+  out = jax.jit(lambda p, x, t, kw: model.apply({"params": p}, x, t, **kw))(params, nhwc(x), jnp.asarray(t), kw)
   out = np.asarray(out).transpose(0, 3, 1, 2)
   assert np.max(np.abs(out - ref)) / np.max(np.abs(ref)) < 1e-4
 
