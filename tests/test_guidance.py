@@ -38,6 +38,8 @@ def test_cfg_scale_one_is_conditional_and_mixes_epsilon_only():
   three = np.asarray(guidance.cfg_model_fn(apply_fn, cond, uncond, 3.0)(x, t))
   np.testing.assert_allclose(three[..., :3], un[..., :3] + 3.0 * (plain[..., :3] - un[..., :3]), rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(three[..., 3:], plain[..., 3:])  # variance from the conditional half
+  zero = np.asarray(guidance.cfg_model_fn(apply_fn, cond, uncond, 0.0)(x, t))
+  np.testing.assert_allclose(zero[..., :3], un[..., :3], rtol=1e-6, atol=1e-6)  # scale 0: unconditional eps
 
 
 def test_cfg_sampling_at_scale_one_equals_conditional_sampling():
