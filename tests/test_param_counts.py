@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 
-from glide_jax.bundle import flatten_params
 from glide_jax.models import registry
 
 # GLIDE_REFERENCE.md 3 (counted on the PyTorch reference models).

@@ -14,7 +14,7 @@ from glide_jax.models.text_encoder import TextEncoder
 CTX, WIDTH, HEADS, VOCAB = 8, 32, 4, 30
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _encoder():
   """One encoder, random params and ONE jitted forward shared by the tests (compiles are slow)."""
   enc = TextEncoder(n_vocab=VOCAB, text_ctx=CTX, width=WIDTH, layers=2, heads=HEADS)

@@ -15,8 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from glide_jax.interop import glide_text2im as g  # noqa: E402
-from glide_jax.models import registry  # noqa: E402
+from glide_jax.interop import glide_text2im as g
+from glide_jax.models import registry
 
 # ------------------------------------------------------------------ the PyTorch functional reference
 
@@ -222,7 +222,7 @@ def test_variant_matches_torch_reference(kind, options):
   ref = torch_forward(sd, kind, o, x, t, tokens, mask, low_res, image, imask)
 
   model = registry.create_model(kind, options)
-  nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))  # noqa: E731
+  nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))
   kw = dict(tokens=jnp.asarray(tokens, jnp.int32), mask=jnp.asarray(mask))
   if "upsample" in kind:
     kw["low_res"] = nhwc(low_res)

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     try:
       tol = args.tolerance or (DIFFUSION_TOLERANCE if _is_diffusion_dump(path) else MODEL_TOLERANCE)
       errors = check_dump(path, dtype=dtype)
-    except Exception as e:  # report every dump, then fail
+    except Exception as e:  # noqa: BLE001 - report every dump, then fail
       print(f"{path}: ERROR {type(e).__name__}: {e}")
       broken += 1
       continue

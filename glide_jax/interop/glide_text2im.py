@@ -11,7 +11,8 @@ import json
 import os
 import pathlib
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -249,6 +250,7 @@ def _rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
 def model_from_dump(data: Mapping[str, np.ndarray], dtype: Any = None):
   """(model, params, config) rebuilt from a text2im_* reference dump."""
   import jax.numpy as jnp
+
   from glide_jax.models import registry
 
   config = json.loads(str(data["config"]))
@@ -264,7 +266,7 @@ def run_model_dump(data: Mapping[str, np.ndarray], dtype: Any = None) -> dict[st
   import jax.numpy as jnp
 
   model, params, _ = model_from_dump(data, dtype)
-  nhwc = lambda a: jnp.asarray(np.transpose(a, (0, 2, 3, 1)), jnp.float32)  # noqa: E731
+  nhwc = lambda a: jnp.asarray(np.transpose(a, (0, 2, 3, 1)), jnp.float32)
   kw = dict(x=nhwc(data["input/x"]), timesteps=jnp.asarray(data["input/timesteps"], jnp.int32),
             tokens=jnp.asarray(data["input/tokens"], jnp.int32), mask=jnp.asarray(data["input/mask"], bool))
   for name in ("low_res", "inpaint_image", "inpaint_mask"):
