@@ -174,22 +174,26 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), int(config.checkpoint.every),
                                int(config.checkpoint.keep), bool(config.checkpoint["async"]))
   resume_step = ckpt.latest_step()
-  init_params = None if resume_step is not None else load_init_params(config, stage)
-  # (No logical_axis_rules context here: unboxing under it would constrain conv kernels whose
-  # two spatial axes share the name 'kernel'; our own rule resolution handles that.)
-  state, shardings = state_lib.create_train_state(stage.init, tx, ema_rates, mesh, rules, init_rng,
-                                                  sampler.init, params=init_params,
-                                                  compiler_options=compiler_options)
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  writer.text(f"{n_params:,} parameters; EMA rates {ema_rates}; sampler {sampler_name}")
+  if resume_step is None:
+    init_params = load_init_params(config, stage)
+    # (No logical_axis_rules context here: unboxing under it would constrain conv kernels whose
+    # two spatial axes share the name 'kernel'; our own rule resolution handles that.)
+    state, shardings = state_lib.create_train_state(stage.init, tx, ema_rates, mesh, rules, init_rng,
+                                                    sampler.init, params=init_params,
+                                                    compiler_options=compiler_options)
 
   # ---------------------------------------------------------------------- resume
-  if resume_step is not None:
+  else:
+    # Refuse a mismatched config before anything is compiled; restore straight into the current
+    # mesh's shardings from the abstract state (nothing is initialised just to be overwritten).
     ckpt.check_config(config, resume_step)
-    state, step_rng, data_state = ckpt.restore(state, shardings, resume_step)
+    abstract, shardings = state_lib.state_shardings(stage.init, tx, ema_rates, sampler.init, mesh, rules)
+    state, step_rng, data_state = ckpt.restore(abstract, shardings, resume_step)
     if data_state:
       data_iterator.set_state(data_state)
     writer.text(f"resumed from step {resume_step} of {ckpt.directory}")
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  writer.text(f"{n_params:,} parameters; EMA rates {ema_rates}; sampler {sampler_name}")
 
   # ---------------------------------------------------------------------- the compiled step
   step_cfg = step_lib.StepConfig(ema_rates=ema_rates, ema_warmup=bool(config.ema.warmup),
