@@ -71,8 +71,16 @@ def _group_outputs(data, prefix: str, schedule: str, respacing: str, steps: int,
   return {k: _nchw(v) for k, v in ours.items()}
 
 
+def _steps_of(data, schedule: str) -> int:
+  """T from the dump's own `betas/<schedule>` when present (either spelling of cosine), else 1000."""
+  for name in (schedule, "squaredcos_cap_v2" if schedule == "cosine" else schedule):
+    if f"betas/{name}" in data:
+      return int(np.asarray(data[f"betas/{name}"]).shape[0])
+  return 1000
+
+
 def _loss_outputs(data, prefix: str, schedule: str, dtype) -> dict[str, np.ndarray]:
-  diffusion = schedules.create_diffusion(1000, schedule, "")
+  diffusion = schedules.create_diffusion(_steps_of(data, schedule), schedule, "")
   inp = lambda name: jnp.asarray(_nhwc(_need(data, f"{prefix}/input/{name}")), dtype=dtype)
   t = jnp.asarray(_need(data, f"{prefix}/input/t"), dtype=jnp.int32)
   model_out = inp("model_out")
@@ -117,8 +125,7 @@ def check_diffusion_dump(data: Mapping[str, np.ndarray], dtype: str = "float64")
       elif len(parts) == 4 and parts[2] == "output":
         prefix = "/".join(parts[:2])
         if prefix not in groups:
-          steps = data[f"betas/{parts[0]}"].shape[0] if f"betas/{parts[0]}" in data else 1000
-          groups[prefix] = _group_outputs(data, prefix, parts[0], parts[1], steps, jdtype)
+          groups[prefix] = _group_outputs(data, prefix, parts[0], parts[1], _steps_of(data, parts[0]), jdtype)
         if parts[3] not in groups[prefix]:
           raise KeyError(f"{key}: unknown diffusion output {parts[3]!r} "
                          f"(known: {', '.join(_GROUP_OUTPUTS)}, ddim_eta<eta>)")
