@@ -73,7 +73,7 @@ def test_reader_on_large_canvas_and_noise():
   images, attrs = _random_set(12, 256, seed=7)
   assert A.caption_accuracy(images, attrs)["all"] == 1.0
   for size, low, noise in ((64, 24, 25.0), (32, 16, 8.0)):
-    clean, attrs = _random_set(120, size, seed=size + 1)
+    clean, attrs = _random_set(80, size, seed=size + 1)
     acc = A.caption_accuracy(_degrade(clean, low, noise, seed=0), attrs)
     for a in A.ATTRIBUTES:
       assert acc[a] >= 0.97, (size, a, acc)
