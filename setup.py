@@ -9,6 +9,7 @@ INSTALL_REQUIRES = [
     "chex>=0.1.89",
     "ml-collections>=1.0",
     "numpy>=1.26",
+    "scipy>=1.11",
     "tensorflow-cpu>=2.18",
     "tensorflow-datasets>=4.9.7",
     # tensorflow-datasets imports it at builder construction but does not declare it.
