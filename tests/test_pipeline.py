@@ -214,3 +214,45 @@ def test_sliced_split_reads_the_right_records(data_dir):
       np.testing.assert_allclose(b["image"][row], ex["image"] / 127.5 - 1.0, atol=1e-6)
       seen.append(int(k))
   assert sorted(seen) == list(range(32))
+
+
+def test_any_tfds_dataset_with_nested_caption_list(tmp_path):
+  """A coco_captions-like dataset: image + captions/text (a list); mapped by data.image_key/caption_key."""
+  import tensorflow_datasets as tfds
+
+  class TinyCocoLike(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "picture": tfds.features.Image(shape=(None, None, 3)),
+          "captions": tfds.features.Sequence({"text": tfds.features.Text(), "id": np.int64}),
+          "objects": tfds.features.Sequence({"label": tfds.features.ClassLabel(num_classes=3)}),
+      }), disable_shuffling=True)  # record k is example k
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(8):
+        img = np.full((20 + i, 30, 3), 10 * i, np.uint8)
+        caps = [{"text": f"caption {i} {j}", "id": 10 * i + j} for j in range(i % 3 + 1)]
+        yield i, {"picture": img, "captions": caps, "objects": [{"label": 1}]}
+
+  TinyCocoLike(data_dir=str(tmp_path)).download_and_prepare()
+  c = {"name": "tiny_coco_like", "data_dir": str(tmp_path), "split": "train", "image_key": "picture",
+       "caption_key": "captions/text", "tokenizer": TOK}
+  it = pipeline.make_train_iterator(c, "base", 8, 16, seed=0, process_index=0, process_count=1,
+                                    keep_captions=True)
+  chosen = {}
+  for _ in range(4):  # one caption of the example's list, chosen per epoch
+    b = next(it)
+    assert b["image"].shape == (8, 16, 16, 3)
+    for row, i in enumerate(b["index"]):
+      cap = b["caption"][row].decode()
+      assert cap.startswith(f"caption {i} ") and int(cap.split()[-1]) <= int(i) % 3
+      chosen.setdefault(int(i), set()).add(cap)
+      np.testing.assert_allclose(b["image"][row], 10 * int(i) / 127.5 - 1, atol=1e-4)
+  assert len(chosen[2] | chosen[5]) >= 3  # the examples with three captions do not always get the first
+  ev = next(pipeline.make_eval_iterator(c, "base", 8, 16, split="train", process_index=0, process_count=1))
+  assert [x.decode() for x in ev["caption"]] == [f"caption {i} 0" for i in range(8)]  # eval: the first

@@ -190,14 +190,15 @@ def _get_path(example: Mapping, key: str):
 
 
 def _decoders(features, keep: set[str]):
-  """Skips decoding of features the pipeline does not use (e.g. coco's objects)."""
+  """Skips decoding unused image-like features (e.g. a second image); the rest is cheap to decode.
+
+  (SkipDecoding only applies to leaf features, not to nested dicts or sequences of dicts.)
+  """
   import tensorflow_datasets as tfds
 
-  skip = {}
-  for name in list(features.keys()):
-    if name not in keep:
-      skip[name] = tfds.decode.SkipDecoding()
-  return skip
+  expensive = (tfds.features.Image, tfds.features.Video, tfds.features.Audio)
+  return {name: tfds.decode.SkipDecoding() for name, feature in features.items()
+          if name not in keep and isinstance(feature, expensive)}
 
 
 def resize_and_crop(image, size: int, seed, random_crop: bool):
