@@ -256,3 +256,19 @@ def test_any_tfds_dataset_with_nested_caption_list(tmp_path):
   assert len(chosen[2] | chosen[5]) >= 3  # the examples with three captions do not always get the first
   ev = next(pipeline.make_eval_iterator(c, "base", 8, 16, split="train", process_index=0, process_count=1))
   assert [x.decode() for x in ev["caption"]] == [f"caption {i} 0" for i in range(8)]  # eval: the first
+
+
+def test_array_record_datasets_read_the_same(tmp_path):
+  from glide_jax.data import shapes
+  shapes.GlideShapes(config="size32", train_examples=24, validation_examples=8, data_dir=str(tmp_path),
+                     file_format="array_record").download_and_prepare()
+  it = pipeline.make_train_iterator(cfg(str(tmp_path)), "base", 8, 32, seed=0, process_index=0,
+                                    process_count=1)
+  seen = []
+  for _ in range(3):
+    b = next(it)
+    for row, i in enumerate(b["index"]):
+      ex = next(render.generate(render.SPLIT_SEEDS["train"], int(i), 1, 32))
+      np.testing.assert_allclose(b["image"][row], ex["image"] / 127.5 - 1.0, atol=1e-6)
+      seen.append(int(i))
+  assert sorted(seen) == list(range(24))

@@ -16,8 +16,9 @@ tokenised a batch at a time, and prefetched; `prefetch_to_mesh` makes global jax
 the train step.
 
 Batch keys (docs/architecture.md "Batches"): image [B, H, W, 3] float32 in [-1, 1]; tokens [B, L]
-int32; mask [B, L] bool; low_res [B, h, w, 3] (upsample); inpaint_mask [B, H, W, 1] float32,
-1 = known (inpaint); colour/shape/size/position int32 [B] when the dataset has them.
+int32; mask [B, L] bool; low_res [B, h, w, 3] (when data.low_res_size > 0, and for the upsample
+stage); inpaint_mask [B, H, W, 1] float32, 1 = known (inpaint); colour/shape/size/position int32
+[B] when the dataset has them; index int32 [B] (the example's record number in the split).
 """
 from __future__ import annotations
 
