@@ -8,7 +8,7 @@
 .pt files are read with torch.load(weights_only=True): pickled code is refused, never run. Keys are
 matched by name; a missing, unexpected or wrongly shaped key is an error naming it. The two noised CLIP
 towers are separate files upstream: importing the second into the same --out adds it to the bundle.
-The bundle's tokenizer is GPT-2 BPE (CLIP BPE for the noised CLIP) without files: pass
+The bundle's tokenizer is GPT-2 BPE ("clip" BPE for the noised CLIP) without files: pass
 encoder.json / vocab.bpe (or bpe_simple_vocab_16e6.txt.gz) when sampling.
 """
 from __future__ import annotations
@@ -22,13 +22,13 @@ KINDS = ("base", "upsample", "base_inpaint", "upsample_inpaint", "clip_image_enc
 # How the released models are sampled ([G] notebooks): base models 100 respaced steps of the cosine
 # schedule with ancestral sampling; upsamplers 'fast27' of the linear schedule.
 DIFFUSION = {
-    "base": dict(steps=1000, noise_schedule="squaredcos_cap_v2", timestep_respacing="100", sampler="ddpm",
+    "base": dict(steps=1000, noise_schedule="squaredcos_cap_v2", timestep_respacing="100", sampler="ancestral",
                  guidance_scale=3.0),
     "base_inpaint": dict(steps=1000, noise_schedule="squaredcos_cap_v2", timestep_respacing="100",
-                         sampler="ddpm", guidance_scale=5.0),
+                         sampler="ancestral", guidance_scale=5.0),
     "upsample": dict(steps=1000, noise_schedule="linear", timestep_respacing="fast27", sampler="ddim",
                      upsample_temp=0.997),
-    "upsample_inpaint": dict(steps=1000, noise_schedule="linear", timestep_respacing="fast27", sampler="ddpm",
+    "upsample_inpaint": dict(steps=1000, noise_schedule="linear", timestep_respacing="fast27", sampler="ancestral",
                              upsample_temp=0.997),
     "noised_clip": dict(steps=1000, noise_schedule="squaredcos_cap_v2"),
 }
@@ -77,7 +77,7 @@ def import_checkpoint(kind: str, checkpoint: str, out: str, options: dict | None
         params = {k: v for k, v in old_params.items() if k != tower}
     params[tower] = tower_params
     meta = dict(model={"kind": "noised_clip", "options": options}, diffusion=DIFFUSION["noised_clip"],
-                tokenizer={"type": "clip_bpe"}, dtype="float32", towers=sorted(params),
+                tokenizer={"type": "clip"}, dtype="float32", towers=sorted(params),
                 source={"checkpoint": str(checkpoint), "format": "glide-text2im"})
     return bundle.save_bundle(out, params, meta)
   model_kind = g.CHECKPOINT_KINDS[kind]
