@@ -33,6 +33,13 @@ def _gib(n: float) -> str:
   return f"{n / (1 << 30):.2f} GiB"
 
 
+def _size(n: float) -> str:
+  for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+    if n >= scale:
+      return f"{n / scale:.2f} {unit}"
+  return f"{int(n)} B"
+
+
 def _flops(n: float) -> str:
   return f"{n:.3e}"
 
@@ -146,9 +153,9 @@ def run(args: argparse.Namespace) -> int:
     ratio = summary["flops_per_step"] / max(summary["model_flops_per_step"], 1.0)
     print(f"  FLOPs per step: compiled {_flops(summary['flops_per_step'])} "
           f"({_flops(res.flops_per_device)} per device x {len(devices)}); analytic {_flops(summary['model_flops_per_step'])}"
-          f" (compiled/analytic {ratio:.2f}; remat recomputes the forward, elementwise ops and the"
-          f" optimizer are not in the analytic count{'; a microbatch scan body is counted once by the compiler' if cfg.microbatches > 1 else ''})")
-    coll = ", ".join(f"{k} x{v['count']} ({_gib(v['bytes'])})" for k, v in res.collectives.items() if v["count"]) or "none"
+          f" (compiled/analytic {ratio:.2f};{' remat recomputes the forward;' if cfg.model.remat_policy != 'none' else ''}"
+          f" elementwise ops and the optimizer are not in the analytic count{'; a microbatch scan body is counted once by the compiler' if cfg.microbatches > 1 else ''})")
+    coll = ", ".join(f"{k} x{v['count']} ({_size(v['bytes'])})" for k, v in res.collectives.items() if v["count"]) or "none"
     print(f"  collectives in the compiled step (result sizes, per device): {coll}")
     print(f"  step time >= {summary['step_time_lower_bound_s'] * 1e3:.1f} ms "
           f"(max of compiled FLOPs / peak {res.flops_per_device * per_chip / chip.peak_flops * 1e3:.1f} ms, "
