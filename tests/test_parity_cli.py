@@ -25,3 +25,13 @@ def test_parity_cli_exit_codes(reference_dir, tmp_path, capsys):
   shutil.copyfile(dump, broken)
   broken.write_bytes(broken.read_bytes()[:1000])
   assert cli.main(["parity", str(broken)]) == 2
+
+
+def test_parity_cli_delegates_clip_and_diffusion_dumps(reference_dir, capsys):
+  """The noised CLIP dump goes to clip_keys.check_clip_dump, the diffusion dump to
+  diffusion.parity.check_diffusion_dump, checked against 1e-5."""
+  assert cli.main(["parity", str(reference_dir / "noised_clip.npz"), str(reference_dir / "diffusion.npz")]) == 0
+  out = capsys.readouterr().out
+  assert "diffusion.npz (tolerance 1e-05)" in out and "noised_clip.npz (tolerance 0.0001)" in out
+  for name in ("guidance_grad", "image_emb", "text_emb", "betas/linear", "respace/fast27"):
+    assert name in out
