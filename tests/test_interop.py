@@ -213,3 +213,7 @@ def test_import_clip_towers_into_one_bundle(tmp_path, reference_dir):
   assert set(back) == set(want)
   for k in want:
     np.testing.assert_array_equal(back[k], want[k])
+  # both towers at once, keys prefixed 'image/' and 'text/' as in the reference dump
+  assert cli.main(["export-torch", "--bundle", str(tmp_path / "clip"), "--out", str(tmp_path / "both.safetensors")]) == 0
+  both = g.load_state_dict(tmp_path / "both.safetensors")
+  assert set(both) == {k[len("param/"):] for k in data if k.startswith("param/")}
