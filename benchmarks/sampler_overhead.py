@@ -21,20 +21,12 @@ import statistics
 import time
 
 
-def _median_time(fn, repeats: int) -> tuple[float, float]:
-  """(median wall seconds, median process CPU seconds) over `repeats` runs after a warm-up run.
-
-  CPU time (all threads of this process) is reported too because on a shared machine the wall
-  time mostly measures the other tenants; the overhead is judged on both."""
+def _timed(fn) -> tuple[float, float]:
+  """(wall seconds, process CPU seconds, all threads) of one run."""
   import jax
-  jax.block_until_ready(fn())  # compile + warm up
-  wall, cpu = [], []
-  for _ in range(repeats):
-    w0, c0 = time.perf_counter(), time.process_time()
-    jax.block_until_ready(fn())
-    wall.append(time.perf_counter() - w0)
-    cpu.append(time.process_time() - c0)
-  return statistics.median(wall), statistics.median(cpu)
+  w0, c0 = time.perf_counter(), time.process_time()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - w0, time.process_time() - c0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +61,6 @@ def main(argv: list[str] | None = None) -> int:
   b = args.batch
   tokens = jnp.asarray(rng.integers(0, 50, (2 * b, text_ctx)), jnp.int32)
   mask = jnp.asarray(np.arange(text_ctx)[None] < 5).repeat(2 * b, 0)
-  variables = {"params": params}
   text = jax.jit(lambda p, t, m: model.apply({"params": p}, t, m, method="encode_text"))(params, tokens, mask)
   print(json.dumps({"benchmark": "sampler_overhead", "preset": args.preset, "params": n_params,
                     "image_size": size, "batch": b, "forward_batch": 2 * b,
@@ -79,11 +70,6 @@ def main(argv: list[str] | None = None) -> int:
   x2 = jnp.asarray(rng.standard_normal((2 * b, size, size, 3), np.float32))
   t2 = jnp.full((2 * b,), 500, jnp.int32)
   forward = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, text_cond=c))
-  forward_s, forward_cpu = _median_time(lambda: forward(params, x2, t2, text), args.repeats)
-  print(json.dumps({"forward_s": round(forward_s, 4), "forward_cpu_s": round(forward_cpu, 4),
-                    "load_avg": os.getloadavg()[0]}), flush=True)
-  del variables
-
   def loop_fn(n: int):
     diffusion = schedules.create_diffusion(1000, "squaredcos_cap_v2", str(n))
     cond = jax.tree_util.tree_map(lambda a: a[:b], text)
@@ -97,13 +83,27 @@ def main(argv: list[str] | None = None) -> int:
     return lambda: run(params, cond, uncond, jax.random.PRNGKey(0))
 
   n1, n2 = (int(s) for s in args.steps.split(","))
-  loops = {}
-  for n in (n1, n2):
-    loops[n] = _median_time(loop_fn(n), args.repeats)
-    print(json.dumps({f"loop_{n}_s": round(loops[n][0], 4), f"loop_{n}_cpu_s": round(loops[n][1], 4),
-                      "load_avg": os.getloadavg()[0]}), flush=True)
-  step_s = (loops[n2][0] - loops[n1][0]) / (n2 - n1)
-  step_cpu = (loops[n2][1] - loops[n1][1]) / (n2 - n1)
+  runs = {"forward": lambda: forward(params, x2, t2, text), n1: loop_fn(n1), n2: loop_fn(n2)}
+  for name, fn in runs.items():  # compile + warm up
+    wall, cpu = _timed(fn)
+    print(json.dumps({"warmup": str(name), "wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}), flush=True)
+  # Interleaved rounds (forward, short loop, long loop): a load spike on this shared machine then
+  # hits all three in the same round instead of one of them; per-round and median figures are printed.
+  results: dict = {name: [] for name in runs}
+  for r in range(args.repeats):
+    for name, fn in runs.items():
+      results[name].append(_timed(fn))
+    f, a, c = results["forward"][-1], results[n1][-1], results[n2][-1]
+    print(json.dumps({"round": r, "forward_s": round(f[0], 3), "forward_cpu_s": round(f[1], 3),
+                      f"loop_{n1}_s": round(a[0], 3), f"loop_{n1}_cpu_s": round(a[1], 3),
+                      f"loop_{n2}_s": round(c[0], 3), f"loop_{n2}_cpu_s": round(c[1], 3),
+                      "step_cpu_s": round((c[1] - a[1]) / (n2 - n1), 3),
+                      "overhead_cpu": round((c[1] - a[1]) / (n2 - n1) / f[1] - 1, 4),
+                      "load_avg": round(os.getloadavg()[0], 1)}), flush=True)
+  med = {name: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for name, v in results.items()}
+  forward_s, forward_cpu = med["forward"]
+  step_s = (med[n2][0] - med[n1][0]) / (n2 - n1)
+  step_cpu = (med[n2][1] - med[n1][1]) / (n2 - n1)
   print(json.dumps({"forward_s": round(forward_s, 4), "step_s": round(step_s, 4),
                     "overhead": round(step_s / forward_s - 1, 4),
                     "forward_cpu_s": round(forward_cpu, 4), "step_cpu_s": round(step_cpu, 4),
