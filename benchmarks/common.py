@@ -1,0 +1,165 @@
+"""Shared helpers of the benchmarks: model options, random weights, timing, FLOPs and JSON lines.
+
+Every benchmark prints one JSON object per line. Timings are the median wall time over `--repeats`
+runs after a warm-up run (the first call, which also compiles; its time is reported as
+`first_call_s`). The reference (openai/glide-text2im, PyTorch) is used when importable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+# A tiny model with the released architecture's structure, for tests of the harness. The reference
+# tokenizer fixes n_vocab at 50257, so the tiny model keeps it (it is only an embedding table).
+TINY_OPTIONS: dict[str, dict[str, Any]] = {
+    "text2im": dict(image_size=16, num_channels=32, channel_mult="1,2", num_res_blocks=1,
+                    attention_resolutions="8", num_head_channels=16, xf_width=32, xf_layers=1, xf_heads=2,
+                    text_ctx=8, dropout=0.0),
+    "upsample": dict(image_size=16, num_channels=32, channel_mult="1,2", num_res_blocks=1,
+                     attention_resolutions="8", num_head_channels=16, xf_width=32, xf_layers=1, xf_heads=2,
+                     text_ctx=8, dropout=0.0),
+}
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--preset", default="released", choices=["released", "tiny"],
+                 help="released = the released GLIDE sizes; tiny = a 16 px model for testing the harness")
+  p.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up run (median reported)")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="our compute dtype")
+  p.add_argument("--no-reference", action="store_true", help="run ours alone even if glide-text2im is importable")
+  p.add_argument("--threads", type=int, default=0, help="torch threads (0 = the number of cores)")
+  p.add_argument("--seed", type=int, default=0)
+
+
+def model_options(kind: str, preset: str) -> dict[str, Any]:
+  """glide-text2im option names for `kind` ('text2im' | 'upsample') at `preset`."""
+  from glide_jax.models import registry
+  if preset == "tiny":
+    return registry.resolve_options(kind, TINY_OPTIONS[kind])
+  return registry.resolve_options(kind, {})
+
+
+def random_params(kind: str, options: dict[str, Any], seed: int = 0, std: float = 0.02):
+  """Random float32 weights of the model's shapes (numpy RNG: no init compile for the big models).
+
+  Zero-initialised output layers would make the forward trivially small, so everything is drawn;
+  norm scales are kept at 1 so activations stay O(1)."""
+  import jax
+  import numpy as np
+
+  from glide_jax.models import registry
+  rng = np.random.default_rng(seed)
+  shapes = registry.param_shapes(kind, options)
+
+  def draw(path, s):
+    name = jax.tree_util.keystr(path)
+    if "scale" in name and len(s.shape) == 1:
+      return np.ones(s.shape, np.float32)
+    return (rng.standard_normal(s.shape, np.float32) * std).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def count_params(params) -> int:
+  import jax
+  import numpy as np
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def machine() -> dict[str, Any]:
+  """Where this ran: CPU model, cores, load average, library versions, devices."""
+  import jax
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
+          "jax": jax.__version__, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
+          "num_devices": len(jax.devices()), "xla_threads": "default",
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def emit(record: dict[str, Any]) -> None:
+  print(json.dumps(record, default=_jsonable), flush=True)
+
+
+def _jsonable(x):
+  try:
+    return float(x)
+  except (TypeError, ValueError):
+    return str(x)
+
+
+def time_fn(fn: Callable[[], Any], repeats: int, block: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+  """Median wall and process-CPU seconds over `repeats` calls of `fn` after one warm-up call.
+
+  `block` waits for the result (jax.block_until_ready by default). CPU time covers all threads, so
+  on a shared machine it shows how much work was done when wall time is inflated by other tenants."""
+  if block is None:
+    import jax
+    block = jax.block_until_ready
+  t0 = time.perf_counter()
+  block(fn())
+  first = time.perf_counter() - t0
+  wall, cpu = [], []
+  for _ in range(max(1, repeats)):
+    w0, c0 = time.perf_counter(), time.process_time()
+    block(fn())
+    wall.append(time.perf_counter() - w0)
+    cpu.append(time.process_time() - c0)
+  return {"median_s": statistics.median(wall), "min_s": min(wall), "cpu_s": statistics.median(cpu),
+          "runs": len(wall), "first_call_s": first, "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+def compile_timed(jitted, *args, **kwargs) -> tuple[Any, float, float | None]:
+  """(compiled executable, lower+compile seconds, XLA's FLOP count or None)."""
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args, **kwargs).compile()
+  seconds = time.perf_counter() - t0
+  flops = None
+  try:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+      cost = cost[0]
+    flops = float(cost.get("flops", 0.0)) or None
+  except Exception:  # not every backend reports costs
+    pass
+  return compiled, seconds, flops
+
+
+def reference_status(disabled: bool = False) -> tuple[bool, str]:
+  """(usable, why): whether openai/glide-text2im and torch import."""
+  if disabled:
+    return False, "disabled by --no-reference"
+  try:
+    import glide_text2im  # noqa: F401
+    import torch  # noqa: F401
+  except ImportError as e:
+    return False, f"not importable: {e}"
+  return True, "glide_text2im " + os.path.dirname(glide_text2im.__file__)
+
+
+def setup_torch(threads: int) -> int:
+  import torch
+  n = threads or os.cpu_count() or 1
+  torch.set_num_threads(n)
+  return n
+
+
+def enable_compile_cache() -> str | None:
+  from glide_jax import compile_cache
+  return compile_cache.enable()
+
+
+def round_floats(d: dict[str, Any], nd: int = 4) -> dict[str, Any]:
+  return {k: (round(v, nd) if isinstance(v, float) else v) for k, v in d.items()}
