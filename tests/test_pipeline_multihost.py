@@ -52,8 +52,8 @@ def test_two_hosts_feed_disjoint_rows_of_each_global_batch(data_dir, tmp_path):
   env.pop("XLA_FLAGS", None)  # local.py sets the device count per process
   env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
   out = subprocess.run([sys.executable, str(ROOT / "launch" / "local.py"), "--processes", "2",
-                        "--devices-per-process", "2", "--timeout", "240", "--", sys.executable, str(script),
-                        data_dir], capture_output=True, text=True, env=env, timeout=300, check=False)
+                        "--devices-per-process", "2", "--timeout", "360", "--", sys.executable, str(script),
+                        data_dir], capture_output=True, text=True, env=env, timeout=420, check=False)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   results = [json.loads(line.split("RESULT ", 1)[1]) for line in out.stdout.splitlines() if "RESULT " in line]
   assert sorted(r["process"] for r in results) == [0, 1]
