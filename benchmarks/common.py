@@ -35,6 +35,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--no-reference", action="store_true", help="run ours alone even if glide-text2im is importable")
   p.add_argument("--threads", type=int, default=0, help="torch threads (0 = the number of cores)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--fast-compile", action="store_true", help="XLA optimisation off (tests only; slows the run)")
 
 
 def model_options(kind: str, preset: str) -> dict[str, Any]:
@@ -121,10 +122,15 @@ def time_fn(fn: Callable[[], Any], repeats: int, block: Callable[[Any], Any] | N
           "runs": len(wall), "first_call_s": first, "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
-def compile_timed(jitted, *args, **kwargs) -> tuple[Any, float, float | None]:
+def compiler_options(args: argparse.Namespace) -> dict[str, Any] | None:
+  # --fast-compile: XLA backend optimisation off, for tests of the harness (never for figures).
+  return {"xla_backend_optimization_level": 0} if getattr(args, "fast_compile", False) else None
+
+
+def compile_timed(jitted, *args, options: dict[str, Any] | None = None) -> tuple[Any, float, float | None]:
   """(compiled executable, lower+compile seconds, XLA's FLOP count or None)."""
   t0 = time.perf_counter()
-  compiled = jitted.lower(*args, **kwargs).compile()
+  compiled = jitted.lower(*args).compile(compiler_options=options)
   seconds = time.perf_counter() - t0
   flops = None
   try:

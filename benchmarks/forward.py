@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
   dparams = jax.device_put(params)
   dx, dt, dtok, dmask = (jnp.asarray(a) for a in (x, t, tokens, mask))
   fwd = jax.jit(lambda p_, x_, t_, k_, m_: model.apply({"params": p_}, x_, t_, k_, m_))
-  compiled, compile_s, flops = common.compile_timed(fwd, dparams, dx, dt, dtok, dmask)
+  compiled, compile_s, flops = common.compile_timed(fwd, dparams, dx, dt, dtok, dmask, options=common.compiler_options(args))
   ours = common.time_fn(lambda: compiled(dparams, dx, dt, dtok, dmask), args.repeats)
   out = np.asarray(compiled(dparams, dx, dt, dtok, dmask), np.float32)
   shapes = {"x": list(x.shape), "tokens": list(tokens.shape), "out": list(out.shape)}
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
   # What a sampler step runs: the U-Net with the text encoded beforehand.
   text = jax.jit(lambda p_, k_, m_: model.apply({"params": p_}, k_, m_, method="encode_text"))(dparams, dtok, dmask)
   unet = jax.jit(lambda p_, x_, t_, c_: model.apply({"params": p_}, x_, t_, text_cond=c_))
-  c_unet, _, flops_unet = common.compile_timed(unet, dparams, dx, dt, text)
+  c_unet, _, flops_unet = common.compile_timed(unet, dparams, dx, dt, text, options=common.compiler_options(args))
   cached = common.time_fn(lambda: c_unet(dparams, dx, dt, text), args.repeats)
   common.emit({"benchmark": "forward", "side": "ours", "what": "U-Net, text_cond precomputed",
                "gflop": flops_unet and flops_unet / 1e9,

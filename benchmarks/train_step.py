@@ -1,0 +1,155 @@
+"""One optimizer step (batch 4) of the released base model and of the upsampler.
+
+  python -m benchmarks.run train_step                       # base and upsample, released sizes
+  python -m benchmarks.run train_step --stages base --repeats 3
+  python -m benchmarks.run train_step --preset tiny --repeats 1
+
+Ours: the real train step (glide_jax.train.step: caption dropout, timestep and noise draws, hybrid
+loss, AdamW, EMA, non-finite skip) jitted with the state donated, on one device, from
+configs/base.py and configs/upsample.py (variant=released) at --dtype (float32 by default; the
+configs ask bf16). Reference: glide-text2im's model in train mode with the same weights, the same
+hybrid loss, torch AdamW and an EMA update. Prints the compile time of our step, the median step
+time, the achieved GFLOP/s (XLA's FLOP count / time) and the ratio ours/reference.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from benchmarks import common
+
+STAGES = {"base": ("configs.base", "text2im"), "upsample": ("configs.upsample", "upsample")}
+
+
+def make_batch(stage: str, options: dict, batch: int, low_res_size: int, seed: int) -> dict:
+  import numpy as np
+  rng = np.random.default_rng(seed + 2)
+  size, ctx = int(options["image_size"]), int(options["text_ctx"])
+  out = {"image": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
+         "tokens": rng.integers(0, 1000, (batch, ctx)).astype(np.int32),
+         "mask": np.arange(ctx)[None].repeat(batch, 0) < rng.integers(1, ctx, (batch, 1))}
+  if stage == "upsample":
+    out["low_res"] = rng.uniform(-1, 1, (batch, low_res_size, low_res_size, 3)).astype(np.float32)
+  return out
+
+
+def run_stage(stage_name: str, args, use_ref: bool, threads: int | None) -> None:
+  import importlib
+
+  import flax.linen as nn
+  import jax
+  import numpy as np
+
+  from glide_jax.parallel import mesh as mesh_lib
+  from glide_jax.parallel import sharding as shard_lib
+  from glide_jax.train import optim, stages, timesteps
+  from glide_jax.train import state as state_lib
+  from glide_jax.train import step as step_lib
+
+  module, kind = STAGES[stage_name]
+  config = importlib.import_module(module).get_config("variant=released")
+  options = common.model_options(kind, args.preset)
+  with config.unlocked():
+    config.model.options = options
+    config.model.dtype = args.dtype
+    config.batch_size = args.batch
+    config.microbatches = 1
+    if stage_name == "upsample":
+      config.data.low_res_size = int(options["image_size"]) // 4
+  stage = stages.make_stage(config)
+  params = common.random_params(kind, options, args.seed)
+  mesh = mesh_lib.make_mesh(None, jax.devices()[:1])
+  rules = shard_lib.normalize_rules(config.rules)
+  tx, schedule = optim.make_optimizer(config.optimizer)
+  sampler = timesteps.make_sampler(str(config.diffusion.schedule_sampler), stage.diffusion.num_timesteps)
+  ema_rates = tuple(float(r) for r in config.ema.rates)
+  state, _ = state_lib.create_train_state(stage.init, tx, ema_rates, mesh, rules, jax.random.key(args.seed),
+                                          sampler.init, params=params)
+  ctx = int(options["text_ctx"])
+  empty = (jax.numpy.zeros((ctx,), jax.numpy.int32), jax.numpy.zeros((ctx,), bool))
+  step_cfg = step_lib.StepConfig(ema_rates=ema_rates, microbatches=1,
+                                 caption_dropout=float(config.data.caption_dropout) if stage_name == "base" else 0.0,
+                                 num_timesteps=stage.diffusion.num_timesteps)
+  step_fn = step_lib.make_train_step(stage.loss, tx, schedule, step_cfg, sampler, empty, mesh, rules)
+  low = int(config.data.get("low_res_size", 0) or 0)
+  host_batch = make_batch(stage_name, options, args.batch, low, args.seed)
+  batch = {k: jax.numpy.asarray(v) for k, v in host_batch.items() if k in stage.batch_keys}
+  rng = jax.random.key(args.seed + 3)
+  cfg = {"stage": stage_name, "preset": args.preset, "kind": kind, "params": common.count_params(params),
+         "batch": args.batch, "image_size": int(options["image_size"]), "dtype": args.dtype,
+         "optimizer": "adamw", "ema_rates": list(ema_rates), "dropout": float(options["dropout"])}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    jitted = jax.jit(step_fn, donate_argnums=(0,))  # the state is updated in place
+    compiled, compile_s, flops = common.compile_timed(jitted, state, batch, rng, options=common.compiler_options(args))
+  holder = [state]
+
+  def run_ours():
+    holder[0], metrics = compiled(holder[0], batch, rng)
+    return metrics["loss"]
+  ours = common.time_fn(run_ours, args.repeats)
+  loss = float(run_ours())
+  common.emit({"benchmark": "train_step", "side": "ours", "config": cfg,
+               "shapes": {k: list(v.shape) for k, v in host_batch.items()}, "compile_s": round(compile_s, 3),
+               "gflop": flops and flops / 1e9, "gflops_per_s": flops and flops / 1e9 / ours["median_s"],
+               "loss": loss, **common.round_floats(ours)})
+  summary = {"benchmark": "train_step", "summary": True, "config": cfg, "ours_s": round(ours["median_s"], 4),
+             "compile_s": round(compile_s, 3),
+             "ours_gflops_per_s": flops and round(flops / 1e9 / ours["median_s"], 2)}
+  del holder, state
+
+  if use_ref:
+    import torch
+
+    from benchmarks import reference
+    tmodel = reference.build_model(kind, options, params).train()
+    diff = reference.diffusion(int(config.diffusion.steps), str(config.diffusion.noise_schedule), "")
+    oc = config.optimizer
+    opt = torch.optim.AdamW(tmodel.parameters(), lr=float(oc.lr), betas=(float(oc.b1), float(oc.b2)),
+                            eps=float(oc.eps), weight_decay=float(oc.weight_decay))
+    ema = [p.detach().clone() for p in tmodel.parameters()]
+    g = torch.Generator().manual_seed(args.seed)
+    x0 = reference.nchw(host_batch["image"])
+    kw = {"tokens": torch.from_numpy(host_batch["tokens"].astype(np.int64)), "mask": torch.from_numpy(host_batch["mask"])}
+    if "low_res" in host_batch:
+      kw["low_res"] = reference.nchw(host_batch["low_res"])
+
+    def run_ref():
+      t = torch.randint(0, diff.num_timesteps, (args.batch,), generator=g)
+      noise = torch.randn(x0.shape, generator=g)
+      opt.zero_grad(set_to_none=True)
+      loss = reference.hybrid_loss(tmodel, diff, x0, t, noise, kw)
+      loss.backward()
+      if float(oc.grad_clip_norm) > 0:
+        torch.nn.utils.clip_grad_norm_(tmodel.parameters(), float(oc.grad_clip_norm))
+      opt.step()
+      with torch.no_grad():
+        torch._foreach_lerp_(ema, [p.detach() for p in tmodel.parameters()], 1.0 - ema_rates[0])
+      return loss
+    ref = common.time_fn(run_ref, args.repeats, block=lambda r: r)
+    common.emit({"benchmark": "train_step", "side": "reference", "config": cfg, "torch": torch.__version__,
+                 "torch_threads": threads, "loss": float(run_ref().detach()),
+                 "gflops_per_s": flops and flops / 1e9 / ref["median_s"], **common.round_floats(ref)})
+    summary.update(reference_s=round(ref["median_s"], 4), ratio=round(ours["median_s"] / ref["median_s"], 4),
+                   reference_gflops_per_s=flops and round(flops / 1e9 / ref["median_s"], 2))
+  summary["load_avg_1m"] = common.machine()["load_avg_1m"]
+  common.emit(summary)
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="train_step", description=__doc__.splitlines()[0])
+  common.add_common_args(p)
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
+  args = p.parse_args(argv)
+  cache = common.enable_compile_cache()
+  use_ref, why = common.reference_status(args.no_reference)
+  threads = common.setup_torch(args.threads) if use_ref else None
+  common.emit({"benchmark": "train_step", "machine": common.machine(), "torch_threads": threads, "reference": why,
+               "compile_cache": cache})
+  for name in args.stages:
+    run_stage(name, args, use_ref, threads)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
