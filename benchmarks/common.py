@@ -56,7 +56,18 @@ def random_params(kind: str, options: dict[str, Any], seed: int = 0, std: float 
 
   from glide_jax.models import registry
   rng = np.random.default_rng(seed)
-  shapes = registry.param_shapes(kind, options)
+  if kind == "noised_clip":
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from glide_jax.models import clip
+    model = clip.create_clip_model(options)
+    size, text_len = int(model.image_size), int(model.max_text_len)
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(
+        jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,), jnp.int32),
+        jnp.zeros((1, text_len), jnp.int32), jnp.ones((1,), jnp.int32))["params"]))
+  else:
+    shapes = registry.param_shapes(kind, options)
 
   def draw(path, s):
     name = jax.tree_util.keystr(path)
