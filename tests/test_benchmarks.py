@@ -1,0 +1,115 @@
+"""The benchmark harness runs end to end on tiny configs and prints parseable JSON lines with the
+required fields. No timing assertions: speed is measured by running the benchmarks, not here."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import common
+
+FAST = ["--preset", "tiny", "--repeats", "1", "--no-reference"]
+
+
+@pytest.fixture(autouse=True)
+def _no_persistent_cache(monkeypatch):
+  monkeypatch.setenv("GLIDE_JAX_COMPILE_CACHE", "off")  # keep tests hermetic
+
+
+def _lines(capsys) -> list[dict]:
+  out = capsys.readouterr().out
+  rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+  assert rows, out
+  return rows
+
+
+def _header_ok(row: dict) -> None:
+  m = row["machine"]
+  for key in ("cpu", "cores", "load_avg_1m", "jax", "backend", "device"):
+    assert key in m
+  assert "reference" in row
+
+
+def test_forward(capsys):
+  from benchmarks import forward
+  assert forward.main(FAST + ["--fast-compile"]) == 0
+  rows = _lines(capsys)
+  _header_ok(rows[0])
+  assert rows[0]["config"]["batch"] == 2 and rows[0]["config"]["dtype"] == "float32"
+  ours = [r for r in rows if r.get("side") == "ours"]
+  assert ours[0]["shapes"]["out"] == [2, 16, 16, 6]
+  for r in ours:
+    assert r["median_s"] > 0 and r["runs"] == 1
+  summary = rows[-1]
+  assert summary["summary"] and summary["ours_s"] > 0 and "ratio" not in summary
+
+
+def test_train_step(capsys):
+  from benchmarks import train_step
+  assert train_step.main(FAST + ["--fast-compile", "--stages", "base"]) == 0
+  rows = _lines(capsys)
+  _header_ok(rows[0])
+  ours = next(r for r in rows if r.get("side") == "ours")
+  assert ours["config"]["batch"] == 4 and ours["shapes"]["image"] == [4, 16, 16, 3]
+  assert np.isfinite(ours["loss"]) and ours["compile_s"] > 0 and ours["median_s"] > 0
+  assert rows[-1]["summary"] and rows[-1]["config"]["stage"] == "base"
+
+
+def test_sample_speed(capsys):
+  from benchmarks import sample
+  assert sample.main(FAST + ["--samplers", "ancestral", "dpm++", "--steps", "ancestral=2,dpm++=2",
+                             "--no-upsample"]) == 0
+  rows = _lines(capsys)
+  _header_ok(rows[0])
+  summaries = [r for r in rows if r.get("summary")]
+  assert [r["sampler"] for r in summaries] == ["ancestral", "dpm++"]
+  for r in summaries:
+    assert r["ours_s"] > 0 and "compile_s" in r
+
+
+def test_sample_shapes_accuracy_on_a_tiny_random_bundle(tmp_path, capsys):
+  from benchmarks import sample
+  from glide_jax import bundle
+
+  options = dict(common.TINY_OPTIONS["text2im"], n_vocab=64)
+  params = common.random_params("text2im", options)
+  meta = {"model": {"kind": "text2im", "options": options}, "dtype": "float32",
+          "diffusion": {"steps": 1000, "noise_schedule": "squaredcos_cap_v2"},
+          "tokenizer": {"type": "words", "text_ctx": options["text_ctx"]}}
+  bundle.save_bundle(tmp_path / "b", params, meta, {})
+  assert sample.main(["--bundle", str(tmp_path / "b"), "--shapes-accuracy", "4", "--batch", "2",
+                      "--samplers", "ancestral", "ddim", "--steps", "ancestral=2,ddim=2"]) == 0
+  rows = _lines(capsys)
+  per = [r for r in rows if r.get("mode") == "shapes_accuracy" and "accuracy" in r]
+  assert [r["sampler"] for r in per] == ["ancestral", "ddim"]
+  for r in per:
+    assert r["accuracy"]["n"] == 4 and 0.0 <= r["accuracy"]["all"] <= 1.0 and r["seconds_per_batch"] > 0
+  assert set(rows[-1]["accuracy_all"]) == {"ancestral", "ddim"}
+
+
+def test_clip_guidance(capsys):
+  from benchmarks import clip_guidance
+  assert clip_guidance.main(FAST + ["--fast-compile"]) == 0
+  rows = _lines(capsys)
+  _header_ok(rows[0])
+  assert rows[-1]["summary"] and rows[-1]["ours_s"] > 0 and rows[-1]["config"]["clip_params"] > 0
+
+
+def test_run_discovers_the_benchmarks():
+  from benchmarks import run
+  assert {"forward", "train_step", "sample", "clip_guidance"} <= set(run.available())
+
+
+def test_reference_detection_can_be_disabled():
+  assert common.reference_status(disabled=True) == (False, "disabled by --no-reference")
+
+
+def test_forward_against_the_reference_when_installed(capsys):
+  pytest.importorskip("glide_text2im")
+  pytest.importorskip("torch")
+  from benchmarks import forward
+  assert forward.main(["--preset", "tiny", "--repeats", "1", "--fast-compile"]) == 0
+  summary = _lines(capsys)[-1]
+  assert summary["ratio"] > 0 and summary["reference_s"] > 0
+  assert summary["max_rel_err"] < 1e-3  # identical weights give the same outputs
