@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,12 +19,12 @@ from typing import Any
 # A tiny model with the released architecture's structure, for tests of the harness. The reference
 # tokenizer fixes n_vocab at 50257, so the tiny model keeps it (it is only an embedding table).
 TINY_OPTIONS: dict[str, dict[str, Any]] = {
-    "text2im": dict(image_size=16, num_channels=32, channel_mult="1,2", num_res_blocks=1,
-                    attention_resolutions="8", num_head_channels=16, xf_width=32, xf_layers=1, xf_heads=2,
-                    text_ctx=8, dropout=0.0),
-    "upsample": dict(image_size=16, num_channels=32, channel_mult="1,2", num_res_blocks=1,
-                     attention_resolutions="8", num_head_channels=16, xf_width=32, xf_layers=1, xf_heads=2,
-                     text_ctx=8, dropout=0.0),
+    "text2im": {"image_size": 16, "num_channels": 32, "channel_mult": "1,2", "num_res_blocks": 1,
+                "attention_resolutions": "8", "num_head_channels": 16, "xf_width": 32, "xf_layers": 1,
+                "xf_heads": 2, "text_ctx": 8, "dropout": 0.0},
+    "upsample": {"image_size": 16, "num_channels": 32, "channel_mult": "1,2", "num_res_blocks": 1,
+                 "attention_resolutions": "8", "num_head_channels": 16, "xf_width": 32, "xf_layers": 1,
+                 "xf_heads": 2, "text_ctx": 8, "dropout": 0.0},
 }
 
 
@@ -149,8 +150,8 @@ def compile_timed(jitted, *args, options: dict[str, Any] | None = None) -> tuple
     if isinstance(cost, list):
       cost = cost[0]
     flops = float(cost.get("flops", 0.0)) or None
-  except Exception:  # not every backend reports costs
-    pass
+  except Exception as e:  # noqa: BLE001 - not every backend reports costs; the timing stays valid
+    print(f"no cost analysis: {e}", file=sys.stderr)
   return compiled, seconds, flops
 
 
@@ -159,7 +160,7 @@ def reference_status(disabled: bool = False) -> tuple[bool, str]:
   if disabled:
     return False, "disabled by --no-reference"
   try:
-    import glide_text2im  # noqa: F401
+    import glide_text2im
     import torch  # noqa: F401
   except ImportError as e:
     return False, f"not importable: {e}"

@@ -90,8 +90,8 @@ def speed(args, use_ref: bool, threads: int | None) -> None:
   size = sm.image_size
   results = {}
   for name in args.samplers:
-    run = lambda: pipeline.generate(sm, prompts, jax.random.PRNGKey(args.seed), guidance_scale=args.guidance_scale,
-                                    sampler=name, respacing=steps[name])
+    run = lambda name=name: pipeline.generate(sm, prompts, jax.random.PRNGKey(args.seed),
+                                              guidance_scale=args.guidance_scale, sampler=name, respacing=steps[name])
     r = common.time_fn(run, args.repeats, block=lambda x: x)
     r["compile_s"] = r["first_call_s"] - r["median_s"]
     results[name] = r
@@ -116,7 +116,7 @@ def speed(args, use_ref: bool, threads: int | None) -> None:
       diff = reference.diffusion(1000, "squaredcos_cap_v2", st)
       g = torch.Generator().manual_seed(args.seed)
       shape = (2 * args.batch, 3, size, size)
-      r = common.time_fn(lambda: ref_sample(diff, model_fn, shape, name, kw, torch.randn(shape, generator=g)),
+      r = common.time_fn(lambda d=diff, s=shape, n=name, g=g: ref_sample(d, model_fn, s, n, kw, torch.randn(s, generator=g)),
                          args.repeats, block=lambda x: x)
       ref[name] = r
       common.emit({"benchmark": "sample", "side": "reference", "sampler": name, "steps": st, "image_size": size,

@@ -95,7 +95,8 @@ def run_stage(stage_name: str, args, use_ref: bool, threads: int | None) -> None
   summary = {"benchmark": "train_step", "summary": True, "config": cfg, "ours_s": round(ours["median_s"], 4),
              "compile_s": round(compile_s, 3),
              "ours_gflops_per_s": flops and round(flops / 1e9 / ours["median_s"], 2)}
-  del holder, state
+  holder.clear()  # free the donated state before the reference allocates its own
+  del state
 
   if use_ref:
     import torch
