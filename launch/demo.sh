@@ -6,11 +6,18 @@
 #
 #   bash launch/demo.sh                 # the full demo (about 20 minutes of training on 2 cores)
 #   QUICK=1 bash launch/demo.sh         # a few steps of everything, to check the plumbing
+#
+# Training stops after TRAIN_MINUTES (default 20, compilation included): the trainer saves a
+# checkpoint on SIGTERM and exits cleanly, so the demo is bounded by time, not by step count.
+# Rerunning resumes the same workdir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORKDIR="${WORKDIR:-runs/shapes}"
 DATA_DIR="${DATA_DIR:-$PWD/runs/tensorflow_datasets}"
-N_PROMPTS="${N_PROMPTS:-120}"
+N_PROMPTS="${N_PROMPTS:-60}"
+TRAIN_MINUTES="${TRAIN_MINUTES:-20}"
+SAMPLER="${SAMPLER:-dpm++}"
+STEPS="${STEPS:-25}"
 export TF_CPP_MIN_LOG_LEVEL=2
 
 bash launch/setup_env.sh ""
@@ -20,6 +27,8 @@ config="configs/shapes.py"
 prepare=()
 if [[ "${QUICK:-0}" == 1 ]]; then
   config="configs/shapes.py:runlocal"
+  WORKDIR="${WORKDIR%/}_quick"
+  STEPS=4
   DATA_DIR="$PWD/runs/tensorflow_datasets_quick"
   prepare=(--train-examples 512 --validation-examples 64)
   N_PROMPTS=8
@@ -30,7 +39,9 @@ $gj data prepare --name glide_shapes/size32 --data-dir "$DATA_DIR" "${prepare[@]
 
 echo "== 2/4 train $config in $WORKDIR"
 start=$(date +%s)
-$gj train --config "$config" --workdir "$WORKDIR" --config.data.data_dir="$DATA_DIR"
+timeout -s TERM "$((TRAIN_MINUTES * 60))" \
+  $gj train --config "$config" --workdir "$WORKDIR" --config.data.data_dir="$DATA_DIR" || {
+    rc=$?; [[ $rc == 124 ]] || exit $rc; echo "training stopped after $TRAIN_MINUTES minutes (checkpoint saved)"; }
 train_s=$(( $(date +%s) - start ))
 
 echo "== 3/4 export the EMA weights to $WORKDIR/bundle"
@@ -38,7 +49,7 @@ $gj export --workdir "$WORKDIR" --out "$WORKDIR/bundle"
 
 echo "== 4/4 sample $N_PROMPTS held-out captions at guidance 1 and 3, and read them back"
 TFDS_DATA_DIR="$DATA_DIR" $gj eval sweep --bundle "$WORKDIR/bundle" --shapes-validation "$N_PROMPTS" \
-  --scales 1,3 --out "$WORKDIR/eval"
+  --scales 1,3 --sampler "$SAMPLER" --steps "$STEPS" --out "$WORKDIR/eval"
 
 echo
 echo "Demo finished: training took ${train_s}s (wall clock, including compilation)."
