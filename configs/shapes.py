@@ -1,10 +1,10 @@
 r"""The built-in demo: a small text-to-image model on the procedural `glide_shapes` dataset.
 
-  glide-jax data shapes --size 32              # prepare the dataset (no download)
+  glide-jax data prepare --name glide_shapes/size32   # prepare the dataset (no download)
   glide-jax train --config configs/shapes.py --workdir /tmp/shapes
   glide-jax train --config configs/shapes.py:runlocal --workdir /tmp/shapes_smoke
 
-Sized so that ~20 minutes of CPU training on 2 cores gives samples that follow their captions:
+Sized for about 20 minutes of CPU training on 2 cores (launch/demo.sh; results in the README):
 a 32 px U-Net (48 channels, mult 1,2,2, one res block per level, attention at 8 px; 5.8M
 parameters, 137 GFLOP per step at batch 32) with a 3-layer, 256-wide text
 transformer over the closed shapes vocabulary.
