@@ -115,7 +115,7 @@ def test_caption_parsing_all_templates():
 
 def test_reader_on_dataset_renderer():
   """The data pipeline's own renderer (glide_jax/data/render.py): the reader must be ~100% there."""
-  render = pytest.importorskip("glide_jax.data.render")
+  from glide_jax.data import render
   for size, n in ((32, 300), (64, 150)):
     examples = list(render.generate(render.SPLIT_SEEDS["validation"], 0, n, size))
     images = np.stack([e["image"] for e in examples])

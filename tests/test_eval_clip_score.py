@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-clip_mod = pytest.importorskip("glide_jax.models.clip")
+from glide_jax.models import clip as clip_mod
 from glide_jax.data.tokenizers import Tokenizer
 from glide_jax.eval import clip_score as cs
 

@@ -152,7 +152,7 @@ def tiny_bundles(tmp_path_factory):
       "diffusion": {"steps": 1000, "noise_schedule": "squaredcos_cap_v2", "timestep_respacing": "4",
                     "sampler": "ddim"},
       "tokenizer": tok_meta, "dtype": "float32"}, tokenizer_files={"model": sp})
-  clip_mod = pytest.importorskip("glide_jax.models.clip")
+  from glide_jax.models import clip as clip_mod
   clip_options = {"image_size": 16, "patch_size": 4, "n_vocab": tok.vocab_size, "max_text_len": 16, "n_embd": 16,
                       "n_head_text": 2, "n_head_state_text": 8, "n_xf_blocks_text": 1,
                       "n_head_image": 2, "n_head_state_image": 8, "n_xf_blocks_image": 1}
