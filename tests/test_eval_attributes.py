@@ -127,3 +127,11 @@ def test_reader_on_dataset_renderer():
     parsed = A.parse_captions([e["caption"] for e in examples])
     for a in A.ATTRIBUTES:
       np.testing.assert_array_equal(parsed[a], attrs[a])
+
+
+def test_faint_blank_sample_is_unreadable_not_a_crash():
+  # A generated sample can be a flat grey canvas with one pixel at exactly the contrast threshold.
+  from glide_jax.eval import attributes as attrs
+  img = np.full((32, 32, 3), 200.0)
+  img[5, 5] = 200.0 + attrs._MIN_CONTRAST
+  assert attrs.read_attributes(img) == (attrs.UNREADABLE,) * 4

@@ -142,6 +142,8 @@ def read_attributes(image: np.ndarray) -> tuple[int, int, int, int]:
   if peak < _MIN_CONTRAST:
     return (UNREADABLE,) * 4
   core = dist > max(_CORE_FRACTION * peak, _MIN_CONTRAST)
+  if not core.any():  # contrast right at the threshold: nothing to read, not a crash
+    return (UNREADABLE,) * 4
   # Keep the largest 8-connected blob: a sample's stray speckles must not move the centroid.
   labels, count = ndimage.label(core, structure=np.ones((3, 3)))
   if count > 1:
