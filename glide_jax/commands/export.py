@@ -36,21 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_params(workdir: str, which: str, rate: float | None, step: int | None) -> tuple[Any, int]:
   """Host numpy params from the workdir's checkpoint: trained ('raw') or an EMA copy."""
-  import jax
-  import orbax.checkpoint as ocp
+  from glide_jax.train.train import restore_workdir_item
 
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  with ocp.CheckpointManager(directory, item_names=("state", "ema", "rng", "data", "config"),
-                             options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no complete checkpoint in {directory}")
-    item = "ema" if which == "ema" else "state"
-    meta = mngr.item_metadata(step)[item]
-    tree = meta.tree if hasattr(meta, "tree") else meta
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    restored = mngr.restore(step, args=ocp.args.Composite(**{
-        item: ocp.args.PyTreeRestore(restore_args=restore_args)}))[item]
+  restored, step = restore_workdir_item(workdir, "ema" if which == "ema" else "state", step)
   if which == "raw":
     return restored["params"], step
   if rate is None:

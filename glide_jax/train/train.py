@@ -92,8 +92,8 @@ def load_init_params(config: Any, stage: stages.Stage) -> Any | None:
   return jax.tree.map(np.asarray, params)
 
 
-def load_workdir_params(workdir: str, which: str = "ema", step: int | None = None) -> tuple[Any, ...] | Any:
-  """Host numpy params of a workdir's latest checkpoint: `which` = 'params' or 'ema' (first rate)."""
+def restore_workdir_item(workdir: str, item: str, step: int | None = None) -> tuple[Any, int]:
+  """Host numpy copy of one checkpoint item ('state' or 'ema') of a workdir, and its step."""
   import orbax.checkpoint as ocp
 
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -102,12 +102,17 @@ def load_workdir_params(workdir: str, which: str = "ema", step: int | None = Non
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {directory}")
-    item = "ema" if which == "ema" else "state"
     meta = mngr.item_metadata(step)[item]
     tree = meta.tree if hasattr(meta, "tree") else meta
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     restored = mngr.restore(step, args=ocp.args.Composite(**{
         item: ocp.args.PyTreeRestore(restore_args=restore_args)}))[item]
+  return restored, step
+
+
+def load_workdir_params(workdir: str, which: str = "ema", step: int | None = None) -> tuple[Any, ...] | Any:
+  """Host numpy params of a workdir's latest checkpoint: `which` = 'params' or 'ema' (first rate)."""
+  restored, _ = restore_workdir_item(workdir, "ema" if which == "ema" else "state", step)
   if which == "ema":
     return restored[next(iter(restored))]
   return restored["params"]
