@@ -29,8 +29,9 @@ TINY_OPTIONS: dict[str, dict[str, Any]] = {
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--preset", default="released", choices=["released", "tiny"],
-                 help="released = the released GLIDE sizes; tiny = a 16 px model for testing the harness")
+  p.add_argument("--preset", default="released", choices=["released", "shapes", "tiny"],
+                 help="released = the released GLIDE sizes; shapes = the demo model of configs/shapes.py "
+                      "(text2im only); tiny = a 16 px model for testing the harness")
   p.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up run (median reported)")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="our compute dtype")
   p.add_argument("--no-reference", action="store_true", help="run ours alone even if glide-text2im is importable")
@@ -44,6 +45,11 @@ def model_options(kind: str, preset: str) -> dict[str, Any]:
   from glide_jax.models import registry
   if preset == "tiny":
     return registry.resolve_options(kind, TINY_OPTIONS[kind])
+  if preset == "shapes":
+    if kind != "text2im":
+      raise ValueError(f"--preset shapes is the demo's text2im model; there is no shapes {kind} model")
+    from configs import shapes
+    return registry.resolve_options(kind, dict(shapes.MODEL))
   return registry.resolve_options(kind, {})
 
 

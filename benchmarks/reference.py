@@ -29,8 +29,10 @@ def build_model(kind: str, options: dict[str, Any], params: Any):
   args = {k: options[k] for k in _CREATE_ARGS}
   args["cache_text_emb"] = False
   model = create_model(use_fp16=False, **args)
-  if int(options.get("n_vocab", 50257)) != model.tokenizer.n_vocab:
-    raise ValueError(f"the reference's vocabulary is {model.tokenizer.n_vocab}; options have n_vocab={options['n_vocab']}")
+  n_vocab = int(options.get("n_vocab", model.tokenizer.n_vocab))
+  if n_vocab != model.tokenizer.n_vocab:
+    # A model with its own small vocabulary (the shapes demo): same architecture, smaller table.
+    model.token_embedding = torch.nn.Embedding(n_vocab, int(options["xf_width"]))
   state = export_state_dict(params, kind, options)
   model.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.items()}, strict=True)
   return model.float()

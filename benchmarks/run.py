@@ -8,6 +8,8 @@ import importlib
 import pathlib
 import sys
 
+import glide_jax  # noqa: F401  (sets the XLA CPU flags before any backend exists)
+
 
 def available() -> list[str]:
   here = pathlib.Path(__file__).parent

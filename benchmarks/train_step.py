@@ -26,7 +26,7 @@ def make_batch(stage: str, options: dict, batch: int, low_res_size: int, seed: i
   rng = np.random.default_rng(seed + 2)
   size, ctx = int(options["image_size"]), int(options["text_ctx"])
   out = {"image": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
-         "tokens": rng.integers(0, 1000, (batch, ctx)).astype(np.int32),
+         "tokens": rng.integers(0, min(1000, int(options.get("n_vocab", 1000))), (batch, ctx)).astype(np.int32),
          "mask": np.arange(ctx)[None].repeat(batch, 0) < rng.integers(1, ctx, (batch, 1))}
   if stage == "upsample":
     out["low_res"] = rng.uniform(-1, 1, (batch, low_res_size, low_res_size, 3)).astype(np.float32)

@@ -20,6 +20,7 @@ Logical axis vocabulary (the mesh rules in `glide_jax/parallel` map these to mes
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -86,10 +87,55 @@ class Conv(nn.Module):
     return y
 
 
+def _group_stats(x: jax.Array, groups: int) -> tuple[jax.Array, jax.Array]:
+  """x: [B, N, C] float32 -> per-channel broadcast (mean, rsqrt(var + eps)) of each group, [B, C].
+
+  Reduces over the spatial axis first (contiguous in NHWC), then over the few channels of a group:
+  far cheaper on CPU than one reduction over a strided [N, C/G] slab. Two-pass variance."""
+  b, _, c = x.shape
+  per = c // groups
+  mean = jnp.repeat(jnp.mean(x, axis=1).reshape(b, groups, per).mean(-1), per, axis=1)
+  var = jnp.mean(jnp.square(x - mean[:, None]), axis=1).reshape(b, groups, per).mean(-1)
+  return mean, jnp.repeat(var, per, axis=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def group_normalize(x: jax.Array, groups: int, epsilon: float) -> jax.Array:
+  """(x - mean) / sqrt(var + eps) per (example, group) of x: [B, N, C] float32.
+
+  The hand-written backward keeps only x and two [B, C] statistics and makes two reductions; the
+  autodiff of the forward makes several strided ones and was the step's second cost on CPU."""
+  mean, var = _group_stats(x, groups)
+  return (x - mean[:, None]) * jax.lax.rsqrt(var + epsilon)[:, None]
+
+
+def _group_normalize_fwd(x, groups, epsilon):
+  mean, var = _group_stats(x, groups)
+  rstd = jax.lax.rsqrt(var + epsilon)
+  return (x - mean[:, None]) * rstd[:, None], (x, mean, rstd)
+
+
+def _group_normalize_bwd(groups, epsilon, res, g):
+  del epsilon
+  x, mean, rstd = res
+  b, _, c = x.shape
+  per = c // groups
+  xhat = (x - mean[:, None]) * rstd[:, None]
+
+  def group_mean(v):  # [B, N, C] -> per-channel broadcast of the group mean, [B, 1, C]
+    return jnp.repeat(jnp.mean(v, axis=1).reshape(b, groups, per).mean(-1), per, axis=1)[:, None]
+  return (rstd[:, None] * (g - group_mean(g) - xhat * group_mean(g * xhat)),)
+
+
+group_normalize.defvjp(_group_normalize_fwd, _group_normalize_bwd)
+
+
 class GroupNorm32(nn.Module):
   """GroupNorm with 32 groups, eps 1e-5, computed in float32 and cast back (as GLIDE's GroupNorm32).
 
   `swish=True` fuses the SiLU that GLIDE's `normalization(ch, swish=1.0)` applies after the norm.
+  The channel count must be a multiple of the group count (PyTorch refuses otherwise; a reshape
+  would silently mix spatial positions into the groups).
   """
   num_groups: int = 32
   swish: bool = False
@@ -98,15 +144,15 @@ class GroupNorm32(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
+    if c % self.num_groups:
+      raise ValueError(f"GroupNorm {self.name or ''}: {c} channels are not divisible by {self.num_groups} "
+                       f"groups (input shape {tuple(x.shape)}); use channel counts that are multiples of "
+                       f"{self.num_groups}")
     scale = self.param("scale", with_names(nn.initializers.ones_init(), ("norm",)), (c,), jnp.float32)
     bias = self.param("bias", with_names(nn.initializers.zeros_init(), ("norm",)), (c,), jnp.float32)
-    h = x.astype(jnp.float32)
-    shape = h.shape
-    h = h.reshape(shape[0], -1, self.num_groups, c // self.num_groups)
-    mean = jnp.mean(h, axis=(1, 3), keepdims=True)
-    var = jnp.mean(jnp.square(h - mean), axis=(1, 3), keepdims=True)
-    h = ((h - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(shape)
-    h = h * scale + bias
+    shape = x.shape
+    h = group_normalize(x.astype(jnp.float32).reshape(shape[0], -1, c), self.num_groups, self.epsilon)
+    h = h.reshape(shape) * scale + bias
     if self.swish:
       h = nn.silu(h)
     return h.astype(x.dtype)
