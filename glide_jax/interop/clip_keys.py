@@ -12,6 +12,7 @@ A two-tower state_dict prefixes the keys with `text/` and `image/` (as the refer
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -262,3 +263,90 @@ def check_clip_dump(data: Mapping[str, np.ndarray], dtype: Any = jnp.float32) ->
       "image_emb": _rel_err(z_image, data["output/image_emb"]),
       "guidance_grad": _rel_err(np.transpose(np.asarray(grad), (0, 3, 1, 2)), data["output/guidance_grad"]),
   }
+
+
+# ------------------------------------------------------------------ released files -> params (init_from)
+RELEASED_NAMES = {"image": "clip_image_enc", "text": "clip_text_enc"}  # [G] download.py's file names
+_FILE_SUFFIXES = (".pt", ".pth", ".safetensors", ".npz")
+
+
+def tower_of(state_dict: Mapping[str, Any]) -> str | None:
+  """Which tower a single-tower state_dict holds, told by its input keys (None if neither)."""
+  if "blocks.input.w_t" in state_dict or "blocks.input.patch_proj" in state_dict:
+    return "image"
+  if "blocks.input.w_voc" in state_dict:
+    return "text"
+  return None
+
+
+def _released_files_in(directory: str) -> list[str]:
+  found, looked = [], []
+  for tower in TOWERS:
+    names = [RELEASED_NAMES[tower] + s for s in _FILE_SUFFIXES]
+    hit = next((os.path.join(directory, n) for n in names if os.path.isfile(os.path.join(directory, n))), None)
+    if hit is None:
+      looked.append(" / ".join(names))
+    else:
+      found.append(hit)
+  if looked:
+    raise FileNotFoundError(f"{directory} holds no released noised CLIP tower file named {'; '.join(looked)}")
+  return found
+
+
+def load_clip_checkpoint(source: str, options: dict) -> dict:
+  """The released noised CLIP (or a two-tower state_dict) -> params {'image': ..., 'text': ...}.
+
+  `source` is one of
+    'IMAGE_FILE,TEXT_FILE'  the two released files (`clip_image_enc.pt`, `clip_text_enc.pt`), in either
+                            order: each file's tower is told by its keys;
+    a directory             holding `clip_image_enc` and `clip_text_enc` (.pt / .pth / .safetensors / .npz);
+    one file                with both towers under `image/` and `text/` key prefixes (the layout of the
+                            reference dumps and of `glide-jax export-torch` without --tower).
+  Files are read by `glide_text2im.load_state_dict`: torch.load(weights_only=True) or safetensors,
+  never an unpickler. Errors name the file, and `StateDictError` every bad key with both shapes.
+  """
+  from glide_jax.interop.glide_text2im import load_state_dict
+
+  source = str(source)
+  if os.path.isfile(source):
+    paths = [source]
+  elif os.path.isdir(source):
+    paths = _released_files_in(source)
+  else:
+    paths = [p.strip() for p in source.split(",")]
+    if len(paths) != 2 or not all(paths):
+      raise FileNotFoundError(f"{source!r} is not a file, a directory, nor a pair 'IMAGE_FILE,TEXT_FILE'")
+    for p in paths:
+      if not os.path.isfile(p):
+        raise FileNotFoundError(f"noised CLIP checkpoint {p} does not exist (from {source!r})")
+
+  if len(paths) == 1:
+    sd = load_state_dict(paths[0])
+    tower = tower_of(sd)
+    if tower is not None:
+      other = RELEASED_NAMES["text" if tower == "image" else "image"]
+      raise ValueError(f"{paths[0]} holds only the {tower} tower of the noised CLIP; give both released "
+                       f"files as 'clip_image_enc.pt,clip_text_enc.pt' (the {other} file is missing)")
+    try:
+      return import_clip_state_dict(sd, options)
+    except StateDictError as e:
+      raise StateDictError(f"{paths[0]}: {e}") from None
+
+  params: dict[str, dict] = {}
+  origin: dict[str, str] = {}
+  for path in paths:
+    sd = load_state_dict(path)
+    tower = tower_of(sd)
+    if tower is None:
+      raise StateDictError(f"{path}: not a noised CLIP tower file: it has none of blocks.input.w_t, "
+                           f"blocks.input.patch_proj (image) or blocks.input.w_voc (text); "
+                           f"first keys: {sorted(sd)[:8]}")
+    if tower in params:
+      raise ValueError(f"{origin[tower]} and {path} both hold the {tower} tower; give one image and one "
+                       "text file")
+    try:
+      params[tower] = import_tower_state_dict(sd, tower, options)
+    except StateDictError as e:
+      raise StateDictError(f"{path}: {e}") from None
+    origin[tower] = path
+  return params

@@ -62,7 +62,9 @@ def caption_dropout_rate(config: Any) -> float:
 def load_init_params(config: Any, stage: stages.Stage) -> Any | None:
   """`init_from`: a training workdir, a bundle, or a glide-text2im .pt / .safetensors -> host params.
 
-  A text2im or upsample tree given to an inpaint stage is grown with zero input channels.
+  A text2im or upsample tree given to an inpaint stage is grown with zero input channels. The clip
+  stage also takes the released pair 'clip_image_enc.pt,clip_text_enc.pt', a directory holding both,
+  or one two-tower file (`clip_keys.load_clip_checkpoint`).
   """
   src = str(config.init_from or "")
   if not src:
@@ -72,6 +74,13 @@ def load_init_params(config: Any, stage: stages.Stage) -> Any | None:
   elif os.path.isfile(os.path.join(src, "meta.json")):
     from glide_jax.bundle import load_bundle
     params, _ = load_bundle(src)
+    if stage.kind == "noised_clip" and sorted(params) != ["image", "text"]:
+      # import-torch writes one tower per call; a half-imported bundle would fail later, less clearly
+      raise ValueError(f"init_from bundle {src} holds the towers {sorted(params)}; the clip stage needs "
+                       "'image' and 'text' (import the other with glide-jax import-torch --out into it)")
+  elif stage.kind == "noised_clip":
+    from glide_jax.interop import clip_keys
+    params = clip_keys.load_clip_checkpoint(src, dict(config.model.options))
   elif os.path.isfile(src):
     from glide_jax.interop import glide_text2im
     sd = glide_text2im.load_state_dict(src)
