@@ -74,3 +74,64 @@ def test_serialized_sampler_equals_the_in_process_one(trained, tmp_path):
   direct = jax.jit(fn)(params, tokens, mask, ut, um, jax.random.key(7), jnp.float32(3.0))
   assert served.shape == (2, size, size, 3)
   np.testing.assert_allclose(np.asarray(served), np.asarray(direct), rtol=1e-5, atol=1e-5)
+
+
+class _FixedTokens:
+  """A tokenizer for `pipeline.generate` that returns given token rows (so both samplers see the same ids)."""
+
+  def __init__(self, tokens, mask, tokenizer):
+    self.tokens, self.mask, self.tokenizer = tokens, mask, tokenizer
+    self.text_ctx = tokenizer.text_ctx
+
+  def encode_batch(self, prompts):
+    assert len(prompts) == len(self.tokens)
+    return self.tokens, self.mask
+
+  def empty(self, b):
+    return self.tokenizer.empty(b)
+
+
+@pytest.mark.parametrize("stage", ["upsample", "inpaint"])
+def test_serialized_upsample_and_inpaint_samplers_equal_generate(stage, tmp_path, tmp_path_factory):
+  from glide_jax.diffusion import pipeline
+
+  ts.session_cache(tmp_path_factory)
+  config = ts.tiny_config(stage, "--config.total_steps=1", "--config.sampling.steps=3", *ts.mesh_overrides(1, 8))
+  train.train(config, str(tmp_path / "wd"), data_iterator=ts.SyntheticIterator(config),
+              tokenizer=ts.tokenizer(config), progress=False, compiler_options=ts.FAST)
+  path = export_cmd.export(str(tmp_path / "wd"), str(tmp_path / "b"), serialize=True, serialize_batch=2)
+  spec = json.loads((path / "sampler.json").read_text())
+  params, meta = bundle.load_bundle(path)
+  exported = jax.export.deserialize(bytearray((path / "sampler.jax_exported").read_bytes()))
+  # After one step the zero-initialised output layer still predicts eps = 0, whatever the inputs;
+  # perturbed params (params are an input of both samplers) make every input count.
+  r = np.random.RandomState(0)
+  params = jax.tree.map(lambda p: (p + 0.05 * r.standard_normal(p.shape)).astype(np.float32), params)
+
+  tok = ts.tokenizer(config)
+  tokens = np.tile(np.arange(1, 9, dtype=np.int32), (2, 1))
+  mask = np.arange(8)[None] < np.array([[5], [8]])
+  tokens = np.where(mask, tokens, 0).astype(np.int32)
+  sm = pipeline.load_sampler_model(path, tokenizer=_FixedTokens(tokens, mask, tok))
+  sm.params = jax.tree.map(jnp.asarray, params)
+  key = jax.random.key(11)
+  if stage == "upsample":
+    assert meta["model"]["kind"] == "upsample" and spec["low_res_size"] == 4
+    low_res = r.uniform(-1, 1, (2, 4, 4, 3)).astype(np.float32)  # off the 8-bit grid: both round it
+    direct = pipeline.generate(sm, ["a", "b"], key, low_res=low_res, temperature=0.997)
+    served = exported.call(params, tokens, mask, low_res, jax.random.key_data(key), jnp.float32(0.997))
+    other = exported.call(params, tokens, mask, -low_res, jax.random.key_data(key), jnp.float32(0.997))
+  else:
+    assert meta["model"]["kind"] == "inpaint"
+    image = r.uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
+    known = np.zeros((2, 8, 8, 1), np.float32)
+    known[:, :, :4] = 1.0  # keep the left half
+    ut, um = tok.empty(2)
+    direct = pipeline.generate(sm, ["a", "b"], key, guidance_scale=3.0, inpaint_image=image, inpaint_mask=known)
+    served = exported.call(params, tokens, mask, ut, um, image, known, jax.random.key_data(key), jnp.float32(3.0))
+    other = exported.call(params, tokens, mask, ut, um, -image, known, jax.random.key_data(key), jnp.float32(3.0))
+  assert spec["inputs"][0] == "params" and len(spec["inputs"]) == 1 + len(export_cmd.SIGNATURES[stage])
+  assert served.shape == direct.shape == (2, 8, 8, 3)
+  np.testing.assert_allclose(np.asarray(served), direct, rtol=1e-5, atol=1e-5)
+  # the conditioning image is an input that matters, not a constant folded in at export
+  assert np.max(np.abs(np.asarray(other) - direct)) > 1e-2

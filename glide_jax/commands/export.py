@@ -6,10 +6,26 @@
 
 The bundle (glide_jax/bundle.py) holds the params, the model kind and options, the diffusion and
 sampling settings of the config, and the tokenizer (its files copied in). `--serialize` also
-writes `sampler.jax_exported`: the whole CFG sampling loop, serialized with `jax.export`, so a
-server can sample with `jax.export.deserialize(...).call(params, tokens, mask, key)` and no
-glide-jax model code. It is traced for a fixed batch (`--serialize-batch`) and guidance scale
-(an input), for the config's sampler and step count.
+writes `sampler.jax_exported`: the whole sampling loop, serialized with `jax.export`, so a server
+can sample with no glide-jax model code:
+
+  f = jax.export.deserialize(open("sampler.jax_exported", "rb").read())
+  text2im           f.call(params, tokens, mask, uncond_tokens, uncond_mask, key_data, guidance_scale)
+  inpaint           f.call(params, tokens, mask, uncond_tokens, uncond_mask, image, image_mask,
+                           key_data, guidance_scale)
+  upsample          f.call(params, tokens, mask, low_res, key_data, temperature)
+  upsample_inpaint  f.call(params, tokens, mask, low_res, image, image_mask, key_data, temperature)
+
+params: the bundle's tree (`bundle.load_bundle`); tokens [B, L] int32 and mask [B, L] bool from the
+bundle's tokenizer, uncond_* its empty caption; key_data [2] uint32 = jax.random.key_data(key);
+guidance_scale and temperature float32 scalars; image [B, S, S, 3] in [-1, 1] with image_mask
+[B, S, S, 1] (1 = keep that pixel); low_res [B, s, s, 3] in [-1, 1], s = the config's
+data.low_res_size (rounded to 8 bits inside, as `pipeline.generate` does). Returns images
+[B, S, S, 3] float32 in [-1, 1]. Text2im and inpaint use classifier-free guidance; the upsamplers
+none (as GLIDE samples them), with x_T scaled by `temperature` (GLIDE's 0.997). The function is
+traced for a fixed batch B (`--serialize-batch`), the config's sampler and step count;
+`sampler.json` lists the inputs with their shapes. It samples exactly what `pipeline.generate` does
+for the same inputs and key.
 """
 from __future__ import annotations
 
@@ -112,62 +128,137 @@ def _tokenizer(config) -> tuple[dict | None, dict | None]:
   return spec, files or None
 
 
+# The positional inputs of the serialized sampler of each kind (after `params`). Upsamplers run
+# without classifier-free guidance, as GLIDE samples them; their x_T is scaled by `temperature`
+# (GLIDE's upsample_temp, 0.997).
+SIGNATURES = {
+    "text2im": ("tokens", "mask", "uncond_tokens", "uncond_mask", "key_data", "guidance_scale"),
+    "inpaint": ("tokens", "mask", "uncond_tokens", "uncond_mask", "image", "image_mask", "key_data",
+                "guidance_scale"),
+    "upsample": ("tokens", "mask", "low_res", "key_data", "temperature"),
+    "upsample_inpaint": ("tokens", "mask", "low_res", "image", "image_mask", "key_data", "temperature"),
+}
+
+
+def low_res_size(config) -> int:
+  """The upsampler's conditioning size: the training data's, else the released ratio (1/4)."""
+  return int(config.data.get("low_res_size", 0) or 0) or int(config.model.options.image_size) // 4
+
+
 def sampling_function(config, params_dtype=None):
-  """(params, tokens [B, L], mask [B, L], u_tokens, u_mask, key, guidance_scale) -> images [B, H, W, 3]."""
+  """(fn, image size). fn(params, *inputs) -> images [B, H, W, 3], inputs named by SIGNATURES[kind]
+  (`key` a typed PRNG key here; the serialized function takes its raw `key_data` instead).
+
+  It computes what `pipeline.generate` does for that kind: CFG on one doubled batch for text2im and
+  inpaint; low_res rounded to the 8-bit grid; inpainting feeds `image * image_mask` and the mask to the
+  model and writes the known pixels (image_mask = 1) into each predicted x0.
+  """
+  del params_dtype
   import jax
   import jax.numpy as jnp
 
   from glide_jax.diffusion import guidance, samplers, schedules
+  from glide_jax.diffusion.pipeline import canonical_sampler
   from glide_jax.models import registry
 
   kind = registry.canonical_kind(config.model.kind)
-  if kind not in ("text2im",):
-    raise ValueError(f"--serialize supports text2im bundles, not {kind!r}")
+  if kind not in SIGNATURES:
+    raise ValueError(f"--serialize supports {', '.join(SIGNATURES)} bundles, not {kind!r}")
   options = dict(config.model.options)
   model = registry.create_model(kind, options)
   size = registry.image_size_of(kind, options)
   diffusion = schedules.create_diffusion(int(config.diffusion.steps), config.diffusion.noise_schedule,
                                          str(config.sampling.steps))
-  sampler = {"plms": "plms", "ddim": "ddim", "ddpm": "ancestral"}.get(config.sampling.sampler, config.sampling.sampler)
+  sampler = canonical_sampler(config.sampling.sampler)
+  upsampler, inpaint = kind in ("upsample", "upsample_inpaint"), kind in ("inpaint", "upsample_inpaint")
 
-  def fn(params, tokens, mask, u_tokens, u_mask, key, guidance_scale):
+  def fn(params, *inputs):
+    named = dict(zip(SIGNATURES[kind], inputs, strict=True))
     params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
     variables = {"params": params}
-    cond = model.apply(variables, tokens, mask, method="encode_text")
-    uncond = model.apply(variables, u_tokens, u_mask, method="encode_text")
+    tokens = named["tokens"]
+    extra, denoised_fn = {}, None
+    if upsampler:
+      extra["low_res"] = guidance.round_to_uint8(named["low_res"].astype(jnp.float32))
+    if inpaint:
+      image, known = named["image"].astype(jnp.float32), named["image_mask"].astype(jnp.float32)
+      extra.update(inpaint_image=image * known, inpaint_mask=known)
+      denoised_fn = guidance.inpaint_denoised_fn(image, known)
 
-    def apply_fn(x, t, text_cond):
-      return model.apply(variables, x, t, text_cond=text_cond)
+    def apply_fn(x, t, cond):
+      text_cond, kw = cond
+      return model.apply(variables, x, t, text_cond=text_cond, **kw)
 
-    model_fn = guidance.cfg_model_fn(apply_fn, cond, uncond, guidance_scale)
-    return samplers.sample_loop(model_fn, diffusion, (tokens.shape[0], size, size, 3), key, sampler=sampler)
+    cond = (model.apply(variables, tokens, named["mask"], method="encode_text"), extra)
+    if "guidance_scale" in named:
+      uncond = (model.apply(variables, named["uncond_tokens"], named["uncond_mask"], method="encode_text"), extra)
+      model_fn = guidance.cfg_model_fn(apply_fn, cond, uncond, named["guidance_scale"])
+    else:
+      model_fn = lambda x, t: apply_fn(x, t, cond)
+    return samplers.sample_loop(model_fn, diffusion, (tokens.shape[0], size, size, 3), named["key_data"],
+                                sampler=sampler, denoised_fn=denoised_fn,
+                                temperature=named.get("temperature", 1.0))
   return fn, size
+
+
+def input_specs(config, batch: int) -> tuple[list, list[str]]:
+  """ShapeDtypeStructs (after params) and their descriptions for the serialized sampler's inputs."""
+  import jax
+  import jax.numpy as jnp
+
+  from glide_jax.models import registry
+
+  kind = registry.canonical_kind(config.model.kind)
+  L = int(config.model.options.text_ctx)
+  size = registry.image_size_of(kind, dict(config.model.options))
+  s = low_res_size(config)
+  table = {
+      "tokens": ((batch, L), jnp.int32, f"tokens [{batch}, {L}] int32"),
+      "mask": ((batch, L), jnp.bool_, f"mask [{batch}, {L}] bool"),
+      "uncond_tokens": ((batch, L), jnp.int32, f"uncond_tokens [{batch}, {L}] int32 (the empty caption)"),
+      "uncond_mask": ((batch, L), jnp.bool_, f"uncond_mask [{batch}, {L}] bool"),
+      "low_res": ((batch, s, s, 3), jnp.float32, f"low_res [{batch}, {s}, {s}, 3] float32 in [-1, 1]"),
+      "image": ((batch, size, size, 3), jnp.float32, f"image [{batch}, {size}, {size}, 3] float32 in [-1, 1]"),
+      "image_mask": ((batch, size, size, 1), jnp.float32, f"image_mask [{batch}, {size}, {size}, 1] float32, 1 = keep"),
+      "key_data": ((2,), jnp.uint32, "key_data [2] uint32 (jax.random.key_data of a threefry key)"),
+      "guidance_scale": ((), jnp.float32, "guidance_scale [] float32"),
+      "temperature": ((), jnp.float32, "temperature [] float32 (x_T scale; GLIDE uses 0.997)"),
+  }
+  names = SIGNATURES[kind]
+  return ([jax.ShapeDtypeStruct(table[n][0], table[n][1]) for n in names],
+          ["params"] + [table[n][2] for n in names])
 
 
 def write_serialized_sampler(path, config, params, batch: int) -> None:
   import jax
   import jax.numpy as jnp
 
-  fn, _ = sampling_function(config)
-  L = int(config.model.options.text_ctx)
-  args = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), params),
-          jax.ShapeDtypeStruct((batch, L), jnp.int32), jax.ShapeDtypeStruct((batch, L), jnp.bool_),
-          jax.ShapeDtypeStruct((batch, L), jnp.int32), jax.ShapeDtypeStruct((batch, L), jnp.bool_),
-          jax.ShapeDtypeStruct((2,), jnp.uint32), jax.ShapeDtypeStruct((), jnp.float32))
+  from glide_jax.models import registry
 
-  def with_raw_key(p, t, m, ut, um, key_data, scale):
-    return fn(p, t, m, ut, um, jax.random.wrap_key_data(key_data), scale)
+  fn, _ = sampling_function(config)
+  specs, described = input_specs(config, batch)
+  names = SIGNATURES[registry.canonical_kind(config.model.kind)]
+  key_at = names.index("key_data")
+  args = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), params), *specs)
+
+  def with_raw_key(p, *inputs):
+    inputs = list(inputs)
+    inputs[key_at] = jax.random.wrap_key_data(inputs[key_at])
+    return fn(p, *inputs)
 
   exported = jax.export.export(jax.jit(with_raw_key))(*args)
   tmp = os.path.join(str(path), ".sampler.jax_exported.tmp")
   with open(tmp, "wb") as f:
     f.write(exported.serialize())
   os.replace(tmp, os.path.join(str(path), "sampler.jax_exported"))
+  spec = {"kind": config.model.kind, "inputs": described, "batch": batch,
+          "text_ctx": int(config.model.options.text_ctx),
+          "output": "images [B, H, W, 3] float32 in [-1, 1]",
+          "sampler": config.sampling.sampler, "steps": str(config.sampling.steps)}
+  if "low_res" in names:
+    spec["low_res_size"] = low_res_size(config)
   with open(os.path.join(str(path), "sampler.json"), "w") as f:
-    json.dump({"inputs": ["params", "tokens [B, L] int32", "mask [B, L] bool", "uncond tokens", "uncond mask",
-                          "key data [2] uint32", "guidance_scale [] float32"],
-               "batch": batch, "text_ctx": L, "output": "images [B, H, W, 3] float32 in [-1, 1]",
-               "sampler": config.sampling.sampler, "steps": str(config.sampling.steps)}, f, indent=2)
+    json.dump(spec, f, indent=2)
 
 
 def run(args: argparse.Namespace) -> int:
