@@ -58,7 +58,8 @@ def test_survivor_exits_with_a_message_when_its_peer_is_killed(victim, tmp_path,
   base.pop("XLA_FLAGS", None)  # process_env sets the device count per process
   coordinator = f"localhost:{local.free_port()}"
   outs = [tmp_path / f"out{i}.txt" for i in range(2)]
-  procs = [subprocess.Popen([sys.executable, str(script)], cwd=str(REPO), stdout=open(outs[i], "w"),
+  files = [open(o, "w") for o in outs]
+  procs = [subprocess.Popen([sys.executable, str(script)], cwd=str(REPO), stdout=files[i],
                             stderr=subprocess.STDOUT, env=local.process_env(base, i, 2, coordinator, 2))
            for i in range(2)]
   try:
@@ -81,6 +82,8 @@ def test_survivor_exits_with_a_message_when_its_peer_is_killed(victim, tmp_path,
       if p.poll() is None:
         p.kill()
         p.wait()
+    for f in files:
+      f.close()
   out = outs[1 - victim].read_text()
   assert code != 0, out[-3000:]
   assert "TRAINING RETURNED" not in out
