@@ -16,8 +16,8 @@ WORKDIR="${WORKDIR:-runs/shapes}"
 DATA_DIR="${DATA_DIR:-$PWD/runs/tensorflow_datasets}"
 N_PROMPTS="${N_PROMPTS:-60}"
 TRAIN_MINUTES="${TRAIN_MINUTES:-20}"
-SAMPLER="${SAMPLER:-dpm++}"
-STEPS="${STEPS:-25}"
+SAMPLER="${SAMPLER:-ancestral}"
+STEPS="${STEPS:-100}"
 export TF_CPP_MIN_LOG_LEVEL=2
 
 bash launch/setup_env.sh ""
