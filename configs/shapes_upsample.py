@@ -28,6 +28,9 @@ MODEL = dict(
     text_ctx=24, xf_width=128, xf_layers=2, xf_heads=4, xf_final_ln=True, xf_padding=True,
     n_vocab=256)
 LOW_RES = 32  # the base demo's image size
+# runlocal: the same 32 -> 128 px input and output, a much smaller network (two levels, the middle
+# block - which always has attention - at 32 px, one text layer) so tests and QUICK=1 take seconds.
+RUNLOCAL_MODEL = dict(MODEL, channel_mult="1,1,2", xf_width=64, xf_layers=1, xf_heads=2)
 
 
 def get_config(arg: str | None = None):
@@ -64,5 +67,6 @@ def get_config(arg: str | None = None):
 
   if arg.runlocal:
     common.apply_runlocal(c)
+    c.model.options = dict(RUNLOCAL_MODEL)
     c.optimizer.update(warmup_steps=1, decay_steps=c.total_steps)
   return c

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Second demo stage, part 1: the 32 -> 128 px shapes upsampler. Prepares glide_shapes at 256 px
+# (procedural, no download; the pipeline scales it to 128 px and makes the 32 px low-res input),
+# trains configs/shapes_upsample.py, exports its EMA weights, then
+#   a) upsamples the 32 px low-res versions of N_IMAGES validation images, captioned, and writes
+#      $WORKDIR/samples/validation_grid.png (rows: low-res input, upsampled, 128 px ground truth);
+#   b) if the base demo's bundle exists ($BASE, default runs/shapes/bundle, from launch/demo.sh),
+#      runs the 32 -> 128 cascade on the same captions with `glide-jax sample --upsample`:
+#      $WORKDIR/samples/cascade/ (128 px samples, the 32 px ones in base/, grid.png).
+#
+#   bash launch/demo_upsample.sh             # TRAIN_MINUTES (default 20) of training, then sampling
+#   QUICK=1 bash launch/demo_upsample.sh     # a few steps of everything, to check the plumbing
+#   SKIP_SETUP=1 ...                         # use the glide-jax on PATH instead of ./.venv
+#
+# Training stops after TRAIN_MINUTES (compilation included): the trainer saves a checkpoint on
+# SIGTERM and exits cleanly. Rerunning resumes the same workdir.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORKDIR="${WORKDIR:-runs/shapes_upsample}"
+DATA_DIR="${DATA_DIR:-$PWD/runs/tensorflow_datasets}"
+N_IMAGES="${N_IMAGES:-16}"
+TRAIN_MINUTES="${TRAIN_MINUTES:-20}"
+STEPS="${STEPS:-}"         # upsampler steps; empty = the bundle's (DDIM, fast27)
+BASE_STEPS="${BASE_STEPS:-}"  # base model steps in the cascade; empty = the base bundle's
+export TF_CPP_MIN_LOG_LEVEL=2
+
+if [[ "${SKIP_SETUP:-0}" == 1 ]]; then
+  gj=glide-jax; py=python
+else
+  bash launch/setup_env.sh ""
+  gj=.venv/bin/glide-jax; py=.venv/bin/python
+fi
+
+config="configs/shapes_upsample.py"
+prepare=()
+if [[ "${QUICK:-0}" == 1 ]]; then
+  config="configs/shapes_upsample.py:runlocal"
+  WORKDIR="${WORKDIR%/}_quick"
+  BASE="${BASE:-runs/shapes_quick/bundle}"
+  DATA_DIR="$PWD/runs/tensorflow_datasets_quick"
+  prepare=(--train-examples 512 --validation-examples 64)
+  N_IMAGES=4; STEPS=4; BASE_STEPS=4
+fi
+BASE="${BASE:-runs/shapes/bundle}"
+
+echo "== 1/4 prepare glide_shapes/size256 in $DATA_DIR"
+$gj data prepare --name glide_shapes/size256 --data-dir "$DATA_DIR" "${prepare[@]}"
+
+echo "== 2/4 train $config in $WORKDIR"
+start=$(date +%s)
+timeout -s TERM "$((TRAIN_MINUTES * 60))" \
+  $gj train --config "$config" --workdir "$WORKDIR" --config.data.data_dir="$DATA_DIR" || {
+    rc=$?; [[ $rc == 124 ]] || exit $rc; echo "training stopped after $TRAIN_MINUTES minutes (checkpoint saved)"; }
+train_s=$(( $(date +%s) - start ))
+
+echo "== 3/4 export the EMA weights to $WORKDIR/bundle"
+$gj export --workdir "$WORKDIR" --out "$WORKDIR/bundle"
+
+echo "== 4/4 upsample $N_IMAGES validation low-res images"
+mkdir -p "$WORKDIR/samples"
+CONFIG="$config" DATA_DIR="$DATA_DIR" BUNDLE="$WORKDIR/bundle" OUT="$WORKDIR/samples" N="$N_IMAGES" \
+STEPS="$STEPS" $py - <<'PY'
+import os, pathlib
+import jax
+import numpy as np
+from glide_jax import config_lib, images
+from glide_jax.data import pipeline as data_pipeline
+from glide_jax.diffusion import pipeline
+
+e = os.environ
+config = config_lib.load_config(e["CONFIG"], [f"--config.data.data_dir={e['DATA_DIR']}"])
+up = pipeline.load_sampler_model(e["BUNDLE"])
+n, out = int(e["N"]), pathlib.Path(e["OUT"])
+# The first n validation examples, centre-cropped, with the same 8-bit area-downsampled low-res
+# input the upsampler was trained on.
+batch = next(data_pipeline.make_eval_iterator(config.data, "upsample", n, up.image_size))
+captions = [c.decode() if isinstance(c, bytes) else str(c) for c in batch["caption"]]
+big = pipeline.generate(up, captions, jax.random.PRNGKey(0), low_res=batch["low_res"],
+                        respacing=e["STEPS"] or None)
+images.write_samples(out / "validation", big)
+factor = up.image_size // batch["low_res"].shape[1]
+low_up = np.repeat(np.repeat(batch["low_res"], factor, 1), factor, 2)  # nearest, to show the pixels
+images.write_grid(out / "validation_grid.png", np.concatenate([low_up, big, batch["image"]]), ncols=n)
+(out / "prompts.txt").write_text("\n".join(captions) + "\n")
+err = np.abs(images.to_uint8(big).astype(float) - images.to_uint8(batch["image"])).mean()
+print(f"wrote {n} upsampled validation images to {out}/validation and {out}/validation_grid.png "
+      f"(mean abs error against the 128 px originals: {err:.1f} / 255)")
+PY
+
+if [[ -f "$BASE/meta.json" ]]; then
+  echo "== 4/4 cascade: the base demo ($BASE) samples the captions at 32 px, the upsampler takes them to 128 px"
+  args=()
+  [[ -n "$STEPS" ]] && args+=(--upsample-steps "$STEPS")
+  [[ -n "$BASE_STEPS" ]] && args+=(--steps "$BASE_STEPS")
+  $gj sample --bundle "$BASE" --upsample "$WORKDIR/bundle" --prompt-file "$WORKDIR/samples/prompts.txt" \
+    --batch-size "$N_IMAGES" --no-progress --out "$WORKDIR/samples/cascade" "${args[@]}"
+else
+  echo "(no base bundle at $BASE: run launch/demo.sh first for the 32 -> 128 cascade; skipped)"
+fi
+
+echo
+echo "Upsampler demo finished: training took ${train_s}s (wall clock, including compilation)."
+echo "Outputs: $WORKDIR/samples (validation_grid.png, validation/, cascade/); TensorBoard: $WORKDIR/tensorboard"
