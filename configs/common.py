@@ -111,6 +111,7 @@ def skeleton(stage: str) -> ml_collections.ConfigDict:
   c.diffusion.steps = 1000
   c.diffusion.noise_schedule = "squaredcos_cap_v2"  # [G] base; 'linear' for the upsampler
   c.diffusion.schedule_sampler = "uniform"          # [GD] default; or 'loss-second-moment'
+  c.diffusion.prediction = "epsilon"                # [G]; 'v' for velocity (glide_jax/diffusion/schedules.py)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "image_folder"

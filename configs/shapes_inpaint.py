@@ -31,6 +31,7 @@ def get_config(arg: str | None = None):
   c.total_steps = arg.steps or 3000
   c.batch_size = 32
   c.diffusion.noise_schedule = "squaredcos_cap_v2"  # the base model's schedule
+  c.diffusion.prediction = shapes.PREDICTION         # and its target (init_from checks it)
 
   c.data.name = "glide_shapes/size32"
   c.data.tokenizer.type = "words"

@@ -309,7 +309,8 @@ def compile_sampler_step(config: Any, devices: Sequence[Any], batch: int) -> Res
   boxed = jax.eval_shape(stage.init, jax.random.key(0))
   params_sh = shard_lib.tree_shardings(boxed, mesh, rules, log_fallbacks=False)
   params = nn.meta.unbox(boxed)
-  diffusion = create_diffusion(int(config.diffusion.steps), config.diffusion.noise_schedule, "1")
+  diffusion = create_diffusion(int(config.diffusion.steps), config.diffusion.noise_schedule, "1",
+                               prediction=str(config.diffusion.get("prediction", "epsilon")))
   s = stage.image_size
   cond = _abstract_batch(stage, config, batch)
   cond.pop("image")

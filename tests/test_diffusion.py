@@ -210,3 +210,48 @@ def test_uniform_sampler():
   assert t.dtype == jnp.int32 and int(t.min()) == 0 and int(t.max()) == 9
   assert np.all(np.asarray(w) == 1)
   np.testing.assert_allclose(np.bincount(np.asarray(t)) / 5000, 0.1, atol=0.02)
+
+
+# ----------------------------------------------------------------------------- v-prediction
+def test_v_prediction_recovers_x0_and_eps_in_closed_form():
+  """A model that outputs the exact velocity gives back the true x0 and epsilon at every t,
+  including the noisiest steps, where 1/sqrt(abar) is ~2e4 for the cosine schedule."""
+  d = schedules.create_diffusion(1000, "squaredcos_cap_v2", "", dtype=np.float64, prediction="v")
+  rng = np.random.default_rng(0)
+  x0 = rng.uniform(-1, 1, (5, 4, 4, 3))
+  noise = rng.standard_normal((5, 4, 4, 3))
+  t = jnp.array([0, 250, 600, 900, 999])
+  abar = np.asarray(d.alphas_cumprod)[np.asarray(t)][:, None, None, None]
+  x_t = np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise
+  v = np.sqrt(abar) * noise - np.sqrt(1 - abar) * x0  # Salimans & Ho 2022, eq. (11)
+  np.testing.assert_allclose(gaussian.v_target(d, x0, t, noise), v, atol=1e-6)
+  out = gaussian.p_mean_variance(d, jnp.concatenate([v, np.zeros_like(v)], -1), x_t, t, clip_denoised=False)
+  np.testing.assert_allclose(out.eps, noise, atol=1e-5)
+  # float32 (x64 is off): x0 comes straight from v, so even t = 999 keeps ~1e-6 accuracy.
+  np.testing.assert_allclose(out.pred_xstart, x0, atol=1e-5)
+  # The same model as epsilon-prediction would read v as noise: a different x0 (guards the branch).
+  eps_d = schedules.create_diffusion(1000, "squaredcos_cap_v2", "", dtype=np.float64)
+  wrong = gaussian.p_mean_variance(eps_d, jnp.concatenate([v, np.zeros_like(v)], -1), x_t, t, clip_denoised=False)
+  assert float(jnp.abs(wrong.pred_xstart - x0).max()) > 0.1
+
+
+def test_v_prediction_loss_target_and_respacing_keep_the_prediction():
+  d = schedules.create_diffusion(1000, "squaredcos_cap_v2", "", prediction="v")
+  k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+  x0 = jax.random.uniform(k1, (3, 4, 4, 3), minval=-1, maxval=1)
+  noise = jax.random.normal(k2, x0.shape)
+  t = jnp.array([3, 500, 990])
+  out = jax.random.normal(k3, (3, 4, 4, 6)) * 0.3
+  ab = np.asarray(d.alphas_cumprod)[np.asarray(t)][:, None, None, None]
+  v = np.sqrt(ab) * np.asarray(noise) - np.sqrt(1 - ab) * np.asarray(x0)
+  terms = losses.training_losses(d, lambda x, tt: out, x0, t, noise)
+  np.testing.assert_allclose(terms["mse"], np.mean((v - np.asarray(out[..., :3])) ** 2, axis=(1, 2, 3)), rtol=1e-5)
+  exact = jnp.concatenate([jnp.asarray(v, jnp.float32), out[..., 3:]], -1)
+  assert float(losses.training_losses(d, lambda x, tt: exact, x0, t, noise)["mse"].max()) < 1e-10
+  # vb still trains only the variance channels.
+  g = jax.grad(lambda o: jnp.sum(losses.training_losses(d, lambda x, tt: o, x0, t, noise)["vb"]))(out)
+  assert float(jnp.abs(g[..., :3]).max()) == 0.0 and float(jnp.abs(g[..., 3:]).max()) > 0
+  r = schedules.create_diffusion(1000, "squaredcos_cap_v2", "50", prediction="v")
+  assert r.prediction == "v" and r.num_timesteps == 50
+  with pytest.raises(ValueError, match="unknown model prediction 'x0'"):
+    schedules.create_diffusion(1000, "linear", "", prediction="x0")

@@ -1,8 +1,9 @@
 """Gaussian diffusion arithmetic: pure functions of a `Diffusion` and arrays (GLIDE_REFERENCE.md §4).
 
 Shapes: images `x`, `x_start`, `noise`: [B, H, W, C] (any trailing shape works); `t`: [B] int
-indices into the (respaced) diffusion's T' steps; `model_output`: [..., 2C] = [epsilon | v], v the
-learned-range variance interpolant in [-1, 1]. Buffers are gathered at `t` and cast to `x`'s dtype,
+indices into the (respaced) diffusion's T' steps; `model_output`: [..., 2C] = [prediction | v], the
+prediction epsilon (GLIDE) or velocity (`diffusion.prediction == 'v'`), v the learned-range
+variance interpolant in [-1, 1]. Buffers are gathered at `t` and cast to `x`'s dtype,
 so float32 buffers promote exactly into a float64 computation (as the reference's `.float()` does).
 """
 from __future__ import annotations
@@ -59,6 +60,29 @@ def predict_eps_from_xstart(diffusion: Diffusion, x_t: jax.Array, t: jax.Array, 
           / extract(diffusion.sqrt_recipm1_alphas_cumprod, t, x_t))
 
 
+def v_target(diffusion: Diffusion, x_start: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
+  """The velocity v = sqrt(abar) eps - sqrt(1 - abar) x0 that a v-prediction model learns."""
+  return (extract(diffusion.sqrt_alphas_cumprod, t, x_start) * noise
+          - extract(diffusion.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start)
+
+
+def eps_and_xstart(diffusion: Diffusion, x_t: jax.Array, t: jax.Array,
+                   pred: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(epsilon, raw x0) from the model's first C channels.
+
+  v-prediction forms x0 = sqrt(abar) x_t - sqrt(1 - abar) v directly rather than through epsilon,
+  whose 1/sqrt(abar) would amplify float32 rounding ~2e4-fold at the noisiest cosine step. Both maps
+  are affine in `pred` with the same x_t for both halves of a CFG pair, so guiding the raw
+  prediction (as guidance.py does) equals guiding epsilon."""
+  if diffusion.prediction == "epsilon":
+    return pred, predict_xstart_from_eps(diffusion, x_t, t, pred)
+  if diffusion.prediction == "v":
+    a = extract(diffusion.sqrt_alphas_cumprod, t, x_t)
+    s = extract(diffusion.sqrt_one_minus_alphas_cumprod, t, x_t)
+    return s * x_t + a * pred, a * x_t - s * pred
+  raise ValueError(f"unknown model prediction {diffusion.prediction!r}")
+
+
 def learned_range_variance(diffusion: Diffusion, v: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(variance, log variance) interpolated in log space between the RESPACED beta'_t (v = 1) and
   the respaced clipped posterior variance (v = -1) - [G] uses the respaced buffers here."""
@@ -98,19 +122,18 @@ class MeanVariance(NamedTuple):
   variance: jax.Array      # [B, ...]
   log_variance: jax.Array  # [B, ...]
   pred_xstart: jax.Array   # [B, ...] processed (denoised_fn, clamp) x0 prediction
-  eps: jax.Array           # [B, ...] the model's raw epsilon
+  eps: jax.Array           # [B, ...] the model's epsilon (converted from v for v-prediction)
 
 
 def p_mean_variance(diffusion: Diffusion, model_output: jax.Array, x: jax.Array, t: jax.Array, *,
                     clip_denoised: bool = True, denoised_fn: DenoisedFn | None = None,
                     threshold: Threshold = None) -> MeanVariance:
-  """p(x_{t-1} | x_t) from the model output [B, ..., 2C] (epsilon + learned range, GLIDE's only mode)."""
+  """p(x_{t-1} | x_t) from the model output [B, ..., 2C] (epsilon or v, plus the learned range)."""
   c = x.shape[-1]
   if model_output.shape[:-1] != x.shape[:-1] or model_output.shape[-1] != 2 * c:
     raise ValueError(f"model output has shape {model_output.shape}; expected {x.shape[:-1] + (2 * c,)}")
-  eps, v = model_output[..., :c], model_output[..., c:]
-  variance, log_variance = learned_range_variance(diffusion, v, t)
-  pred_xstart = predict_xstart_from_eps(diffusion, x, t, eps)
+  eps, pred_xstart = eps_and_xstart(diffusion, x, t, model_output[..., :c])
+  variance, log_variance = learned_range_variance(diffusion, model_output[..., c:], t)
   pred_xstart = process_xstart(pred_xstart, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
                                threshold=threshold)
   mean, _, _ = q_posterior_mean_variance(diffusion, pred_xstart, x, t)

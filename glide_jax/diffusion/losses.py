@@ -1,7 +1,9 @@
 """The hybrid training loss of improved-diffusion: MSE on epsilon + the VLB for the learned variance.
 
 [G] ships no training code; this follows [GD]/[ID] `training_losses` with `learn_sigma=True`,
-`rescale_learned_sigmas=True` (LossType.RESCALED_MSE), epsilon prediction, learned range.
+`rescale_learned_sigmas=True` (LossType.RESCALED_MSE), epsilon prediction, learned range. With
+`diffusion.prediction == 'v'` the MSE is on the velocity target instead (Salimans & Ho 2022), which
+weights x0 errors by SNR + 1 rather than SNR.
 """
 from __future__ import annotations
 
@@ -68,16 +70,18 @@ def training_losses(diffusion: Diffusion, model_fn: ModelFn, x_start: jax.Array,
 
   x_start, noise: [B, H, W, C]; t: [B] indices into the diffusion's steps (the model sees
   `timestep_map[t]`); model_fn(x_t, t_model) -> [B, H, W, 2C].
-  The VLB sees stop_gradient on the epsilon channels, so it trains only the variance; it is scaled
-  by T/1000 (RESCALED_MSE), i.e. lambda = 0.001 on L_vlb as in improved-diffusion.
+  The VLB sees stop_gradient on the prediction channels, so it trains only the variance; it is
+  scaled by T/1000 (RESCALED_MSE), i.e. lambda = 0.001 on L_vlb as in improved-diffusion. 'mse' is
+  against the noise (epsilon prediction) or the velocity (v prediction).
   """
   x_t = gaussian.q_sample(diffusion, x_start, t, noise)
   model_output = model_fn(x_t, gaussian.model_timesteps(diffusion, t))
   c = x_start.shape[-1]
   if model_output.shape != x_start.shape[:-1] + (2 * c,):
     raise ValueError(f"model_fn returned shape {model_output.shape}; expected {x_start.shape[:-1] + (2 * c,)}")
-  eps, v = model_output[..., :c], model_output[..., c:]
-  frozen = jnp.concatenate([jax.lax.stop_gradient(eps), v], axis=-1)
+  pred, v = model_output[..., :c], model_output[..., c:]
+  frozen = jnp.concatenate([jax.lax.stop_gradient(pred), v], axis=-1)
   vb = vb_terms_bpd(diffusion, frozen, x_start, x_t, t) * (diffusion.num_timesteps / 1000.0)
-  mse = mean_flat((noise - eps) ** 2)
+  target = noise if diffusion.prediction == "epsilon" else gaussian.v_target(diffusion, x_start, t, noise)
+  mse = mean_flat((target - pred) ** 2)
   return {"loss": mse + vb, "mse": mse, "vb": vb}

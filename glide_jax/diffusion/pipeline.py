@@ -113,7 +113,9 @@ def _load_tokenizer(meta: dict, override: Any, path: pathlib.Path):
 def make_diffusion(sm: SamplerModel, respacing: str | int | None = None) -> schedules.Diffusion:
   s = sm.diffusion_settings
   respacing = s.get("timestep_respacing", "") if respacing is None else str(respacing)
-  return schedules.create_diffusion(int(s["steps"]), s["noise_schedule"], respacing)
+  # Bundles from before v-prediction, and imported GLIDE weights, predict epsilon.
+  return schedules.create_diffusion(int(s["steps"]), s["noise_schedule"], respacing,
+                                    prediction=str(s.get("prediction", "epsilon")))
 
 
 # Compiled samplers, shared by every SamplerModel of the same architecture (so loading a bundle twice,

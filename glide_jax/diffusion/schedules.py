@@ -14,6 +14,10 @@ import numpy as np
 from flax import struct
 
 SCHEDULES = ("linear", "squaredcos_cap_v2")
+# What the model's first C output channels predict: GLIDE's epsilon, or v = sqrt(abar) eps -
+# sqrt(1 - abar) x0 (Salimans & Ho 2022, arXiv 2202.00512), whose x0 estimate stays accurate at
+# high noise; it suits short runs of small models (the shapes demo). Samplers always see epsilon.
+PREDICTIONS = ("epsilon", "v")
 # Names accepted for the cosine schedule: [GD] calls it 'cosine', [G] 'squaredcos_cap_v2'.
 _ALIASES = {"cosine": "squaredcos_cap_v2"}
 
@@ -114,12 +118,16 @@ class Diffusion:
   original_num_steps: int = struct.field(pytree_node=False, default=0)
   noise_schedule: str = struct.field(pytree_node=False, default="")
   timestep_respacing: str = struct.field(pytree_node=False, default="")
+  prediction: str = struct.field(pytree_node=False, default="epsilon")
 
 
 def diffusion_from_betas(betas: np.ndarray, timestep_map: np.ndarray | None = None, *,
                          dtype: Any = np.float32, original_num_steps: int | None = None,
-                         noise_schedule: str = "", timestep_respacing: str = "") -> Diffusion:
+                         noise_schedule: str = "", timestep_respacing: str = "",
+                         prediction: str = "epsilon") -> Diffusion:
   """Builds every buffer in float64 from betas [T'] and casts them to `dtype`."""
+  if prediction not in PREDICTIONS:
+    raise ValueError(f"unknown model prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}")
   betas = np.asarray(betas, dtype=np.float64)
   if betas.ndim != 1 or not ((betas > 0).all() and (betas <= 1).all()):
     raise ValueError(f"betas must be a 1-D array in (0, 1], got shape {betas.shape}")
@@ -151,11 +159,13 @@ def diffusion_from_betas(betas: np.ndarray, timestep_map: np.ndarray | None = No
       original_num_steps=int(original_num_steps or n),
       noise_schedule=noise_schedule,
       timestep_respacing=timestep_respacing,
+      prediction=prediction,
   )
 
 
 def create_diffusion(steps: int = 1000, noise_schedule: str = "squaredcos_cap_v2",
-                     timestep_respacing: str | int = "", dtype: Any = np.float32) -> Diffusion:
+                     timestep_respacing: str | int = "", dtype: Any = np.float32,
+                     prediction: str = "epsilon") -> Diffusion:
   """A GLIDE diffusion: `steps` original timesteps, respaced by `timestep_respacing` ('' = all).
 
   >>> d = create_diffusion(1000, 'squaredcos_cap_v2', '100'); d.num_timesteps, d.timestep_map[:3]
@@ -166,4 +176,5 @@ def create_diffusion(steps: int = 1000, noise_schedule: str = "squaredcos_cap_v2
   respacing = str(timestep_respacing)
   betas, timestep_map = respace_betas(base, space_timesteps(steps, respacing))
   return diffusion_from_betas(betas, timestep_map, dtype=dtype, original_num_steps=steps,
-                              noise_schedule=noise_schedule, timestep_respacing=respacing)
+                              noise_schedule=noise_schedule, timestep_respacing=respacing,
+                              prediction=prediction)

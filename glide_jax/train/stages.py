@@ -94,7 +94,8 @@ def make_stage(config: Any) -> Stage:
   dtype = _dtype(config.model.dtype)
   options = dict(config.model.options)
   model = registry.create_model(kind, options, dtype=dtype, remat_policy=config.model.remat_policy)
-  diffusion = create_diffusion(int(config.diffusion.steps), config.diffusion.noise_schedule)
+  diffusion = create_diffusion(int(config.diffusion.steps), config.diffusion.noise_schedule,
+                               prediction=str(config.diffusion.get("prediction", "epsilon")))
 
   if name == "clip":
     size = int(model.image_size)

@@ -59,6 +59,14 @@ def caption_dropout_rate(config: Any) -> float:
   return float(config.data.caption_dropout) if config.stage in ("base", "inpaint", "upsample") else 0.0
 
 
+def _check_prediction(config: Any, src: str, src_prediction: str) -> None:
+  """Fine-tuning an epsilon model as a v model (or back) would silently start from nonsense."""
+  ours = str(config.diffusion.get("prediction", "epsilon"))
+  if config.stage != "clip" and src_prediction != ours:
+    raise ValueError(f"init_from={src} predicts {src_prediction!r} but this config has "
+                     f"diffusion.prediction={ours!r}; set --config.diffusion.prediction={src_prediction}")
+
+
 def load_init_params(config: Any, stage: stages.Stage) -> Any | None:
   """`init_from`: a training workdir, a bundle, or a glide-text2im .pt / .safetensors -> host params.
 
@@ -71,9 +79,15 @@ def load_init_params(config: Any, stage: stages.Stage) -> Any | None:
     return None
   if os.path.isdir(os.path.join(src, "checkpoints")):
     params = load_workdir_params(src, which="params")
+    cfg_path = os.path.join(src, "config.json")
+    if os.path.isfile(cfg_path):
+      with open(cfg_path) as f:
+        src_diffusion = json.load(f).get("diffusion", {})
+      _check_prediction(config, src, src_diffusion.get("prediction", "epsilon"))
   elif os.path.isfile(os.path.join(src, "meta.json")):
     from glide_jax.bundle import load_bundle
-    params, _ = load_bundle(src)
+    params, meta = load_bundle(src)
+    _check_prediction(config, src, (meta.get("diffusion") or {}).get("prediction", "epsilon"))
     if stage.kind == "noised_clip" and sorted(params) != ["image", "text"]:
       # import-torch writes one tower per call; a half-imported bundle would fail later, less clearly
       raise ValueError(f"init_from bundle {src} holds the towers {sorted(params)}; the clip stage needs "
@@ -315,7 +329,8 @@ def write_sample_grids(config: Any, stage: stages.Stage, tokenizer: Any, state: 
   prompts = list(config.log.sample_prompts)
   settings = {"steps": int(config.diffusion.steps), "noise_schedule": config.diffusion.noise_schedule,
               "timestep_respacing": str(config.sampling.steps), "sampler": config.sampling.sampler,
-              "guidance_scale": float(config.sampling.guidance_scale)}
+              "guidance_scale": float(config.sampling.guidance_scale),
+              "prediction": str(config.diffusion.get("prediction", "epsilon"))}
   ema_key = state_lib.ema_key(float(config.ema.rates[0])) if len(config.ema.rates) else None
   trees = {"raw": state.params}
   if ema_key is not None:
