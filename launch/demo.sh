@@ -6,6 +6,7 @@
 #
 #   bash launch/demo.sh                 # the full demo (about 20 minutes of training on 2 cores)
 #   QUICK=1 bash launch/demo.sh         # a few steps of everything, to check the plumbing
+#   SKIP_SETUP=1 ...                    # use the glide-jax on PATH instead of ./.venv
 #
 # Training stops after TRAIN_MINUTES (default 20, compilation included): the trainer saves a
 # checkpoint on SIGTERM and exits cleanly, so the demo is bounded by time, not by step count.
@@ -20,8 +21,8 @@ SAMPLER="${SAMPLER:-ancestral}"
 STEPS="${STEPS:-100}"
 export TF_CPP_MIN_LOG_LEVEL=2
 
-bash launch/setup_env.sh ""
-gj=.venv/bin/glide-jax
+source launch/demo_lib.sh
+demo_setup
 
 config="configs/shapes.py"
 prepare=()
@@ -38,14 +39,10 @@ echo "== 1/4 prepare glide_shapes/size32 in $DATA_DIR"
 $gj data prepare --name glide_shapes/size32 --data-dir "$DATA_DIR" "${prepare[@]}"
 
 echo "== 2/4 train $config in $WORKDIR"
-start=$(date +%s)
-timeout -s TERM "$((TRAIN_MINUTES * 60))" \
-  $gj train --config "$config" --workdir "$WORKDIR" --config.data.data_dir="$DATA_DIR" || {
-    rc=$?; [[ $rc == 124 ]] || exit $rc; echo "training stopped after $TRAIN_MINUTES minutes (checkpoint saved)"; }
-train_s=$(( $(date +%s) - start ))
+train_bounded --config "$config" --workdir "$WORKDIR" --config.data.data_dir="$DATA_DIR"
 
 echo "== 3/4 export the EMA weights to $WORKDIR/bundle"
-$gj export --workdir "$WORKDIR" --out "$WORKDIR/bundle"
+export_ema "$WORKDIR"
 
 echo "== 4/4 sample $N_PROMPTS held-out captions at guidance 1 and 3, and read them back"
 TFDS_DATA_DIR="$DATA_DIR" $gj eval sweep --bundle "$WORKDIR/bundle" --shapes-validation "$N_PROMPTS" \

@@ -22,12 +22,8 @@ GUIDANCE="${GUIDANCE:-3}"
 STEPS="${STEPS:-}"          # empty = the bundle's (ancestral, 100)
 export TF_CPP_MIN_LOG_LEVEL=2
 
-if [[ "${SKIP_SETUP:-0}" == 1 ]]; then
-  gj=glide-jax; py=python
-else
-  bash launch/setup_env.sh ""
-  gj=.venv/bin/glide-jax; py=.venv/bin/python
-fi
+source launch/demo_lib.sh
+demo_setup
 
 config="configs/shapes_inpaint.py"
 prepare=()
@@ -49,15 +45,11 @@ echo "== 1/4 prepare glide_shapes/size32 in $DATA_DIR"
 $gj data prepare --name glide_shapes/size32 --data-dir "$DATA_DIR" "${prepare[@]}"
 
 echo "== 2/4 fine-tune $config from $BASE in $WORKDIR"
-start=$(date +%s)
-timeout -s TERM "$((TRAIN_MINUTES * 60))" \
-  $gj train --config "$config" --workdir "$WORKDIR" --config.data.data_dir="$DATA_DIR" \
-    --config.init_from="$BASE" || {
-    rc=$?; [[ $rc == 124 ]] || exit $rc; echo "training stopped after $TRAIN_MINUTES minutes (checkpoint saved)"; }
-train_s=$(( $(date +%s) - start ))
+train_bounded --config "$config" --workdir "$WORKDIR" --config.data.data_dir="$DATA_DIR" \
+  --config.init_from="$BASE"
 
 echo "== 3/4 export the EMA weights to $WORKDIR/bundle"
-$gj export --workdir "$WORKDIR" --out "$WORKDIR/bundle"
+export_ema "$WORKDIR"
 
 echo "== 4/4 inpaint $N_IMAGES masked validation images from their captions (guidance $GUIDANCE)"
 CONFIG="$config" DATA_DIR="$DATA_DIR" BUNDLE="$WORKDIR/bundle" OUT="$WORKDIR/samples" N="$N_IMAGES" \

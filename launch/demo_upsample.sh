@@ -24,12 +24,8 @@ STEPS="${STEPS:-}"         # upsampler steps; empty = the bundle's (DDIM, fast27
 BASE_STEPS="${BASE_STEPS:-}"  # base model steps in the cascade; empty = the base bundle's
 export TF_CPP_MIN_LOG_LEVEL=2
 
-if [[ "${SKIP_SETUP:-0}" == 1 ]]; then
-  gj=glide-jax; py=python
-else
-  bash launch/setup_env.sh ""
-  gj=.venv/bin/glide-jax; py=.venv/bin/python
-fi
+source launch/demo_lib.sh
+demo_setup
 
 config="configs/shapes_upsample.py"
 prepare=()
@@ -47,14 +43,10 @@ echo "== 1/4 prepare glide_shapes/size256 in $DATA_DIR"
 $gj data prepare --name glide_shapes/size256 --data-dir "$DATA_DIR" "${prepare[@]}"
 
 echo "== 2/4 train $config in $WORKDIR"
-start=$(date +%s)
-timeout -s TERM "$((TRAIN_MINUTES * 60))" \
-  $gj train --config "$config" --workdir "$WORKDIR" --config.data.data_dir="$DATA_DIR" || {
-    rc=$?; [[ $rc == 124 ]] || exit $rc; echo "training stopped after $TRAIN_MINUTES minutes (checkpoint saved)"; }
-train_s=$(( $(date +%s) - start ))
+train_bounded --config "$config" --workdir "$WORKDIR" --config.data.data_dir="$DATA_DIR"
 
 echo "== 3/4 export the EMA weights to $WORKDIR/bundle"
-$gj export --workdir "$WORKDIR" --out "$WORKDIR/bundle"
+export_ema "$WORKDIR"
 
 echo "== 4/4 upsample $N_IMAGES validation low-res images"
 mkdir -p "$WORKDIR/samples"

@@ -87,16 +87,20 @@ class Conv(nn.Module):
     return y
 
 
-def _group_stats(x: jax.Array, groups: int) -> tuple[jax.Array, jax.Array]:
-  """x: [B, N, C] float32 -> per-channel broadcast (mean, rsqrt(var + eps)) of each group, [B, C].
+def _group_mean(v: jax.Array, groups: int) -> jax.Array:
+  """v: [B, N, C] -> the mean of each (example, group), broadcast back per channel: [B, C].
 
   Reduces over the spatial axis first (contiguous in NHWC), then over the few channels of a group:
-  far cheaper on CPU than one reduction over a strided [N, C/G] slab. Two-pass variance."""
-  b, _, c = x.shape
+  far cheaper on CPU than one reduction over a strided [N, C/G] slab."""
+  b, _, c = v.shape
   per = c // groups
-  mean = jnp.repeat(jnp.mean(x, axis=1).reshape(b, groups, per).mean(-1), per, axis=1)
-  var = jnp.mean(jnp.square(x - mean[:, None]), axis=1).reshape(b, groups, per).mean(-1)
-  return mean, jnp.repeat(var, per, axis=1)
+  return jnp.repeat(jnp.mean(v, axis=1).reshape(b, groups, per).mean(-1), per, axis=1)
+
+
+def _group_normalize_fwd(x, groups, epsilon):
+  mean = _group_mean(x, groups)
+  rstd = jax.lax.rsqrt(_group_mean(jnp.square(x - mean[:, None]), groups) + epsilon)  # two-pass variance
+  return (x - mean[:, None]) * rstd[:, None], (x, mean, rstd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -105,26 +109,15 @@ def group_normalize(x: jax.Array, groups: int, epsilon: float) -> jax.Array:
 
   The hand-written backward keeps only x and two [B, C] statistics and makes two reductions; the
   autodiff of the forward makes several strided ones and was the step's second cost on CPU."""
-  mean, var = _group_stats(x, groups)
-  return (x - mean[:, None]) * jax.lax.rsqrt(var + epsilon)[:, None]
-
-
-def _group_normalize_fwd(x, groups, epsilon):
-  mean, var = _group_stats(x, groups)
-  rstd = jax.lax.rsqrt(var + epsilon)
-  return (x - mean[:, None]) * rstd[:, None], (x, mean, rstd)
+  return _group_normalize_fwd(x, groups, epsilon)[0]
 
 
 def _group_normalize_bwd(groups, epsilon, res, g):
   del epsilon
   x, mean, rstd = res
-  b, _, c = x.shape
-  per = c // groups
   xhat = (x - mean[:, None]) * rstd[:, None]
-
-  def group_mean(v):  # [B, N, C] -> per-channel broadcast of the group mean, [B, 1, C]
-    return jnp.repeat(jnp.mean(v, axis=1).reshape(b, groups, per).mean(-1), per, axis=1)[:, None]
-  return (rstd[:, None] * (g - group_mean(g) - xhat * group_mean(g * xhat)),)
+  gm = lambda v: _group_mean(v, groups)[:, None]
+  return (rstd[:, None] * (g - gm(g) - xhat * gm(g * xhat)),)
 
 
 group_normalize.defvjp(_group_normalize_fwd, _group_normalize_bwd)
