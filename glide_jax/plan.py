@@ -298,7 +298,7 @@ def compile_sampler_step(config: Any, devices: Sequence[Any], batch: int) -> Res
   parameters sharded as in training; the compiled scan has one iteration."""
   import flax.linen as nn
   from glide_jax.diffusion import guidance, samplers
-  from glide_jax.diffusion.schedules import create_diffusion
+  from glide_jax.diffusion.schedules import diffusion_from_settings
   from glide_jax.parallel import sharding as shard_lib
   from glide_jax.train import stages
 
@@ -309,8 +309,7 @@ def compile_sampler_step(config: Any, devices: Sequence[Any], batch: int) -> Res
   boxed = jax.eval_shape(stage.init, jax.random.key(0))
   params_sh = shard_lib.tree_shardings(boxed, mesh, rules, log_fallbacks=False)
   params = nn.meta.unbox(boxed)
-  diffusion = create_diffusion(int(config.diffusion.steps), config.diffusion.noise_schedule, "1",
-                               prediction=str(config.diffusion.get("prediction", "epsilon")))
+  diffusion = diffusion_from_settings(config.diffusion, "1")
   s = stage.image_size
   cond = _abstract_batch(stage, config, batch)
   cond.pop("image")

@@ -13,26 +13,14 @@
 # Rerunning resumes the same workdir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source launch/demo_lib.sh
 WORKDIR="${WORKDIR:-runs/shapes}"
-DATA_DIR="${DATA_DIR:-$PWD/runs/tensorflow_datasets}"
 N_PROMPTS="${N_PROMPTS:-60}"
-TRAIN_MINUTES="${TRAIN_MINUTES:-20}"
 SAMPLER="${SAMPLER:-ancestral}"
 STEPS="${STEPS:-100}"
-export TF_CPP_MIN_LOG_LEVEL=2
-
-source launch/demo_lib.sh
 demo_setup
-
-config="configs/shapes.py"
-prepare=()
-if [[ "${QUICK:-0}" == 1 ]]; then
-  config="configs/shapes.py:runlocal"
-  WORKDIR="${WORKDIR%/}_quick"
-  STEPS=4
-  DATA_DIR="$PWD/runs/tensorflow_datasets_quick"
-  prepare=(--train-examples 512 --validation-examples 64)
-  N_PROMPTS=8
+if demo_config configs/shapes.py; then
+  STEPS=4; N_PROMPTS=8
 fi
 
 echo "== 1/4 prepare glide_shapes/size32 in $DATA_DIR"

@@ -14,25 +14,14 @@
 # checkpoint on SIGTERM and exits cleanly. Rerunning resumes the same workdir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source launch/demo_lib.sh
 WORKDIR="${WORKDIR:-runs/shapes_inpaint}"
-DATA_DIR="${DATA_DIR:-$PWD/runs/tensorflow_datasets}"
 N_IMAGES="${N_IMAGES:-16}"
-TRAIN_MINUTES="${TRAIN_MINUTES:-20}"
 GUIDANCE="${GUIDANCE:-3}"
 STEPS="${STEPS:-}"          # empty = the bundle's (ancestral, 100)
-export TF_CPP_MIN_LOG_LEVEL=2
-
-source launch/demo_lib.sh
 demo_setup
-
-config="configs/shapes_inpaint.py"
-prepare=()
-if [[ "${QUICK:-0}" == 1 ]]; then
-  config="configs/shapes_inpaint.py:runlocal"
-  WORKDIR="${WORKDIR%/}_quick"
+if demo_config configs/shapes_inpaint.py; then
   BASE="${BASE:-runs/shapes_quick/bundle}"
-  DATA_DIR="$PWD/runs/tensorflow_datasets_quick"
-  prepare=(--train-examples 512 --validation-examples 64)
   N_IMAGES=4; STEPS=4
 fi
 BASE="${BASE:-runs/shapes/bundle}"

@@ -16,25 +16,14 @@
 # SIGTERM and exits cleanly. Rerunning resumes the same workdir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source launch/demo_lib.sh
 WORKDIR="${WORKDIR:-runs/shapes_upsample}"
-DATA_DIR="${DATA_DIR:-$PWD/runs/tensorflow_datasets}"
 N_IMAGES="${N_IMAGES:-16}"
-TRAIN_MINUTES="${TRAIN_MINUTES:-20}"
 STEPS="${STEPS:-}"         # upsampler steps; empty = the bundle's (DDIM, fast27)
 BASE_STEPS="${BASE_STEPS:-}"  # base model steps in the cascade; empty = the base bundle's
-export TF_CPP_MIN_LOG_LEVEL=2
-
-source launch/demo_lib.sh
 demo_setup
-
-config="configs/shapes_upsample.py"
-prepare=()
-if [[ "${QUICK:-0}" == 1 ]]; then
-  config="configs/shapes_upsample.py:runlocal"
-  WORKDIR="${WORKDIR%/}_quick"
+if demo_config configs/shapes_upsample.py; then
   BASE="${BASE:-runs/shapes_quick/bundle}"
-  DATA_DIR="$PWD/runs/tensorflow_datasets_quick"
-  prepare=(--train-examples 512 --validation-examples 64)
   N_IMAGES=4; STEPS=4; BASE_STEPS=4
 fi
 BASE="${BASE:-runs/shapes/bundle}"

@@ -67,13 +67,11 @@ def load_params(workdir: str, which: str, rate: float | None, step: int | None) 
 
 
 def bundle_meta(config: Any, tokenizer_spec: dict | None, dtype: str, step: int, which: str) -> dict:
+  from glide_jax.diffusion.pipeline import settings_from_config
   kind = config.model.kind
   meta = {
       "model": {"kind": kind, "options": json.loads(json.dumps(config.model.options.to_dict()))},
-      "diffusion": {"steps": int(config.diffusion.steps), "noise_schedule": config.diffusion.noise_schedule,
-                    "timestep_respacing": str(config.sampling.steps), "sampler": config.sampling.sampler,
-                    "guidance_scale": float(config.sampling.guidance_scale),
-                    "prediction": str(config.diffusion.get("prediction", "epsilon"))},
+      "diffusion": settings_from_config(config),
       "tokenizer": tokenizer_spec,
       "dtype": dtype,
       "source": {"format": "glide-jax-train", "step": int(step), "params": which, "stage": config.stage},
@@ -168,9 +166,7 @@ def sampling_function(config, params_dtype=None):
   options = dict(config.model.options)
   model = registry.create_model(kind, options)
   size = registry.image_size_of(kind, options)
-  diffusion = schedules.create_diffusion(int(config.diffusion.steps), config.diffusion.noise_schedule,
-                                         str(config.sampling.steps),
-                                         prediction=str(config.diffusion.get("prediction", "epsilon")))
+  diffusion = schedules.diffusion_from_settings(config.diffusion, str(config.sampling.steps))
   sampler = canonical_sampler(config.sampling.sampler)
   upsampler, inpaint = kind in ("upsample", "upsample_inpaint"), kind in ("inpaint", "upsample_inpaint")
 

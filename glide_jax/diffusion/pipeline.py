@@ -110,12 +110,18 @@ def _load_tokenizer(meta: dict, override: Any, path: pathlib.Path):
     raise ValueError(f"{path}: cannot build the bundle's tokenizer ({e}); pass --tokenizer") from e
 
 
+def settings_from_config(config: Any) -> dict:
+  """The `diffusion` settings of a training config as a bundle records them (`meta['diffusion']`)."""
+  return {"steps": int(config.diffusion.steps), "noise_schedule": config.diffusion.noise_schedule,
+          "timestep_respacing": str(config.sampling.steps), "sampler": config.sampling.sampler,
+          "guidance_scale": float(config.sampling.guidance_scale),
+          "prediction": schedules.prediction_of(config.diffusion)}
+
+
 def make_diffusion(sm: SamplerModel, respacing: str | int | None = None) -> schedules.Diffusion:
   s = sm.diffusion_settings
   respacing = s.get("timestep_respacing", "") if respacing is None else str(respacing)
-  # Bundles from before v-prediction, and imported GLIDE weights, predict epsilon.
-  return schedules.create_diffusion(int(s["steps"]), s["noise_schedule"], respacing,
-                                    prediction=str(s.get("prediction", "epsilon")))
+  return schedules.diffusion_from_settings(s, respacing)
 
 
 # Compiled samplers, shared by every SamplerModel of the same architecture (so loading a bundle twice,

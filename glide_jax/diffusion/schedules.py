@@ -178,3 +178,16 @@ def create_diffusion(steps: int = 1000, noise_schedule: str = "squaredcos_cap_v2
   return diffusion_from_betas(betas, timestep_map, dtype=dtype, original_num_steps=steps,
                               noise_schedule=noise_schedule, timestep_respacing=respacing,
                               prediction=prediction)
+
+
+def prediction_of(settings: Any) -> str:
+  """`settings['prediction']` of a config's `diffusion` section or a bundle's `meta['diffusion']`;
+  workdirs and bundles from before the field, and imported GLIDE weights, predict epsilon."""
+  return str(settings.get("prediction", "epsilon"))
+
+
+def diffusion_from_settings(settings: Any, respacing: str | int = "") -> Diffusion:
+  """The Diffusion a config's `diffusion` section or a bundle's `meta['diffusion']` describes
+  (keys steps, noise_schedule, prediction), respaced by `respacing`."""
+  return create_diffusion(int(settings["steps"]), settings["noise_schedule"], respacing,
+                          prediction=prediction_of(settings))

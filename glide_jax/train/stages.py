@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from glide_jax.diffusion import gaussian
 from glide_jax.diffusion.losses import training_losses
-from glide_jax.diffusion.schedules import Diffusion, create_diffusion
+from glide_jax.diffusion.schedules import Diffusion, diffusion_from_settings
 from glide_jax.models import registry
 
 STAGES = ("base", "upsample", "inpaint", "clip")
@@ -94,8 +94,7 @@ def make_stage(config: Any) -> Stage:
   dtype = _dtype(config.model.dtype)
   options = dict(config.model.options)
   model = registry.create_model(kind, options, dtype=dtype, remat_policy=config.model.remat_policy)
-  diffusion = create_diffusion(int(config.diffusion.steps), config.diffusion.noise_schedule,
-                               prediction=str(config.diffusion.get("prediction", "epsilon")))
+  diffusion = diffusion_from_settings(config.diffusion)
 
   if name == "clip":
     size = int(model.image_size)

@@ -59,9 +59,11 @@ def caption_dropout_rate(config: Any) -> float:
   return float(config.data.caption_dropout) if config.stage in ("base", "inpaint", "upsample") else 0.0
 
 
-def _check_prediction(config: Any, src: str, src_prediction: str) -> None:
-  """Fine-tuning an epsilon model as a v model (or back) would silently start from nonsense."""
-  ours = str(config.diffusion.get("prediction", "epsilon"))
+def _check_prediction(config: Any, src: str, src_diffusion: Any) -> None:
+  """Fine-tuning an epsilon model as a v model (or back) would silently start from nonsense.
+  `src_diffusion`: the source workdir's config `diffusion` section or its bundle's meta['diffusion']."""
+  from glide_jax.diffusion.schedules import prediction_of
+  ours, src_prediction = prediction_of(config.diffusion), prediction_of(src_diffusion)
   if config.stage != "clip" and src_prediction != ours:
     raise ValueError(f"init_from={src} predicts {src_prediction!r} but this config has "
                      f"diffusion.prediction={ours!r}; set --config.diffusion.prediction={src_prediction}")
@@ -82,12 +84,11 @@ def load_init_params(config: Any, stage: stages.Stage) -> Any | None:
     cfg_path = os.path.join(src, "config.json")
     if os.path.isfile(cfg_path):
       with open(cfg_path) as f:
-        src_diffusion = json.load(f).get("diffusion", {})
-      _check_prediction(config, src, src_diffusion.get("prediction", "epsilon"))
+        _check_prediction(config, src, config_lib.config_from_json(f.read()).diffusion)
   elif os.path.isfile(os.path.join(src, "meta.json")):
     from glide_jax.bundle import load_bundle
     params, meta = load_bundle(src)
-    _check_prediction(config, src, (meta.get("diffusion") or {}).get("prediction", "epsilon"))
+    _check_prediction(config, src, meta.get("diffusion") or {})
     if stage.kind == "noised_clip" and sorted(params) != ["image", "text"]:
       # import-torch writes one tower per call; a half-imported bundle would fail later, less clearly
       raise ValueError(f"init_from bundle {src} holds the towers {sorted(params)}; the clip stage needs "
@@ -324,13 +325,10 @@ def write_sample_grids(config: Any, stage: stages.Stage, tokenizer: Any, state: 
   if stage.name == "clip" or tokenizer is None or not config.log.sample_prompts:
     return
   from glide_jax import images
-  from glide_jax.diffusion.pipeline import SamplerModel, generate
+  from glide_jax.diffusion.pipeline import SamplerModel, generate, settings_from_config
 
   prompts = list(config.log.sample_prompts)
-  settings = {"steps": int(config.diffusion.steps), "noise_schedule": config.diffusion.noise_schedule,
-              "timestep_respacing": str(config.sampling.steps), "sampler": config.sampling.sampler,
-              "guidance_scale": float(config.sampling.guidance_scale),
-              "prediction": str(config.diffusion.get("prediction", "epsilon"))}
+  settings = settings_from_config(config)
   ema_key = state_lib.ema_key(float(config.ema.rates[0])) if len(config.ema.rates) else None
   trees = {"raw": state.params}
   if ema_key is not None:
