@@ -24,6 +24,15 @@ def base_dump(reference_dir):
   return sd, config["kind"], config["options"]
 
 
+def test_export_refuses_a_model_with_our_input_pos_emb(base_dump):
+  sd, kind, options = base_dump
+  params = dict(g.import_state_dict(sd, kind, options))
+  size, ch = int(options.get("image_size", 64)), int(options["num_channels"])
+  params["input_pos_emb"] = np.zeros((size, size, ch), np.float32)
+  with pytest.raises(ValueError, match="input_pos_emb"):
+    g.export_state_dict(params, kind, {**options, "input_pos_emb": True})
+
+
 def test_export_is_the_exact_inverse_of_import(base_dump):
   sd, kind, options = base_dump
   params = g.import_state_dict(sd, kind, options)

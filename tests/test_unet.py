@@ -146,10 +146,51 @@ def test_inpaint_defaults_are_zero_image_and_mask():
   np.testing.assert_array_equal(np.asarray(t(**zeros)), np.asarray(t(**none)))
 
 
+def test_input_pos_emb_is_an_addition_after_the_input_conv(tiny):
+  """Closed form: a per-channel constant embedding equals that constant added to the input conv's
+  bias, and a zero embedding is the reference network; a varying one changes the output."""
+  model = registry.create_model("text2im", SMALL, input_pos_emb=True)
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), **tiny.inputs)["params"]))
+  size, ch = SMALL["image_size"], SMALL["num_channels"]
+  assert shapes["input_pos_emb"].shape == (size, size, ch)
+  assert set(shapes) - set(tiny.params) == {"input_pos_emb"}
+  fwd = jax.jit(lambda p: model.apply({"params": p}, **tiny.inputs))
+  ref = tiny()
+  zero = fwd({**tiny.params, "input_pos_emb": jnp.zeros((size, size, ch))})
+  np.testing.assert_allclose(np.asarray(zero), np.asarray(ref), rtol=1e-6, atol=1e-6)
+  c = jnp.linspace(-0.5, 0.5, ch)
+  const = fwd({**tiny.params, "input_pos_emb": jnp.broadcast_to(c, (size, size, ch))})
+  conv = tiny.params["input_blocks_0_0"]
+  moved = tiny({**tiny.params, "input_blocks_0_0": {**conv, "bias": conv["bias"] + c}})
+  np.testing.assert_allclose(np.asarray(const), np.asarray(moved), rtol=1e-5, atol=1e-5)
+  varying = jax.random.normal(jax.random.key(3), (size, size, ch))
+  assert _rel(fwd({**tiny.params, "input_pos_emb": varying}), ref) > 1e-3
+
+
+def test_input_pos_emb_starts_as_a_2d_sin_cos_code():
+  size, ch = 12, 16
+  e = np.asarray(unet.sincos_2d_init(jax.random.key(0), (size, size, ch)))
+  n = ch // 4
+  col = (np.arange(size) + 0.5) / size
+  # The lowest frequency is one half-period across the canvas: cos falls monotonically from left
+  # to right (and sin is symmetric), constant along the other axis; the y block is the transpose.
+  np.testing.assert_allclose(e[0, :, n], np.cos(np.pi * col), atol=1e-6)
+  np.testing.assert_allclose(e[:, 0, 3 * n], np.cos(np.pi * col), atol=1e-6)
+  np.testing.assert_allclose(e[:, 3, 0], np.full(size, np.sin(np.pi * col[3])), atol=1e-6)
+  np.testing.assert_allclose(e[..., 2 * n:], np.transpose(e[..., :2 * n], (1, 0, 2)), atol=1e-6)
+  # the highest frequency is the Nyquist rate: half a period per pixel pair
+  np.testing.assert_allclose(e[0, :, 2 * n - 1], np.cos(np.pi * col * size / 2), atol=1e-5)
+  codes = e.reshape(-1, ch)
+  dist = np.sum((codes[:, None] - codes[None]) ** 2, -1) + np.eye(size * size) * 1e9
+  assert dist.min() > 0.1  # every pixel gets its own code
+  with pytest.raises(ValueError, match="divisible by 4"):
+    unet.sincos_2d_init(None, (4, 4, 6))
+
+
 def test_every_parameter_has_logical_axis_names():
   vocabulary = {"vocab", "embed", "mlp", "qkv", "kv", "length", "conv_in", "conv_out", "kernel", "norm",
                 "time_embed", "timesteps", None}
-  model = registry.create_model("upsample_inpaint", SMALL)
+  model = registry.create_model("upsample_inpaint", SMALL, input_pos_emb=True)
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **model.dummy_inputs(1, 8)))["params"]
   specs = nn.get_partition_spec(boxed)
   shapes = nn.meta.unbox(boxed)

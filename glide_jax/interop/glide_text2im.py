@@ -134,6 +134,9 @@ def export_state_dict(params: Mapping[str, Any], kind: str,
                       options: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
   """Our params -> the reference state_dict (numpy, PyTorch layouts). Exact inverse of import."""
   kind = CHECKPOINT_KINDS.get(kind, kind)
+  if (options or {}).get("input_pos_emb"):
+    raise ValueError("this model uses input_pos_emb, which glide-text2im's UNet does not have; "
+                     "it cannot be written as a reference state_dict")
   flat = flatten_params(params)
   shapes = expected_shapes(kind, options)
   missing = sorted(set(shapes) - set(flat))
