@@ -61,7 +61,7 @@ def run_stage(stage_name: str, args, use_ref: bool, threads: int | None) -> None
   mesh = mesh_lib.make_mesh(None, jax.devices()[:1])
   rules = shard_lib.normalize_rules(config.rules)
   tx, schedule = optim.make_optimizer(config.optimizer)
-  sampler = timesteps.make_sampler(str(config.diffusion.schedule_sampler), stage.diffusion.num_timesteps)
+  sampler = timesteps.sampler_from_config(config, stage.diffusion.num_timesteps)
   ema_rates = tuple(float(r) for r in config.ema.rates)
   state, _ = state_lib.create_train_state(stage.init, tx, ema_rates, mesh, rules, jax.random.key(args.seed),
                                           sampler.init, params=params)

@@ -258,7 +258,7 @@ def compile_train_step(config: Any, devices: Sequence[Any], label: str = "",
   if batch % (shards * micro):
     raise PlanError(f"global batch {batch} is not divisible by {shards} batch shards x {micro} microbatches")
   tx, schedule = optim.make_optimizer(config.optimizer)
-  sampler = timesteps.make_sampler(config.diffusion.schedule_sampler, int(config.diffusion.steps))
+  sampler = timesteps.sampler_from_config(config, int(config.diffusion.steps))
   ema_rates = tuple(float(r) for r in config.ema.rates)
   abstract, shardings = state_lib.state_shardings(stage.init, tx, ema_rates, sampler.init, mesh, rules)
   step_cfg = step_lib.StepConfig(ema_rates=ema_rates, ema_warmup=bool(config.ema.warmup), microbatches=micro,

@@ -136,6 +136,30 @@ def test_caption_dropout_rate_within_binomial_bounds_and_equals_empty_caption():
   assert train.caption_dropout_rate(ts.tiny_config("upsample")) == 0.0
 
 
+@pytest.mark.parametrize("loc,scale", [(0.0, 1.0), (1.0, 0.6)])
+def test_logit_normal_timesteps_follow_the_closed_form_law(loc, scale):
+  """P(t = k) = Phi((logit((k+1)/T) - loc) / s) - Phi((logit(k/T) - loc) / s), weights 1."""
+  n, draws = 10, 40000
+  t, w = jax.jit(timesteps.logit_normal(n, loc, scale).sample, static_argnums=2)({}, jax.random.key(1), draws)
+  edges = np.arange(n + 1) / n
+  with np.errstate(divide="ignore"):
+    z = (np.log(edges) - np.log1p(-edges) - loc) / scale
+  cdf = 0.5 * (1 + np.array([math.erf(v / math.sqrt(2)) if np.isfinite(v) else math.copysign(1, v) for v in z]))
+  expected = np.diff(cdf)
+  freq = np.bincount(np.asarray(t), minlength=n) / draws
+  np.testing.assert_allclose(freq, expected, atol=0.008)
+  assert np.all(np.asarray(w) == 1.0)
+  with pytest.raises(ValueError, match="logit_normal_scale"):
+    timesteps.logit_normal(n, 0.0, 0.0)
+  with pytest.raises(ValueError, match="logit-normal"):
+    timesteps.make_sampler("cosine", n)
+  cfg = ts.tiny_config("base", "--config.diffusion.schedule_sampler=logit-normal",
+                       "--config.diffusion.logit_normal_loc=1.0", "--config.diffusion.logit_normal_scale=0.6")
+  t2, _ = timesteps.sampler_from_config(cfg, n).sample({}, jax.random.key(1), draws)
+  if (loc, scale) == (1.0, 0.6):
+    np.testing.assert_array_equal(np.asarray(t2), np.asarray(t))
+
+
 def test_loss_second_moment_matches_reference_algorithm():
   n, hist = 6, 10
   sampler = timesteps.loss_second_moment(n, hist)
@@ -180,8 +204,7 @@ def reference_first_loss(stage_name: str, extra: tuple[str, ...] = ()) -> float:
   it = ts.SyntheticIterator(config)
   batch = {k: jnp.asarray(v) for k, v in next(it).items() if k in stage.batch_keys}
   tok = ts.tokenizer(config)
-  name = "uniform" if config.stage == "clip" else config.diffusion.schedule_sampler
-  sampler = timesteps.make_sampler(name, stage.diffusion.num_timesteps)
+  sampler = timesteps.sampler_from_config(config, stage.diffusion.num_timesteps)
   init_rng, step_rng = jax.random.split(jax.random.key(int(config.seed)))
   params = nn.meta.unbox(jax.jit(stage.init).lower(init_rng).compile(compiler_options=ts.FAST)(init_rng))
   st = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None, ema={},

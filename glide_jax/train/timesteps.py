@@ -5,6 +5,9 @@ keeps the last 10 losses per t; until every t has 10 it samples uniformly; then
 p_t ∝ sqrt(mean(loss_t²)), mixed as (1 − 0.001)·p + 0.001/T, with importance weights 1/(T·p_t).
 The update runs inside the jitted step on the *global* batch's (t, loss), so every host holds
 the same history without an explicit all-gather.
+`logit-normal` (Esser et al. 2024, SD3): t/T = sigmoid(loc + scale * N(0, 1)), weights 1, so the
+objective itself moves weight to the middle (loc 0) or, with loc > 0, to the noisy steps where a
+caption decides the layout. Not in GLIDE; its configs keep `uniform`.
 """
 from __future__ import annotations
 
@@ -63,9 +66,34 @@ def loss_second_moment(num_timesteps: int, history: int = HISTORY_PER_TERM,
   return TimestepSampler(init=init, sample=sample, update=update)
 
 
-def make_sampler(name: str, num_timesteps: int) -> TimestepSampler:
+def logit_normal(num_timesteps: int, loc: float = 0.0, scale: float = 1.0) -> TimestepSampler:
+  if not scale > 0:
+    raise ValueError(f"diffusion.logit_normal_scale must be > 0, got {scale}")
+
+  def sample(state, key, b):
+    del state
+    u = jax.nn.sigmoid(loc + scale * jax.random.normal(key, (b,), jnp.float32))
+    t = jnp.clip(jnp.floor(u * num_timesteps), 0, num_timesteps - 1).astype(jnp.int32)
+    return t, jnp.ones((b,), jnp.float32)
+  return TimestepSampler(init=dict, sample=sample, update=lambda state, t, losses: state)
+
+
+SAMPLERS = ("uniform", "loss-second-moment", "logit-normal")
+
+
+def make_sampler(name: str, num_timesteps: int, loc: float = 0.0, scale: float = 1.0) -> TimestepSampler:
   if name == "uniform":
     return uniform(num_timesteps)
   if name in ("loss-second-moment", "loss_second_moment"):
     return loss_second_moment(num_timesteps)
-  raise ValueError(f"diffusion.schedule_sampler must be 'uniform' or 'loss-second-moment', got {name!r}")
+  if name in ("logit-normal", "logit_normal"):
+    return logit_normal(num_timesteps, loc, scale)
+  raise ValueError(f"diffusion.schedule_sampler must be one of {SAMPLERS}, got {name!r}")
+
+
+def sampler_from_config(config, num_timesteps: int) -> TimestepSampler:
+  """The sampler a config's `diffusion` section asks for (the CLIP stage always samples uniformly)."""
+  d = config.diffusion
+  name = "uniform" if config.get("stage") == "clip" else str(d.schedule_sampler)
+  return make_sampler(name, num_timesteps, float(d.get("logit_normal_loc", 0.0)),
+                      float(d.get("logit_normal_scale", 1.0)))
