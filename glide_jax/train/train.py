@@ -195,6 +195,7 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
   # ---------------------------------------------------------------------- optimizer and sharded state
   tx, schedule = optim.make_optimizer(config.optimizer)
   sampler = timesteps.sampler_from_config(config, stage.diffusion.num_timesteps)
+  sampler_name = "uniform" if config.stage == "clip" else str(config.diffusion.schedule_sampler)  # for the log
   ema_rates = tuple(float(r) for r in config.ema.rates)
   rng = jax.random.key(int(config.seed))
   init_rng, step_rng = jax.random.split(rng)
