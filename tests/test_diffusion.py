@@ -1,4 +1,4 @@
-"""Diffusion arithmetic: parity with the reference dump, closed forms, loss gradients, timestep samplers."""
+"""Diffusion arithmetic: parity with the reference dump, closed forms, loss gradients."""
 import math
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glide_jax.diffusion import gaussian, losses, parity, schedules, timestep_samplers
+from glide_jax.diffusion import gaussian, losses, parity, schedules
 
 
 @pytest.fixture(scope="module")
@@ -161,55 +161,6 @@ def test_model_sees_original_timesteps_in_the_loss():
   x = jnp.zeros((2, 2, 2, 3))
   losses.training_losses(d, model_fn, x, jnp.array([0, 26]), x)
   np.testing.assert_array_equal(seen[0], [0, 997])
-
-
-def _lsm_reference(events, num_t, n_hist=10, uniform_prob=0.001):
-  """improved-diffusion's LossSecondMomentResampler, in plain Python."""
-  hist = np.zeros((num_t, n_hist))
-  counts = np.zeros(num_t, int)
-  for t, loss in events:
-    if counts[t] == n_hist:
-      hist[t, :-1] = hist[t, 1:]
-      hist[t, -1] = loss
-    else:
-      hist[t, counts[t]] = loss
-      counts[t] += 1
-  if not (counts == n_hist).all():
-    return np.full(num_t, 1 / num_t)
-  w = np.sqrt(np.mean(hist ** 2, axis=-1))
-  w = w / w.sum() * (1 - uniform_prob) + uniform_prob / num_t
-  return w / w.sum()
-
-
-def test_loss_second_moment_sampler_matches_reference():
-  num_t = 6
-  rng = np.random.default_rng(0)
-  state = timestep_samplers.loss_history_init(num_t)
-  events = []
-  for round_ in range(14):
-    t = rng.integers(0, num_t, size=8)
-    if round_ < 9:
-      t[:6] = np.arange(num_t)  # make sure every t fills up eventually
-    loss = rng.gamma(2.0, size=8) * (1 + t)
-    events += list(zip(t.tolist(), loss.tolist()))
-    state = timestep_samplers.loss_history_update(state, jnp.asarray(t), jnp.asarray(loss))
-    p_ref = _lsm_reference(events, num_t)
-    np.testing.assert_allclose(timestep_samplers.loss_second_moment_probs(state), p_ref, rtol=1e-5)
-  assert not np.allclose(p_ref, 1 / num_t)  # warmed up: no longer uniform
-  t, w = timestep_samplers.sample_loss_second_moment(jax.random.PRNGKey(0), state, 20000)
-  freq = np.bincount(np.asarray(t), minlength=num_t) / 20000
-  np.testing.assert_allclose(freq, p_ref, atol=0.015)
-  np.testing.assert_allclose(w, 1 / (num_t * p_ref[np.asarray(t)]), rtol=1e-5)
-  # importance weights make the estimate of the mean over t unbiased
-  vals = np.arange(num_t) ** 2.0
-  assert abs(float(np.mean(vals[np.asarray(t)] * np.asarray(w))) - vals.mean()) < 0.05 * vals.mean()
-
-
-def test_uniform_sampler():
-  t, w = timestep_samplers.sample_uniform(jax.random.PRNGKey(3), 5000, 10)
-  assert t.dtype == jnp.int32 and int(t.min()) == 0 and int(t.max()) == 9
-  assert np.all(np.asarray(w) == 1)
-  np.testing.assert_allclose(np.bincount(np.asarray(t)) / 5000, 0.1, atol=0.02)
 
 
 # ----------------------------------------------------------------------------- v-prediction

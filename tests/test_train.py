@@ -160,12 +160,25 @@ def test_logit_normal_timesteps_follow_the_closed_form_law(loc, scale):
     np.testing.assert_array_equal(np.asarray(t2), np.asarray(t))
 
 
+def test_uniform_timesteps():
+  t, w = timesteps.uniform(10).sample({}, jax.random.key(3), 5000)
+  assert t.dtype == jnp.int32 and int(t.min()) == 0 and int(t.max()) == 9
+  assert np.all(np.asarray(w) == 1)
+  np.testing.assert_allclose(np.bincount(np.asarray(t)) / 5000, 0.1, atol=0.02)
+
+
 def test_loss_second_moment_matches_reference_algorithm():
   n, hist = 6, 10
   sampler = timesteps.loss_second_moment(n, hist)
   state = sampler.init()
   r = np.random.RandomState(0)
   ref = {t: [] for t in range(n)}  # guided-diffusion: a FIFO of the last 10 losses per t
+  # Until every t holds `hist` losses the law stays uniform, however skewed the losses are.
+  cold = jax.jit(sampler.update)(state, jnp.full((hist * n - 1,), 5, jnp.int32),
+                                 jnp.full((hist * n - 1,), 100.0, jnp.float32))
+  t_cold, w_cold = sampler.sample(cold, jax.random.key(1), 6000)
+  np.testing.assert_allclose(np.bincount(np.asarray(t_cold), minlength=n) / 6000, 1 / n, atol=0.02)
+  np.testing.assert_allclose(np.asarray(w_cold), 1.0, rtol=1e-6)
   for _ in range(30):
     t = r.randint(0, n, 8)
     losses = r.uniform(0.1, 2.0, 8).astype(np.float32) * (1 + t)

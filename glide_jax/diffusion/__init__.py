@@ -25,10 +25,3 @@ from glide_jax.diffusion.schedules import (  # noqa: F401
     get_named_beta_schedule,
     space_timesteps,
 )
-from glide_jax.diffusion.timestep_samplers import (  # noqa: F401
-    LossHistory,
-    loss_history_init,
-    loss_history_update,
-    sample_loss_second_moment,
-    sample_uniform,
-)

@@ -30,6 +30,7 @@ class TimestepSampler:
   init: Callable[[], Any]
   sample: Callable[[Any, jax.Array, int], tuple[jax.Array, jax.Array]]  # (state, key, B) -> (t, w)
   update: Callable[[Any, jax.Array, jax.Array], Any]  # (state, t [B], losses [B]) -> state
+  name: str = ""  # for logs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,12 +20,16 @@ HISTORY_PER_TERM = 10
 UNIFORM_PROB = 0.001
 
 
-def uniform(num_timesteps: int) -> TimestepSampler:
+def _stateless(name: str, draw) -> TimestepSampler:
+  """A sampler with no state and weights 1 from `draw(key, b) -> t [b] int32`."""
   def sample(state, key, b):
     del state
-    t = jax.random.randint(key, (b,), 0, num_timesteps, jnp.int32)
-    return t, jnp.ones((b,), jnp.float32)
-  return TimestepSampler(init=dict, sample=sample, update=lambda state, t, losses: state)
+    return draw(key, b), jnp.ones((b,), jnp.float32)
+  return TimestepSampler(init=dict, sample=sample, update=lambda state, t, losses: state, name=name)
+
+
+def uniform(num_timesteps: int) -> TimestepSampler:
+  return _stateless("uniform", lambda key, b: jax.random.randint(key, (b,), 0, num_timesteps, jnp.int32))
 
 
 def loss_second_moment(num_timesteps: int, history: int = HISTORY_PER_TERM,
@@ -63,19 +67,17 @@ def loss_second_moment(num_timesteps: int, history: int = HISTORY_PER_TERM,
                                     (t.astype(jnp.int32), losses.astype(jnp.float32)))
     return {"history": hist, "count": count}
 
-  return TimestepSampler(init=init, sample=sample, update=update)
+  return TimestepSampler(init=init, sample=sample, update=update, name="loss-second-moment")
 
 
 def logit_normal(num_timesteps: int, loc: float = 0.0, scale: float = 1.0) -> TimestepSampler:
   if not scale > 0:
     raise ValueError(f"diffusion.logit_normal_scale must be > 0, got {scale}")
 
-  def sample(state, key, b):
-    del state
+  def draw(key, b):
     u = jax.nn.sigmoid(loc + scale * jax.random.normal(key, (b,), jnp.float32))
-    t = jnp.clip(jnp.floor(u * num_timesteps), 0, num_timesteps - 1).astype(jnp.int32)
-    return t, jnp.ones((b,), jnp.float32)
-  return TimestepSampler(init=dict, sample=sample, update=lambda state, t, losses: state)
+    return jnp.clip(jnp.floor(u * num_timesteps), 0, num_timesteps - 1).astype(jnp.int32)
+  return _stateless(f"logit-normal(loc={loc:g}, scale={scale:g})", draw)
 
 
 SAMPLERS = ("uniform", "loss-second-moment", "logit-normal")

@@ -195,7 +195,6 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
   # ---------------------------------------------------------------------- optimizer and sharded state
   tx, schedule = optim.make_optimizer(config.optimizer)
   sampler = timesteps.sampler_from_config(config, stage.diffusion.num_timesteps)
-  sampler_name = "uniform" if config.stage == "clip" else str(config.diffusion.schedule_sampler)  # for the log
   ema_rates = tuple(float(r) for r in config.ema.rates)
   rng = jax.random.key(int(config.seed))
   init_rng, step_rng = jax.random.split(rng)
@@ -222,7 +221,7 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
       data_iterator.set_state(data_state)
     writer.text(f"resumed from step {resume_step} of {ckpt.directory}")
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  writer.text(f"{n_params:,} parameters; EMA rates {ema_rates}; sampler {sampler_name}")
+  writer.text(f"{n_params:,} parameters; EMA rates {ema_rates}; sampler {sampler.name}")
 
   # ---------------------------------------------------------------------- the compiled step
   step_cfg = step_lib.StepConfig(ema_rates=ema_rates, ema_warmup=bool(config.ema.warmup),
