@@ -11,37 +11,12 @@ from __future__ import annotations
 
 import ml_collections
 
+from glide_jax.parallel import sharding
+
 VARIANTS = ("released", "full", "small", "tiny")
 
-# Logical axis -> mesh axes (names: the vocabulary of glide_jax/models/layers.py). Rules are tried
-# top to bottom and a mesh axis is used at most once per array (glide_jax/parallel/sharding.py), so
-# a conv kernel ('kernel', 'kernel', 'conv_in', 'conv_out') gets fsdp on its input channels and
-# tensor on its output channels.
-MESH_RULES = (
-    # activations: the batch is split over every data-parallel axis (fsdp included: ZeRO-3)
-    ("batch", ("replica", "data", "fsdp")),
-    ("act_length", None),
-    ("act_height", None),
-    ("act_width", None),
-    ("act_embed", None),           # the residual stream stays whole (Megatron-style tensor parallel)
-    ("act_channels", "tensor"),
-    # parameters: tensor parallelism splits heads, MLP and output channels; fsdp shards the other
-    # large dimension of every matrix and kernel. A rule to a size-1 axis means "replicated".
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("qkv", "tensor"),
-    ("kv", "tensor"),
-    ("conv_out", "tensor"),
-    ("conv_in", "fsdp"),
-    ("time_embed", "fsdp"),
-    ("time_embed", "tensor"),
-    # never sharded: spatial kernel axes, norms and biases, small tables
-    ("kernel", None),
-    ("norm", None),
-    ("length", None),
-    ("timesteps", None),
-)
+# Logical axis -> mesh axes: the framework's default rules (glide_jax/parallel/sharding.py says why).
+MESH_RULES = sharding.DEFAULT_RULES
 
 # ----------------------------------------------------------------------------- model sizes
 # Every text2im/upsample option in glide-text2im's names. Released sizes: [G] model_creation.py

@@ -30,7 +30,25 @@ MODEL = dict(
     dropout=0.0,  # an endless procedural dataset does not overfit
     use_scale_shift_norm=True, resblock_updown=True,
     text_ctx=24, xf_width=256, xf_layers=3, xf_heads=4, xf_final_ln=True, xf_padding=True,
-    n_vocab=256)
+    n_vocab=256, input_pos_emb=True)
+
+
+def short_cpu_run(c, *, lr: float, warmup_steps: int, text_ctx: int, runlocal: bool) -> None:
+  """What the three shapes demo configs share: the closed-vocabulary tokenizer, warmup then cosine
+  decay to `c.total_steps`, bias-corrected EMA, one data-parallel mesh, and `runlocal` last."""
+  c.data.tokenizer.type = "words"  # the closed shapes vocabulary (< 32 words)
+  c.data.tokenizer.text_ctx = text_ctx
+  c.data.shuffle_buffer = 2048
+  c.optimizer.update(lr=lr, warmup_steps=warmup_steps, grad_clip_norm=1.0, decay="cosine",
+                     decay_steps=c.total_steps - warmup_steps)
+  # EMA with warmup (bias correction) so the EMA weights are usable after a few hundred steps.
+  c.ema.rates = (0.999,)
+  c.ema.warmup = True
+  c.mesh.update(data=-1, fsdp=1)
+  c.checkpoint.keep = 2
+  if runlocal:
+    common.apply_runlocal(c)
+    c.optimizer.update(warmup_steps=1, decay_steps=c.total_steps)
 
 
 def get_config(arg: str | None = None):
@@ -40,7 +58,7 @@ def get_config(arg: str | None = None):
   c.model.options = dict(MODEL)
   c.model.dtype = "float32"       # CPU: bf16 convolutions are slower than f32 here
 
-  c.total_steps = arg.steps or 6000
+  c.total_steps = arg.steps or 750
   c.batch_size = 32
   c.diffusion.noise_schedule = "squaredcos_cap_v2"
   # v-prediction: with GLIDE's epsilon target this small model barely used its captions after 785
@@ -50,30 +68,15 @@ def get_config(arg: str | None = None):
   c.diffusion.prediction = PREDICTION
 
   c.data.name = "glide_shapes/size32"
-  c.data.tokenizer.type = "words"  # the closed shapes vocabulary (< 32 words)
-  c.data.tokenizer.text_ctx = MODEL["text_ctx"]
   c.data.caption_dropout = 0.2    # [P] §4.2, so classifier-free guidance works
-  c.data.shuffle_buffer = 2048
-
-  # A small model learns faster than ADM's 1e-4..3e-4 allows; warm up to avoid early blow-ups.
-  c.optimizer.update(lr=1e-3, warmup_steps=100, grad_clip_norm=1.0, decay="cosine",
-                     decay_steps=c.total_steps - 100)
-  # EMA with warmup (bias correction) so the EMA weights are usable after a few hundred steps.
-  c.ema.rates = (0.999,)
-  c.ema.warmup = True
-
-  c.mesh.update(data=-1, fsdp=1)
-  c.checkpoint.every = 1000
-  c.checkpoint.keep = 2
   c.log.every = 50
   c.log.sample_every = 500
   c.log.sample_prompts = PROMPTS
+  c.checkpoint.every = 1000
   # Ancestral: after a short run the deterministic samplers (DDIM, DPM++) leave visible noise.
   c.sampling.update(sampler="ancestral", steps="100", guidance_scale=3.0)
-
-  if arg.runlocal:
-    common.apply_runlocal(c)
-    c.optimizer.update(warmup_steps=1, decay_steps=c.total_steps)
+  # A small model learns faster than ADM's 1e-4..3e-4 allows; warm up to avoid early blow-ups.
+  short_cpu_run(c, lr=1e-3, warmup_steps=100, text_ctx=MODEL["text_ctx"], runlocal=arg.runlocal)
   return c
 
 

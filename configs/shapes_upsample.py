@@ -46,27 +46,14 @@ def get_config(arg: str | None = None):
 
   c.data.name = "glide_shapes/size256"   # scaled to 128 px by the pipeline
   c.data.low_res_size = LOW_RES
-  c.data.tokenizer.type = "words"
-  c.data.tokenizer.text_ctx = MODEL["text_ctx"]
   c.data.caption_dropout = 0.0    # the upsampler is sampled without guidance
-  c.data.shuffle_buffer = 2048
-
-  c.optimizer.update(lr=5e-4, warmup_steps=100, grad_clip_norm=1.0, decay="cosine",
-                     decay_steps=c.total_steps - 100)
-  c.ema.rates = (0.999,)
-  c.ema.warmup = True             # usable EMA weights after a few hundred steps
-
-  c.mesh.update(data=-1, fsdp=1)
   c.checkpoint.every = 500
-  c.checkpoint.keep = 2
   c.log.every = 25
   c.log.sample_every = 0          # in-training samples need low-res inputs; the launch script samples
   c.log.sample_prompts = shapes.PROMPTS
   # GLIDE samples its upsampler with DDIM on the 'fast27' respacing, temperature 0.997.
   c.sampling.update(sampler="ddim", steps="fast27", guidance_scale=1.0)
-
+  shapes.short_cpu_run(c, lr=5e-4, warmup_steps=100, text_ctx=MODEL["text_ctx"], runlocal=arg.runlocal)
   if arg.runlocal:
-    common.apply_runlocal(c)
     c.model.options = dict(RUNLOCAL_MODEL)
-    c.optimizer.update(warmup_steps=1, decay_steps=c.total_steps)
   return c

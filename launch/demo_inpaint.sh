@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/demo_lib.sh
 WORKDIR="${WORKDIR:-runs/shapes_inpaint}"
-N_IMAGES="${N_IMAGES:-16}"
+N_IMAGES="${N_IMAGES:-32}"
 GUIDANCE="${GUIDANCE:-3}"
 STEPS="${STEPS:-}"          # empty = the bundle's (ancestral, 100)
 demo_setup
@@ -49,6 +49,7 @@ import numpy as np
 from glide_jax import config_lib, images
 from glide_jax.data import pipeline as data_pipeline
 from glide_jax.diffusion import pipeline
+from glide_jax.eval import attributes
 
 e = os.environ
 config = config_lib.load_config(e["CONFIG"], [f"--config.data.data_dir={e['DATA_DIR']}"])
@@ -71,6 +72,18 @@ diff = np.abs(images.to_uint8(filled).astype(int) - images.to_uint8(image).astyp
 kept = np.broadcast_to(known > 0.5, diff.shape)
 print(f"wrote {n} inpainted validation images to {out}/inpainted and {out}/grid.png; "
       f"known pixels: max change {diff[kept].max()} / 255; hole: {1 - known.mean():.0%} of the pixels")
+# Where the hole hid at least half of the shape, only the caption can bring the shape back.
+orig = images.to_uint8(image).astype(int)
+border = np.concatenate([orig[:, 0], orig[:, -1], orig[:, :, 0], orig[:, :, -1]], 1)
+shape_px = np.abs(orig - np.median(border, 1)[:, None, None]).max(-1) > 40
+hidden = (shape_px & (known[..., 0] < 0.5)).sum((1, 2)) / np.maximum(shape_px.sum((1, 2)), 1)
+acc = attributes.caption_accuracy(images.to_uint8(filled), attributes.parse_captions(captions),
+                                  return_per_sample=True)
+erased = hidden >= 0.5
+line = ", ".join(f"{a} {acc[a]:.0%}" for a in attributes.ATTRIBUTES)
+sub = f"{acc['per_sample'][erased].mean():.0%}" if erased.any() else "-"
+print(f"caption accuracy of the inpainted images: {line}; all four {acc['all']:.0%}; "
+      f"on the {erased.sum()} whose hole hid >= half the shape: all four {sub}")
 PY
 
 echo

@@ -104,6 +104,15 @@ def test_inpaint_fine_tune_from_the_base_bundle(tmp_path, data_dir, base_bundle)
   assert diff[~keep].max() > 1, "the hole was not generated"
 
 
+def test_init_from_refuses_a_different_prediction_target(data_dir, base_bundle):
+  # The base demo predicts v; fine-tuning it as an epsilon model would start from nonsense.
+  config = config_lib.load_config(f"configs/shapes_inpaint.py:runlocal,init_from={base_bundle}",
+                                  [f"--config.data.data_dir={data_dir}", *SMALL_BASE,
+                                   "--config.diffusion.prediction=epsilon"])
+  with pytest.raises(ValueError, match=r"predicts 'v'.*diffusion.prediction='epsilon'"):
+    train.load_init_params(config, stages.make_stage(config))
+
+
 def test_upsampler_trains_and_upsamples_validation_low_res(tmp_path, data_dir):
   # (The 32 -> 128 cascade with the base bundle is `glide-jax sample --upsample`, tested in
   # tests/test_sample_cli.py and run by QUICK=1 launch/demo_upsample.sh.)

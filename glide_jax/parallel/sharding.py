@@ -24,10 +24,20 @@ log = logging.getLogger(__name__)
 
 Rules = Sequence[tuple[str, Any]]
 
-# Parameters and optimizer state are split over `fsdp` (ZeRO-3 style), heads/channels over
-# `tensor`; the batch over every axis but `tensor`.
+# Logical axis -> mesh axes (names: the vocabulary of glide_jax/models/layers.py); every config's
+# `rules` starts from these. Rules are tried top to bottom and a mesh axis is used at most once per
+# array, so a conv kernel ('kernel', 'kernel', 'conv_in', 'conv_out') gets fsdp on its input
+# channels and tensor on its output channels.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    # activations: the batch is split over every data-parallel axis (fsdp included: ZeRO-3)
     ("batch", ("replica", "data", "fsdp")),
+    ("act_length", None),
+    ("act_height", None),
+    ("act_width", None),
+    ("act_embed", None),           # the residual stream stays whole (Megatron-style tensor parallel)
+    ("act_channels", "tensor"),
+    # parameters: tensor parallelism splits heads, MLP and output channels; fsdp shards the other
+    # large dimension of every matrix and kernel. A rule to a size-1 axis means "replicated".
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
@@ -37,15 +47,11 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("conv_in", "fsdp"),
     ("time_embed", "fsdp"),
     ("time_embed", "tensor"),
-    ("length", None),
+    # never sharded: spatial kernel axes, norms and biases, small tables
     ("kernel", None),
     ("norm", None),
+    ("length", None),
     ("timesteps", None),
-    ("act_length", None),
-    ("act_embed", None),
-    ("act_height", None),
-    ("act_width", None),
-    ("act_channels", "tensor"),
 )
 
 
