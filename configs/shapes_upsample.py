@@ -12,7 +12,7 @@ builder config because the registered config list is pinned by tests/test_shapes
 Sized for a short CPU run on 2 cores (launch/demo_upsample.sh, bounded by TRAIN_MINUTES): a 128 px
 U-Net of 32/32/64/128 channels at 128/64/32/16 px, one res block per level, attention only at
 16 px, and a 2-layer, 128-wide text transformer (the low-res image carries most of the content);
-343 GFLOP per step at batch 16, 6.2 s per step in the trainer on that machine, so 20 minutes hold
+343 GFLOP per step at batch 16, about 6 s per step in the trainer on that machine, so 20 minutes hold
 about 180 steps: the learning-rate schedule (short warm-up, cosine decay) ends there. Measured in
 the README: the samples keep every caption attribute but stay grainy (bicubic is more exact).
 """

@@ -273,7 +273,7 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
       state, metrics = compiled(state, batch, step_rng)
       # At most two steps in flight (this one and the previous one, which keeps the device fed):
       # without the wait the host runs ahead to the next log step, and a SIGTERM or preemption
-      # notice would only be seen there, up to log.every steps later (2 minutes on the CPU demo).
+      # notice would only be seen there, up to log.every steps later.
       if losses:
         losses[-1].block_until_ready()
       batch = None
