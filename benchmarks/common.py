@@ -124,12 +124,23 @@ def time_fn(fn: Callable[[], Any], repeats: int, block: Callable[[Any], Any] | N
 
   `block` waits for the result (jax.block_until_ready by default). CPU time covers all threads, so
   on a shared machine it shows how much work was done when wall time is inflated by other tenants."""
+  import jax
   if block is None:
-    import jax
     block = jax.block_until_ready
-  t0 = time.perf_counter()
-  block(fn())
-  first = time.perf_counter() - t0
+  # XLA compile seconds of the warm-up call, as JAX reports them: "first call - median" is no
+  # measure when one run takes a minute and varies by a few seconds.
+  compiled = []
+
+  def on_duration(event: str, duration: float, **_):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(duration)
+  jax.monitoring.register_event_duration_secs_listener(on_duration)
+  try:
+    t0 = time.perf_counter()
+    block(fn())
+    first = time.perf_counter() - t0
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_duration)
   wall, cpu = [], []
   for _ in range(max(1, repeats)):
     w0, c0 = time.perf_counter(), time.process_time()
@@ -137,7 +148,8 @@ def time_fn(fn: Callable[[], Any], repeats: int, block: Callable[[Any], Any] | N
     wall.append(time.perf_counter() - w0)
     cpu.append(time.process_time() - c0)
   return {"median_s": statistics.median(wall), "min_s": min(wall), "cpu_s": statistics.median(cpu),
-          "runs": len(wall), "first_call_s": first, "load_avg_1m": round(os.getloadavg()[0], 2)}
+          "runs": len(wall), "first_call_s": first, "warmup_compile_s": sum(compiled),
+          "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
 def compiler_options(args: argparse.Namespace) -> dict[str, Any] | None:

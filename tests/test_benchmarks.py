@@ -112,3 +112,15 @@ def test_forward_against_the_reference_when_installed(capsys):
   summary = _lines(capsys)[-1]
   assert summary["ratio"] > 0 and summary["reference_s"] > 0
   assert summary["max_rel_err"] < 1e-3  # identical weights give the same outputs
+
+
+def test_time_fn_reports_the_warmup_compile_and_nothing_once_compiled():
+  import jax
+  import jax.numpy as jnp
+  # A function no other test compiles (the constant), so its first call must compile.
+  f = jax.jit(lambda x: jnp.sin(x) * 1.2345678 + jnp.cos(x).sum())
+  x = jnp.ones((64, 64))
+  first = common.time_fn(lambda: f(x), repeats=1)
+  assert first["warmup_compile_s"] > 0
+  again = common.time_fn(lambda: f(x), repeats=1)
+  assert again["warmup_compile_s"] == 0
