@@ -124,3 +124,47 @@ def test_time_fn_reports_the_warmup_compile_and_nothing_once_compiled():
   assert first["warmup_compile_s"] > 0
   again = common.time_fn(lambda: f(x), repeats=1)
   assert again["warmup_compile_s"] == 0
+
+
+def _numpy_conv3x3(x, kernel):
+  """Direct 3x3 'SAME' convolution in float64 by summing the nine shifted products."""
+  n, h, w, _ = x.shape
+  xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  out = np.zeros((n, h, w, kernel.shape[-1]))
+  for i in range(3):
+    for j in range(3):
+      out += xp[:, i:i + h, j:j + w] @ kernel[i, j].astype(np.float64)
+  return out
+
+
+def test_winograd_conv_matches_a_direct_convolution_and_its_gradient():
+  import jax
+  import jax.numpy as jnp
+
+  from benchmarks import conv_algorithms as ca
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 6, 8, 5)).astype(np.float32)
+  kernel = rng.standard_normal((3, 3, 5, 7)).astype(np.float32)
+  want = _numpy_conv3x3(x, kernel)
+  got = np.asarray(ca.winograd_conv3x3(jnp.asarray(x), jnp.asarray(kernel)))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # d/dx sum(y * r) = the convolution's transpose applied to r: compare with XLA's direct one.
+  r = jnp.asarray(rng.standard_normal(want.shape).astype(np.float32))
+  grads = [jax.grad(lambda a, k, f=f: jnp.sum(f(a, k) * r), argnums=(0, 1))(jnp.asarray(x), jnp.asarray(kernel))
+           for f in (ca.winograd_conv3x3, ca.direct_conv3x3)]
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="even H, W"):
+    ca.winograd_conv3x3(jnp.zeros((1, 5, 4, 2)), jnp.zeros((3, 3, 2, 2)))
+
+
+def test_conv_algorithms_prints_both_algorithms(capsys):
+  from benchmarks import conv_algorithms
+  assert conv_algorithms.main(["--shapes", "1x8x4x4", "--repeats", "1"]) == 0
+  rows = _lines(capsys)
+  assert "cpu" in rows[0]["machine"]
+  row = rows[1]
+  assert row["shape"] == [1, 8, 4, 4] and row["winograd_max_rel_err"] < 1e-5
+  assert row["direct_fwd_s"] > 0 and row["winograd_fwd_bwd_s"] > 0
+  with pytest.raises(ValueError, match="BATCHxSIZE"):
+    conv_algorithms.main(["--shapes", "2x8x4"])
