@@ -28,7 +28,7 @@ def get_config(arg: str | None = None):
   c.model.dtype = "float32"
   c.init_from = arg.init_from
 
-  c.total_steps = arg.steps or 750  # as the base demo: the decay ends about where 20 minutes do
+  c.total_steps = arg.steps or 750  # the decay ends about where the 20 minutes of demo_inpaint.sh do
   c.batch_size = 32
   c.diffusion.noise_schedule = "squaredcos_cap_v2"  # the base model's schedule
   c.diffusion.prediction = shapes.PREDICTION         # and its target (init_from checks it)
