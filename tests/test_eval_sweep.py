@@ -109,6 +109,25 @@ def test_run_sweep_with_given_generator_matches_recomputed_accuracy(tmp_path):
     acc = A.caption_accuracy(images, A.parse_captions((tmp_path / "prompts.txt").read_text().split("\n")[:12]))
     assert row["acc_all"] == pytest.approx(acc["all"]) and row["acc_shape"] == pytest.approx(acc["shape"])
   assert (tmp_path / "sweep.png").is_file() and (tmp_path / "grids" / "scale_1.png").is_file()
+  # Statistics: intervals hold their accuracy; scale 4 (all right) against scale 1 pairs up so that
+  # no prompt is right only at scale 1 and every prompt wrong at scale 1 counts for scale 4.
+  doc = json.loads((tmp_path / "sweep.json").read_text())
+  for r in doc["rows"]:
+    for a in ("all",) + A.ATTRIBUTES:
+      lo, hi = r["ci95"][a]
+      assert 0 <= lo <= r[f"acc_{a}"] <= hi <= 1
+  (p,) = doc["paired"]
+  assert (p["scale"], p["baseline_scale"]) == (4.0, 1.0)
+  assert p["all"]["only_baseline"] == 0 and p["all"]["only_scale"] == round(12 * (1 - rows[0]["acc_all"]))
+  assert p["all"]["diff"] == pytest.approx(rows[1]["acc_all"] - rows[0]["acc_all"])
+  # Rescoring the directory reproduces the table and statistics without touching the samples.
+  stamp = (tmp_path / "scale_1" / "00000.png").stat().st_mtime_ns
+  again = sweep.rescore(tmp_path, log=lambda s: None)
+  assert [r["acc_all"] for r in again] == [r["acc_all"] for r in rows]
+  assert json.loads((tmp_path / "sweep.json").read_text())["paired"] == doc["paired"]
+  assert (tmp_path / "scale_1" / "00000.png").stat().st_mtime_ns == stamp
+  with pytest.raises(FileNotFoundError, match="no prompts.txt"):
+    sweep.rescore(tmp_path / "grids")
 
 
 # --- end to end through the CLI, with a tiny random text2im bundle and a tiny noised CLIP -----
@@ -201,6 +220,16 @@ def test_sweep_cli_end_to_end(tiny_bundles, tmp_path):
     assert json.loads(jpath.read_text())["all"] == pytest.approx(acc["all"])
   assert pixels[2.0].shape == (6, 32, 32, 3)
   assert not np.array_equal(pixels[2.0], pixels[4.0])  # the scale reached the sampler
+  # --rescore rebuilds the table and the paired comparison (4 against 2) from the saved samples.
+  before = (out / "sweep.csv").read_text()
+  assert cli.main(["eval", "sweep", "--rescore", str(out), "--clip-bundle", str(clip)]) == 0
+  assert (out / "sweep.csv").read_text() == before
+  (p,) = json.loads((out / "sweep.json").read_text())["paired"]
+  assert (p["scale"], p["baseline_scale"]) == (4.0, 2.0)
+  with pytest.raises(SystemExit, match="drop --bundle and --out"):
+    cli.main(["eval", "sweep", "--rescore", str(out), "--bundle", str(base)])
+  with pytest.raises(SystemExit, match="needs --bundle and --out"):
+    cli.main(["eval", "sweep", "--shapes-validation", "4"])
 
 
 def test_accuracy_cli_attribute_files(tmp_path):

@@ -3,7 +3,9 @@
   accuracy    caption accuracy of glide_shapes samples (attribute reader), per attribute and all four
   clip-score  CLIP score (100 x cosine) of samples and their prompts under a noised CLIP at t=0
   fid         FID (FID Inception-v3, weights from a file you provide) vs a reference image set
-  sweep       sample at several guidance scales; table, plot and grids of accuracy / CLIP score
+  sweep       sample at several guidance scales; table, plot and grids of accuracy / CLIP score, with
+              95 % intervals and each scale compared with the first on the same prompts (McNemar);
+              --rescore DIR rebuilds them from a sweep's saved samples without sampling
 
 Images are read from a directory in file-name order; prompts files hold one caption per line in
 the same order. Every metric is printed with what it is (sample count, reference set, scale) and
@@ -64,14 +66,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   _add_tensorboard(p)
 
   p = sub.add_parser("sweep", help="guidance sweep: accuracy / CLIP score vs guidance scale")
-  p.add_argument("--bundle", required=True, help="base (text2im) bundle to sample")
+  p.add_argument("--bundle", help="base (text2im) bundle to sample (not with --rescore)")
   p.add_argument("--clip-bundle", help="noised CLIP bundle for CLIP scores (optional)")
-  p.add_argument("--scales", default="1,2,3,5", help="comma-separated guidance scales")
+  p.add_argument("--scales", default="1,2,3,5",
+                 help="comma-separated guidance scales; the first is the baseline the others are compared with")
   g = p.add_mutually_exclusive_group(required=True)
   g.add_argument("--prompts", help="prompts file (glide_shapes captions give accuracy too)")
   g.add_argument("--shapes-validation", type=int, metavar="N",
                  help="use the first N captions of glide_shapes' validation split")
-  p.add_argument("--out", required=True, help="output directory")
+  g.add_argument("--rescore", metavar="DIR",
+                 help="re-read an earlier sweep's output directory (prompts.txt, scale_*/) and rewrite "
+                      "its table, statistics, plot and grids; no sampling")
+  p.add_argument("--out", help="output directory (required unless --rescore)")
   p.add_argument("--sampler", default=None, help="ancestral | ddim | plms | dpm++ (default: the bundle's)")
   p.add_argument("--steps", default=None, help="timestep respacing, e.g. 50 or ddim25 (default: the bundle's, else 100)")
   p.add_argument("--batch-size", type=int, default=16)
@@ -153,6 +159,7 @@ def _images_and_prompts(args) -> tuple[np.ndarray, list[str] | None]:
 
 def _accuracy(args) -> int:
   from glide_jax.eval import attributes as A
+  from glide_jax.eval import stats
 
   images, prompts = _images_and_prompts(args)
   if args.attributes:
@@ -166,17 +173,20 @@ def _accuracy(args) -> int:
     raise SystemExit(f"{args.images} has no prompts.json: pass --prompts or --attributes")
   acc = A.caption_accuracy(images, expected, return_per_sample=True)
   per_sample = acc.pop("per_sample")
+  ci = {k: stats.wilson_interval(int(np.sum(v)), len(v)) for k, v in acc.pop("correct").items()}
   chance = A.chance_accuracy()
   if args.grid:
     from glide_jax.eval import plots
     plots.save_grid(args.grid, images[:256], scale=max(1, 96 // images.shape[1]), frames=per_sample[:256])
     print(f"wrote {args.grid} (green: all four attributes read back right; red: not)")
   _log_tensorboard(args, {f"accuracy/{k}": v for k, v in acc.items() if k in ("all",) + A.ATTRIBUTES})
-  print(f"caption accuracy over {acc['n']} samples (glide_shapes attribute reader): "
-        f"all four {acc['all']:.4f} (chance {chance['all']:.4f}); "
-        + ", ".join(f"{a} {acc[a]:.4f}" for a in A.ATTRIBUTES)
+  def fmt(k):
+    return f"{acc[k]:.4f} [{ci[k][0]:.3f}, {ci[k][1]:.3f}]"
+  print(f"caption accuracy over {acc['n']} samples (glide_shapes attribute reader; [95 % Wilson "
+        f"interval]): all four {fmt('all')} (chance {chance['all']:.4f}); "
+        + ", ".join(f"{a} {fmt(a)}" for a in A.ATTRIBUTES)
         + f"; unreadable {acc['unreadable']}")
-  _write_json(args.out, {**acc, "metric": "caption accuracy (glide_shapes attribute reader)",
+  _write_json(args.out, {**acc, "ci95": ci, "metric": "caption accuracy (glide_shapes attribute reader)",
                          "images": str(args.images), "chance": chance})
   return 0
 
@@ -216,6 +226,14 @@ def _sweep(args) -> int:
   from glide_jax.eval import attributes as A
   from glide_jax.eval import sweep
 
+  if args.rescore:
+    if args.bundle or args.out:
+      raise SystemExit("--rescore reads and rewrites its own directory: drop --bundle and --out")
+    sweep.rescore(args.rescore, clip=args.clip_bundle, tensorboard=args.tensorboard)
+    print(f"rewrote {args.rescore}/sweep.csv, sweep.json, sweep.png and grids")
+    return 0
+  if not args.bundle or not args.out:
+    raise SystemExit("glide-jax eval sweep needs --bundle and --out (or --rescore DIR)")
   try:
     scales = [float(s) for s in args.scales.split(",") if s.strip()]
   except ValueError:

@@ -6,6 +6,7 @@
   inception    the FID Inception-v3 (Flax) and the importer of its weights file
   fid          `compute_fid` (always reported with sample counts and reference set)
   sweep        guidance sweeps (table, plot, grids)
+  stats        intervals of accuracies and paired comparisons between guidance scales
   plots        sample grids, sweep plots, TensorBoard
 
 Submodules are imported on use: `from glide_jax.eval import attributes` pulls in no JAX.

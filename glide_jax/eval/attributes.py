@@ -191,7 +191,9 @@ def caption_accuracy(images: np.ndarray | Sequence[np.ndarray],
 
   images: [N, H, W, 3] uint8; attributes: {'colour', 'shape', 'size', 'position'} -> int [N].
   Returns {'colour', 'shape', 'size', 'position': per-attribute accuracy in [0, 1],
-  'all': fraction with all four right, 'n': N, 'unreadable': images with no shape found}.
+  'all': fraction with all four right, 'n': N, 'unreadable': images with no shape found}; with
+  return_per_sample also 'per_sample' (bool [N]: all four right) and 'correct' ({attribute or
+  'all': bool [N]}, what paired comparisons between two sample sets need).
   """
   missing = [a for a in ATTRIBUTES if a not in attributes]
   if missing:
@@ -210,7 +212,9 @@ def caption_accuracy(images: np.ndarray | Sequence[np.ndarray],
   result["n"] = int(n)
   result["unreadable"] = int(np.sum(got["colour"] == UNREADABLE))
   if return_per_sample:
-    result["per_sample"] = np.all([correct[a] for a in ATTRIBUTES], axis=0)  # type: ignore[assignment]
+    all_right = np.all([correct[a] for a in ATTRIBUTES], axis=0)
+    result["per_sample"] = all_right  # type: ignore[assignment]
+    result["correct"] = {**correct, "all": all_right}  # type: ignore[assignment]
   return result
 
 

@@ -62,7 +62,8 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title
   score (the Pareto view of GLIDE's figures, each point labelled with its guidance scale).
 
   rows: dicts with 'guidance_scale', 'n' and optionally 'acc_all', 'acc_colour', ...,
-  'clip_score_mean', 'clip_score_std' (as written by sweep.py). Missing metrics leave panels out.
+  'clip_score_mean', 'clip_score_std' (as written by sweep.py), and 'ci95' ({attribute or 'all':
+  (lo, hi)}, drawn as error bars). Missing metrics leave panels out.
   """
   import matplotlib
   matplotlib.use("Agg", force=True)
@@ -84,7 +85,14 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title
       for key, style in (("acc_all", "k-o"), ("acc_colour", "--"), ("acc_shape", "--"),
                          ("acc_size", "--"), ("acc_position", "--")):
         if all(r.get(key) is not None for r in rows):
-          ax.plot(scales, [float(r[key]) for r in rows], style, label=key.removeprefix("acc_"))
+          y = np.array([float(r[key]) for r in rows])
+          name = key.removeprefix("acc_")
+          if all(name in (r.get("ci95") or {}) for r in rows):  # 95 % intervals as error bars
+            lo = np.array([float(r["ci95"][name][0]) for r in rows])
+            hi = np.array([float(r["ci95"][name][1]) for r in rows])
+            ax.errorbar(scales, y, yerr=np.maximum(0.0, np.stack([y - lo, hi - y])), fmt=style, capsize=3, label=name)
+          else:
+            ax.plot(scales, y, style, label=name)
       ax.set_xlabel("guidance scale")
       ax.set_ylabel("caption accuracy (attribute reader)")
       ax.set_ylim(0, 1.02)

@@ -7,8 +7,12 @@ Layout of the output directory:
   scale_<s>/00000.png ...       the samples (only they: the directory feeds `glide-jax eval accuracy`)
   grids/scale_<s>.png           the first 64 samples of each scale, framed green (caption read back
                                 right) or red (wrong) when the prompts are glide_shapes captions
-  sweep.csv, sweep.json         one row per scale (json adds the run's settings and metric definitions)
+  sweep.csv, sweep.json         one row per scale (json adds the run's settings, metric definitions,
+                                95 % intervals of each accuracy and the paired comparison of every
+                                scale with the first, `stats.paired_comparison`)
   sweep.png                     accuracy and CLIP score vs scale, and accuracy vs CLIP score
+
+`rescore` rebuilds the table, statistics and plot from such a directory's samples, without sampling.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import numpy as np
 
 from glide_jax.eval import attributes as attrs_lib
 from glide_jax.eval import plots
+from glide_jax.eval import stats
 
 # prompts, guidance scale -> uint8 images [N, H, W, 3]
 GenerateFn = Callable[[Sequence[str], float], np.ndarray]
@@ -36,6 +41,9 @@ METRIC_DEFINITIONS = {
     "clip_score_*": "mean / std over samples of exp(logit_scale) x cos(z_text, z_image) = 100 x cosine, "
                     "with the given noised CLIP evaluated at t=0",
     "n": "samples per guidance scale",
+  "ci95": "95 % Wilson score interval of each accuracy (sampling uncertainty over the n prompts)",
+  "paired": "each scale against the first on the same prompts and noise: difference in points, its "
+            "95 % interval (Agresti-Min) and the exact McNemar two-sided p-value",
 }
 
 def scale_dirname(scale: float) -> str:
@@ -125,17 +133,20 @@ def make_generator(bundle_path: str | os.PathLike, sampler: str | None = None,
 def run_sweep(generate: GenerateFn, prompts: Sequence[str], scales: Sequence[float],
               out_dir: str | os.PathLike, attributes: Mapping[str, np.ndarray] | None = None,
               clip: Any = None, tensorboard: str | os.PathLike | None = None,
-              settings: Mapping[str, Any] | None = None, log: Callable[[str], None] = print
-              ) -> list[dict[str, Any]]:
+              settings: Mapping[str, Any] | None = None, log: Callable[[str], None] = print,
+              write_samples: bool = True) -> list[dict[str, Any]]:
   """Samples `prompts` at each guidance scale and writes the table, plot and sample grids.
 
   attributes: {attribute: int [N]} of the prompts (caption accuracy is skipped without them);
-  clip: a `clip_score.ClipBundle` or bundle path (CLIP score is skipped without one).
+  clip: a `clip_score.ClipBundle` or bundle path (CLIP score is skipped without one);
+  write_samples=False leaves out_dir's prompts and sample PNGs alone (`rescore`).
   Returns the rows (also in out_dir/sweep.csv and sweep.json).
   """
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
+  if write_samples:
+    (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
+  correct_by_scale = []
   if clip is not None and not hasattr(clip, "model"):
     from glide_jax.eval.clip_score import load_clip_bundle
     clip = load_clip_bundle(clip)
@@ -145,7 +156,9 @@ def run_sweep(generate: GenerateFn, prompts: Sequence[str], scales: Sequence[flo
     images = generate(prompts, float(scale))
     if len(images) != len(prompts):
       raise RuntimeError(f"generator returned {len(images)} images for {len(prompts)} prompts")
-    sdir = save_images(out / scale_dirname(scale), images)
+    sdir = out / scale_dirname(scale)
+    if write_samples:
+      save_images(sdir, images)
     row: dict[str, Any] = {c: None for c in COLUMNS}
     row.update(guidance_scale=float(scale), n=len(images), samples_dir=str(sdir.relative_to(out)))
     frames = None
@@ -153,6 +166,8 @@ def run_sweep(generate: GenerateFn, prompts: Sequence[str], scales: Sequence[flo
       acc = attrs_lib.caption_accuracy(images, attributes, return_per_sample=True)
       frames = acc["per_sample"][:64]
       row.update({f"acc_{k}": acc[k] for k in ("all",) + attrs_lib.ATTRIBUTES}, unreadable=acc["unreadable"])
+      row["ci95"] = {k: stats.wilson_interval(int(np.sum(v)), len(v)) for k, v in acc["correct"].items()}
+      correct_by_scale.append(acc["correct"])
     # Green frame: all four attributes read back as the prompt asked; red: not.
     grid = plots.save_grid(out / "grids" / f"{scale_dirname(scale)}.png", images[:64],
                            scale=max(1, 128 // images.shape[1]), frames=frames)
@@ -167,12 +182,80 @@ def run_sweep(generate: GenerateFn, prompts: Sequence[str], scales: Sequence[flo
     from PIL import Image
     with Image.open(grid) as im:
       tb.image(f"samples/{scale_dirname(scale)}", np.asarray(im.convert("RGB")), step)
-  write_table(rows, out, settings=settings)
+  paired = paired_comparisons(rows, correct_by_scale) if correct_by_scale else []
+  for p in paired:
+    log(_paired_summary(p))
+  write_table(rows, out, settings=settings, paired=paired)
   if attributes is not None or clip is not None:
     plots.plot_sweep(rows, out / "sweep.png", title=_title(settings))
     tb.png("sweep/plot", out / "sweep.png", 0)
   tb.close()
   return rows
+
+
+def paired_comparisons(rows: Sequence[Mapping[str, Any]],
+                       correct_by_scale: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, Any]]:
+  """Every scale after the first against the first, per attribute and all four (same prompts and
+  noise at every scale, so the samples pair up)."""
+  base_scale, base = rows[0]["guidance_scale"], correct_by_scale[0]
+  out = []
+  for row, correct in zip(rows[1:], correct_by_scale[1:]):
+    entry: dict[str, Any] = {"scale": row["guidance_scale"], "baseline_scale": base_scale}
+    for k in ("all",) + attrs_lib.ATTRIBUTES:
+      c = stats.paired_comparison(base[k], correct[k])
+      entry[k] = {"diff": c["diff"], "ci95": c["ci"], "only_baseline": c["only_a"],
+                  "only_scale": c["only_b"], "p_value": c["p_value"]}
+    out.append(entry)
+  return out
+
+
+def _paired_summary(p: Mapping[str, Any]) -> str:
+  parts = [f"{k} {stats.format_points(p[k]['diff'])} points ({stats.format_points(p[k]['ci95'][0])} to "
+           f"{stats.format_points(p[k]['ci95'][1])}, p={p[k]['p_value']:.2g})"
+           for k in attrs_lib.ATTRIBUTES + ("all",)]
+  return f"scale {p['scale']:g} vs {p['baseline_scale']:g} (paired, 95 % interval, McNemar): " + "; ".join(parts)
+
+
+def rescore(sweep_dir: str | os.PathLike, clip: Any = None, tensorboard: str | os.PathLike | None = None,
+            log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+  """Re-reads a sweep directory's prompts.txt and scale_<s>/ samples and rewrites its table,
+  statistics, plot and grids, without sampling (e.g. after the reader or the statistics changed)."""
+  out = pathlib.Path(sweep_dir)
+  if not (out / "prompts.txt").is_file():
+    raise FileNotFoundError(f"{out}: no prompts.txt; not a sweep directory")
+  prompts = read_prompts(out / "prompts.txt")
+  scales = []
+  for d in out.glob("scale_*"):
+    try:
+      scales.append(float(d.name[len("scale_"):]))
+    except ValueError:
+      continue
+  if not scales:
+    raise FileNotFoundError(f"{out}: no scale_<s>/ sample directories")
+  settings = {}
+  if (out / "sweep.json").is_file():  # keep the scale order and the settings of the original run
+    doc = json.loads((out / "sweep.json").read_text())
+    settings = doc.get("settings", {})
+    order = [r["guidance_scale"] for r in doc.get("rows", [])]
+    scales.sort(key=lambda s: order.index(s) if s in order else len(order) + s)
+  else:
+    scales.sort()
+  try:
+    expected = attrs_lib.parse_captions(prompts)
+  except ValueError:
+    expected = None
+  if expected is None and clip is None:
+    raise ValueError(f"{out}: the prompts are not glide_shapes captions and no CLIP was given: nothing to measure")
+
+  def load(ps, scale):
+    from glide_jax.eval.fid import load_samples
+    images, _ = load_samples(out / scale_dirname(scale))
+    if len(images) != len(ps):
+      raise ValueError(f"{out / scale_dirname(scale)}: {len(images)} samples for {len(ps)} prompts")
+    return images
+
+  return run_sweep(load, prompts, scales, out, attributes=expected, clip=clip, tensorboard=tensorboard,
+                   settings=settings, log=log, write_samples=False)
 
 
 def _title(settings: Mapping[str, Any] | None) -> str:
@@ -193,8 +276,10 @@ def _row_summary(row: Mapping[str, Any]) -> str:
 
 
 def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike,
-                settings: Mapping[str, Any] | None = None) -> tuple[pathlib.Path, pathlib.Path]:
-  """Writes out_dir/sweep.csv (one row per scale, COLUMNS; empty = not measured) and sweep.json."""
+                settings: Mapping[str, Any] | None = None,
+                paired: Sequence[Mapping[str, Any]] = ()) -> tuple[pathlib.Path, pathlib.Path]:
+  """Writes out_dir/sweep.csv (one row per scale, COLUMNS; empty = not measured) and sweep.json
+  (the rows with their 'ci95' intervals, and the paired comparisons)."""
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   csv_path, json_path = out / "sweep.csv", out / "sweep.json"
@@ -203,7 +288,9 @@ def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike,
     w.writeheader()
     for r in rows:
       w.writerow({c: ("" if r.get(c) is None else r[c]) for c in COLUMNS})
-  doc = {"rows": [{c: r.get(c) for c in COLUMNS} for r in rows], "settings": dict(settings or {}),
+  doc = {"rows": [{**{c: r.get(c) for c in COLUMNS}, **({"ci95": r["ci95"]} if r.get("ci95") else {})}
+                  for r in rows],
+         "paired": list(paired), "settings": dict(settings or {}),
          "metrics": METRIC_DEFINITIONS, "chance_accuracy": attrs_lib.chance_accuracy()}
   json_path.write_text(json.dumps(doc, indent=2, default=_json_default))
   return csv_path, json_path
