@@ -118,3 +118,23 @@ def test_bad_inputs_are_refused():
     enc.apply({"params": params}, jnp.zeros((1, CTX + 1), jnp.int32), jnp.ones((1, CTX + 1), bool))
   with pytest.raises(ValueError, match="mask"):
     enc.apply({"params": params}, jnp.zeros((1, CTX), jnp.int32), None)
+
+
+def test_token_init_std_sets_only_the_token_embedding_init():
+  """CLIP's 0.02 by default; the text2im option reaches it through the registry; nothing else moves."""
+  tokens = jnp.zeros((1, CTX), jnp.int32)
+
+  def init(std):
+    enc = TextEncoder(n_vocab=500, text_ctx=CTX, width=WIDTH, layers=1, heads=HEADS, token_init_std=std)
+    return nn.meta.unbox(enc.init(jax.random.key(0), tokens, tokens > 0)["params"])
+
+  small, big = init(0.02), init(1.0)
+  assert np.std(small["token_embedding"]["embedding"]) == pytest.approx(0.02, rel=0.05)
+  assert np.std(big["token_embedding"]["embedding"]) == pytest.approx(1.0, rel=0.05)
+  np.testing.assert_array_equal(small["positional_embedding"], big["positional_embedding"])
+  assert registry.resolve_options("text2im", {})["xf_token_init_std"] == 0.02
+  model = registry.create_model("text2im", {"image_size": 32, "num_channels": 32, "channel_mult": "1,2",
+                                            "num_res_blocks": 1, "attention_resolutions": "16", "text_ctx": CTX,
+                                            "xf_width": WIDTH, "xf_layers": 1, "xf_heads": HEADS,
+                                            "n_vocab": 500, "xf_token_init_std": 1.0})
+  assert model.xf_token_init_std == 1.0

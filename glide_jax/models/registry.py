@@ -20,7 +20,8 @@ BASE_DEFAULTS: dict[str, Any] = dict(
     use_scale_shift_norm=True, resblock_updown=True, n_vocab=50257,
     diffusion_steps=1000, noise_schedule="squaredcos_cap_v2", timestep_respacing="", use_fp16=True,
     cache_text_emb=False, inpaint=False, super_res=False,
-    input_pos_emb=False)  # ours, not the reference's: see UNet.input_pos_emb
+    input_pos_emb=False,  # ours, not the reference's: see UNet.input_pos_emb
+    xf_token_init_std=0.02)  # initialisation only (TextEncoder.token_init_std)
 # `model_and_diffusion_defaults_upsampler()`.
 UPSAMPLE_DEFAULTS: dict[str, Any] = {**BASE_DEFAULTS, "image_size": 256, "num_res_blocks": 2,
                                      "noise_schedule": "linear", "super_res": True}
@@ -120,7 +121,8 @@ def create_model(kind: str, options: Mapping[str, Any] | None = None, dtype: Any
       use_scale_shift_norm=bool(o["use_scale_shift_norm"]), resblock_updown=bool(o["resblock_updown"]),
       n_vocab=int(o["n_vocab"]), text_ctx=int(o["text_ctx"]), xf_width=int(o["xf_width"]),
       xf_layers=int(o["xf_layers"]), xf_heads=int(o["xf_heads"]), xf_final_ln=bool(o["xf_final_ln"]),
-      xf_padding=bool(o["xf_padding"]), input_pos_emb=bool(o["input_pos_emb"]), dtype=dtype,
+      xf_padding=bool(o["xf_padding"]), input_pos_emb=bool(o["input_pos_emb"]),
+      xf_token_init_std=float(o["xf_token_init_std"]), dtype=dtype,
       remat_policy=remat_policy)
 
 

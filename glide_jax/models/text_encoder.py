@@ -78,6 +78,9 @@ class TextEncoder(nn.Module):
   padding: bool = True
   dtype: Dtype = jnp.float32
   remat_policy: str = "none"
+  # Init only (no effect on imported weights). 0.02 is CLIP's; 1.0 is torch's nn.Embedding default,
+  # i.e. what [G]'s code does when trained from scratch.
+  token_init_std: float = 0.02
 
   @nn.compact
   def __call__(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -85,7 +88,7 @@ class TextEncoder(nn.Module):
       raise ValueError(f"tokens must be [B, {self.text_ctx}], got {tokens.shape}")
     if self.width % self.heads:
       raise ValueError(f"xf_width {self.width} is not divisible by xf_heads {self.heads}")
-    init = nn.initializers.normal(0.02)
+    init = nn.initializers.normal(self.token_init_std)
     emb = nn.Embed(self.n_vocab, self.width, embedding_init=layers.with_names(init, ("vocab", "embed")),
                    param_dtype=jnp.float32, dtype=jnp.float32, name="token_embedding")
     pos = self.param("positional_embedding", layers.with_names(nn.initializers.normal(0.01), ("length", "embed")),

@@ -265,6 +265,7 @@ class UNet(nn.Module):
   # input conv. At high noise x_t carries no layout, so without it the only cue for "on the left"
   # is the zero padding, which a small model learns slowly (the shapes demo).
   input_pos_emb: bool = False
+  xf_token_init_std: float = 0.02  # initialisation of the text encoder's token embedding only
   dtype: Dtype = jnp.float32
   remat_policy: str = "none"
 
@@ -272,7 +273,8 @@ class UNet(nn.Module):
     if self.kind not in KINDS:
       raise ValueError(f"unknown U-Net kind {self.kind!r}; choose from {KINDS}")
     self.text_encoder = TextEncoder(self.n_vocab, self.text_ctx, self.xf_width, self.xf_layers, self.xf_heads,
-                                    self.xf_final_ln, self.xf_padding, self.dtype, self.remat_policy)
+                                    self.xf_final_ln, self.xf_padding, self.dtype, self.remat_policy,
+                                    token_init_std=self.xf_token_init_std)
     self.transformer_proj = layers.Dense(4 * self.model_channels, names=("embed", "time_embed"),
                                          dtype=self.dtype)
 
