@@ -135,3 +135,19 @@ def test_faint_blank_sample_is_unreadable_not_a_crash():
   img = np.full((32, 32, 3), 200.0)
   img[5, 5] = 200.0 + attrs._MIN_CONTRAST
   assert attrs.read_attributes(img) == (attrs.UNREADABLE,) * 4
+
+
+def test_confusion_matrices_and_recall_by_value():
+  """Counted by hand: rows = asked, columns = read, the last column = unreadable."""
+  expected = {"colour": [0, 0, 1, 2], "shape": [0, 1, 2, 2], "size": [0, 1, 1, 1], "position": [2, 2, 0, 4]}
+  read = {"colour": [0, 3, 1, A.UNREADABLE], "shape": [0, 1, 1, A.UNREADABLE],
+          "size": [0, 1, 0, A.UNREADABLE], "position": [2, 2, 1, A.UNREADABLE]}
+  m = A.confusion_matrices({k: np.array(v) for k, v in read.items()}, expected)
+  assert m["colour"].shape == (6, 7) and m["position"].shape == (5, 6)
+  assert m["colour"][0, 0] == 1 and m["colour"][0, 3] == 1 and m["colour"][2, 6] == 1 and m["colour"].sum() == 4
+  assert m["shape"][2, 1] == 1 and m["shape"][2, 3] == 1
+  rec = A.recall_by_value(m)
+  assert rec["colour"]["red"] == 0.5 and rec["colour"]["yellow"] == 1.0 and rec["colour"]["green"] == 0.0
+  assert rec["colour"]["blue"] is None  # nobody asked for blue
+  assert rec["position"] == {"left": 0.0, "right": None, "top": 1.0, "bottom": None, "center": 0.0}
+  assert rec["size"] == {"small": 1.0, "large": pytest.approx(1 / 3)}

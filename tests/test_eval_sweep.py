@@ -278,6 +278,13 @@ def test_accuracy_cli_on_a_sample_command_directory(tmp_path, capsys):
                    "--grid", str(tmp_path / "g.png"), "--tensorboard", str(tmp_path / "tb"), "--step", "7"]) == 0
   r = json.loads((tmp_path / "r.json").read_text())
   assert r["n"] == 5 and r["colour"] == pytest.approx(0.8) and r["shape"] == 1.0 and r["all"] == pytest.approx(0.8)
+  # The one wrong caption shows up in the colour confusion matrix: asked (c + 1) % 6, read c.
+  c0 = int(a["colour"][0])
+  conf = np.asarray(r["confusion"]["colour"])
+  assert conf.shape == (6, 7) and conf.sum() == 5 and conf[(c0 + 1) % 6, c0] == 1
+  assert np.trace(conf[:, :6]) == 4
+  assert r["recall_by_value"]["shape"] == {s: (1.0 if s in {A.SHAPES[i] for i in a["shape"]} else None)
+                                           for s in A.SHAPES}
   assert "over 5 samples" in capsys.readouterr().out
   # The grid (cells 64 px + 2 px frames, scale 1): sample 0 framed red, sample 1 green.
   grid = np.asarray(Image.open(tmp_path / "g.png"))

@@ -192,8 +192,9 @@ def caption_accuracy(images: np.ndarray | Sequence[np.ndarray],
   images: [N, H, W, 3] uint8; attributes: {'colour', 'shape', 'size', 'position'} -> int [N].
   Returns {'colour', 'shape', 'size', 'position': per-attribute accuracy in [0, 1],
   'all': fraction with all four right, 'n': N, 'unreadable': images with no shape found}; with
-  return_per_sample also 'per_sample' (bool [N]: all four right) and 'correct' ({attribute or
-  'all': bool [N]}, what paired comparisons between two sample sets need).
+  return_per_sample also 'per_sample' (bool [N]: all four right), 'correct' ({attribute or
+  'all': bool [N]}, what paired comparisons between two sample sets need) and 'confusion'
+  (`confusion_matrices`).
   """
   missing = [a for a in ATTRIBUTES if a not in attributes]
   if missing:
@@ -215,7 +216,35 @@ def caption_accuracy(images: np.ndarray | Sequence[np.ndarray],
     all_right = np.all([correct[a] for a in ATTRIBUTES], axis=0)
     result["per_sample"] = all_right  # type: ignore[assignment]
     result["correct"] = {**correct, "all": all_right}  # type: ignore[assignment]
+    result["confusion"] = confusion_matrices(got, expected)  # type: ignore[assignment]
   return result
+
+
+def confusion_matrices(read: Mapping[str, np.ndarray],
+                       expected: Mapping[str, Sequence[int] | np.ndarray]) -> dict[str, np.ndarray]:
+  """{attribute: int [K, K + 1]}: row = the value the caption asked for, column = the value read back
+  (the last column counts unreadable samples). Per-value recall is the diagonal over the row sums: a
+  model that learned one position word and guesses the rest shows it here, not in the accuracy."""
+  out = {}
+  for a in ATTRIBUTES:
+    k = NUM_CLASSES[a]
+    want = np.asarray(expected[a], np.int64).reshape(-1)
+    got = np.asarray(read[a], np.int64).reshape(-1)
+    got = np.where(got == UNREADABLE, k, got)
+    m = np.zeros((k, k + 1), np.int64)
+    np.add.at(m, (want, got), 1)
+    out[a] = m
+  return out
+
+
+def recall_by_value(confusion: Mapping[str, np.ndarray]) -> dict[str, dict[str, float | None]]:
+  """{attribute: {value name: fraction of the samples asking for it read back as it (None: none asked)}}."""
+  names = {"colour": COLOURS, "shape": SHAPES, "size": SIZES, "position": POSITIONS}
+  out = {}
+  for a, m in confusion.items():
+    rows = m.sum(1)
+    out[a] = {names[a][i]: (float(m[i, i] / rows[i]) if rows[i] else None) for i in range(m.shape[0])}
+  return out
 
 
 def chance_accuracy() -> dict[str, float]:

@@ -8,8 +8,9 @@ Layout of the output directory:
   grids/scale_<s>.png           the first 64 samples of each scale, framed green (caption read back
                                 right) or red (wrong) when the prompts are glide_shapes captions
   sweep.csv, sweep.json         one row per scale (json adds the run's settings, metric definitions,
-                                95 % intervals of each accuracy and the paired comparison of every
-                                scale with the first, `stats.paired_comparison`)
+                                95 % intervals of each accuracy, confusion matrices and per-value
+                                recall, and the paired comparison of every scale with the first,
+                                `stats.paired_comparison`)
   sweep.png                     accuracy and CLIP score vs scale, and accuracy vs CLIP score
 
 `rescore` rebuilds the table, statistics and plot from such a directory's samples, without sampling.
@@ -42,6 +43,8 @@ METRIC_DEFINITIONS = {
                     "with the given noised CLIP evaluated at t=0",
     "n": "samples per guidance scale",
   "ci95": "95 % Wilson score interval of each accuracy (sampling uncertainty over the n prompts)",
+  "confusion": "per attribute, rows = value the prompt asked for, columns = value read back (last "
+               "column: unreadable); recall_by_value = its diagonal over the row sums",
   "paired": "each scale against the first on the same prompts and noise: difference in points, its "
             "95 % interval (Agresti-Min) and the exact McNemar two-sided p-value",
 }
@@ -167,6 +170,8 @@ def run_sweep(generate: GenerateFn, prompts: Sequence[str], scales: Sequence[flo
       frames = acc["per_sample"][:64]
       row.update({f"acc_{k}": acc[k] for k in ("all",) + attrs_lib.ATTRIBUTES}, unreadable=acc["unreadable"])
       row["ci95"] = {k: stats.wilson_interval(int(np.sum(v)), len(v)) for k, v in acc["correct"].items()}
+      row["confusion"] = {a: m.tolist() for a, m in acc["confusion"].items()}
+      row["recall_by_value"] = attrs_lib.recall_by_value(acc["confusion"])
       correct_by_scale.append(acc["correct"])
     # Green frame: all four attributes read back as the prompt asked; red: not.
     grid = plots.save_grid(out / "grids" / f"{scale_dirname(scale)}.png", images[:64],
@@ -177,6 +182,10 @@ def run_sweep(generate: GenerateFn, prompts: Sequence[str], scales: Sequence[flo
       row.update(clip_score_mean=cs["mean"], clip_score_std=cs["std"])
     rows.append(row)
     log(_row_summary(row))
+    if row.get("recall_by_value"):
+      log("  recall by value: " + "; ".join(
+          f"{a} " + " ".join(f"{v} {100 * r:.0f}%" for v, r in rec.items() if r is not None)
+          for a, rec in row["recall_by_value"].items()))
     tb.scalars(round(scale * 1000), {k: v for k, v in row.items() if k.startswith(("acc_", "clip_"))},
                prefix="sweep/")
     from PIL import Image
@@ -288,8 +297,8 @@ def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike,
     w.writeheader()
     for r in rows:
       w.writerow({c: ("" if r.get(c) is None else r[c]) for c in COLUMNS})
-  doc = {"rows": [{**{c: r.get(c) for c in COLUMNS}, **({"ci95": r["ci95"]} if r.get("ci95") else {})}
-                  for r in rows],
+  extra = ("ci95", "recall_by_value", "confusion")
+  doc = {"rows": [{**{c: r.get(c) for c in COLUMNS}, **{k: r[k] for k in extra if r.get(k)}} for r in rows],
          "paired": list(paired), "settings": dict(settings or {}),
          "metrics": METRIC_DEFINITIONS, "chance_accuracy": attrs_lib.chance_accuracy()}
   json_path.write_text(json.dumps(doc, indent=2, default=_json_default))
