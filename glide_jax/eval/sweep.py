@@ -42,11 +42,11 @@ METRIC_DEFINITIONS = {
     "clip_score_*": "mean / std over samples of exp(logit_scale) x cos(z_text, z_image) = 100 x cosine, "
                     "with the given noised CLIP evaluated at t=0",
     "n": "samples per guidance scale",
-  "ci95": "95 % Wilson score interval of each accuracy (sampling uncertainty over the n prompts)",
-  "confusion": "per attribute, rows = value the prompt asked for, columns = value read back (last "
-               "column: unreadable); recall_by_value = its diagonal over the row sums",
-  "paired": "each scale against the first on the same prompts and noise: difference in points, its "
-            "95 % interval (Agresti-Min) and the exact McNemar two-sided p-value",
+    "ci95": "95 % Wilson score interval of each accuracy (sampling uncertainty over the n prompts)",
+    "confusion": "per attribute, rows = value the prompt asked for, columns = value read back (last "
+                 "column: unreadable); recall_by_value = its diagonal over the row sums",
+    "paired": "each scale against the first on the same prompts and noise: difference in points, its "
+              "95 % interval (Agresti-Min) and the exact McNemar two-sided p-value",
 }
 
 def scale_dirname(scale: float) -> str:
