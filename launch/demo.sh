@@ -14,7 +14,7 @@
 # trainer saves a checkpoint and exits cleanly. Rerunning resumes the same workdir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TRAIN_MINUTES="${TRAIN_MINUTES:-45}"  # a bound on a slow machine; 1500 steps take ~35 min here
+TRAIN_MINUTES="${TRAIN_MINUTES:-45}"  # a bound on a slow machine; 1500 steps take ~36 min here
 source launch/demo_lib.sh
 WORKDIR="${WORKDIR:-runs/shapes}"
 N_PROMPTS="${N_PROMPTS:-60}"

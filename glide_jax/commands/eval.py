@@ -173,7 +173,7 @@ def _accuracy(args) -> int:
     raise SystemExit(f"{args.images} has no prompts.json: pass --prompts or --attributes")
   acc = A.caption_accuracy(images, expected, return_per_sample=True)
   per_sample = acc.pop("per_sample")
-  ci = {k: stats.wilson_interval(int(np.sum(v)), len(v)) for k, v in acc.pop("correct").items()}
+  ci = stats.wilson_intervals(acc.pop("correct"))
   confusion = acc.pop("confusion")
   recall = A.recall_by_value(confusion)
   chance = A.chance_accuracy()
@@ -188,8 +188,7 @@ def _accuracy(args) -> int:
         f"interval]): all four {fmt('all')} (chance {chance['all']:.4f}); "
         + ", ".join(f"{a} {fmt(a)}" for a in A.ATTRIBUTES)
         + f"; unreadable {acc['unreadable']}")
-  print("recall by value: " + "; ".join(
-      f"{a} " + " ".join(f"{v} {100 * r:.0f}%" for v, r in rec.items() if r is not None) for a, rec in recall.items()))
+  print("recall by value: " + A.format_recall(recall))
   _write_json(args.out, {**acc, "ci95": ci, "recall_by_value": recall,
                          "confusion": {a: m.tolist() for a, m in confusion.items()},
                          "metric": "caption accuracy (glide_shapes attribute reader)",

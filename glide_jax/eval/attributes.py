@@ -247,6 +247,12 @@ def recall_by_value(confusion: Mapping[str, np.ndarray]) -> dict[str, dict[str, 
   return out
 
 
+def format_recall(recall: Mapping[str, Mapping[str, float | None]]) -> str:
+  """`recall_by_value` as one line, e.g. 'position left 99% right 100% ...; size ...'."""
+  return "; ".join(f"{a} " + " ".join(f"{v} {100 * r:.0f}%" for v, r in rec.items() if r is not None)
+                   for a, rec in recall.items())
+
+
 def chance_accuracy() -> dict[str, float]:
   """Accuracy of uniform guessing, the floor a random model sits at."""
   out = {a: 1.0 / NUM_CLASSES[a] for a in ATTRIBUTES}

@@ -5,13 +5,14 @@ per-sample results are paired: the comparison uses only the prompts where they d
 which resolves a difference of a few points far better than two independent intervals would.
 
   wilson_interval      95 % (or any level) score interval of one accuracy k / n
+  wilson_intervals     the same for each of several per-sample correctness arrays
   paired_comparison    b vs a on the same samples: difference, its interval (Agresti-Min) and the
                        exact McNemar two-sided p-value
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from statistics import NormalDist
 from typing import Any
 
@@ -35,6 +36,11 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
   half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
   # It always contains p exactly; clamp so rounding (e.g. 3e-17 at k = 0) cannot say otherwise.
   return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
+
+
+def wilson_intervals(correct: Mapping[str, np.ndarray], confidence: float = 0.95) -> dict[str, tuple[float, float]]:
+  """{name: bool [N] per-sample correctness} -> {name: Wilson interval of its accuracy}."""
+  return {k: wilson_interval(int(np.sum(v)), len(v), confidence) for k, v in correct.items()}
 
 
 def binomial_two_sided_p(k: int, n: int) -> float:

@@ -169,7 +169,7 @@ def run_sweep(generate: GenerateFn, prompts: Sequence[str], scales: Sequence[flo
       acc = attrs_lib.caption_accuracy(images, attributes, return_per_sample=True)
       frames = acc["per_sample"][:64]
       row.update({f"acc_{k}": acc[k] for k in ("all",) + attrs_lib.ATTRIBUTES}, unreadable=acc["unreadable"])
-      row["ci95"] = {k: stats.wilson_interval(int(np.sum(v)), len(v)) for k, v in acc["correct"].items()}
+      row["ci95"] = stats.wilson_intervals(acc["correct"])
       row["confusion"] = {a: m.tolist() for a, m in acc["confusion"].items()}
       row["recall_by_value"] = attrs_lib.recall_by_value(acc["confusion"])
       correct_by_scale.append(acc["correct"])
@@ -183,9 +183,7 @@ def run_sweep(generate: GenerateFn, prompts: Sequence[str], scales: Sequence[flo
     rows.append(row)
     log(_row_summary(row))
     if row.get("recall_by_value"):
-      log("  recall by value: " + "; ".join(
-          f"{a} " + " ".join(f"{v} {100 * r:.0f}%" for v, r in rec.items() if r is not None)
-          for a, rec in row["recall_by_value"].items()))
+      log("  recall by value: " + attrs_lib.format_recall(row["recall_by_value"]))
     tb.scalars(round(scale * 1000), {k: v for k, v in row.items() if k.startswith(("acc_", "clip_"))},
                prefix="sweep/")
     from PIL import Image
