@@ -11,12 +11,16 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
-REFERENCE_DIR = SHARED / "fixtures" / "reference"
+# The reference dumps live in the repository, so every clone runs the parity tests.
+REFERENCE_DIR = pathlib.Path(__file__).resolve().parent / "fixtures" / "reference"
+REFERENCE_FILES = ("diffusion.npz", "noised_clip.npz", "text2im_base.npz", "text2im_inpaint.npz",
+                   "text2im_upsample.npz", "text2im_upsample_inpaint.npz")
 
 
 @pytest.fixture(scope="session")
 def reference_dir() -> pathlib.Path:
-  if not REFERENCE_DIR.is_dir():
-    pytest.skip(f"reference dumps not found at {REFERENCE_DIR}")
+  """The in-repo reference dumps; missing ones are an error, never a skip."""
+  missing = [n for n in REFERENCE_FILES if not (REFERENCE_DIR / n).is_file()]
+  if missing:
+    raise FileNotFoundError(f"reference dumps missing from {REFERENCE_DIR}: {missing}")
   return REFERENCE_DIR
