@@ -193,3 +193,19 @@ def test_bad_inputs_are_refused(bundles, tmp_path):
   with pytest.warns(UserWarning, match="inverted"):
     pipeline.generate(sm, ["x"], jax.random.PRNGKey(0), respacing="4", inpaint_image=np.zeros((1, 8, 8, 3)),
                       inpaint_mask=np.ones((1, 8, 8, 1)), guidance_scale=5.0, progress=NO_BAR)
+
+
+def test_compiled_sampler_is_not_shared_across_prediction_targets(bundles):
+  # An epsilon and a v bundle of one architecture: each must sample with its own parameterisation,
+  # whichever was compiled first (the compile cache once ignored `prediction`).
+  eps = pipeline.load_sampler_model(bundles["base"])
+  v = pipeline.load_sampler_model(bundles["base"])
+  v.diffusion_settings = dict(v.diffusion_settings, prediction="v")
+  key, kw = jax.random.PRNGKey(4), {"guidance_scale": 3.0, "respacing": "4", "progress": NO_BAR}
+  pipeline._COMPILED.clear()
+  v_alone = pipeline.generate(v, ["a red circle"], key, **kw)
+  pipeline._COMPILED.clear()
+  eps_first = pipeline.generate(eps, ["a red circle"], key, **kw)
+  v_second = pipeline.generate(v, ["a red circle"], key, **kw)
+  assert np.abs(v_alone - eps_first).max() > 0.1
+  np.testing.assert_array_equal(v_second, v_alone)

@@ -138,9 +138,11 @@ def _report_progress(done):
 def _compiled_sampler(sm: SamplerModel, diffusion: schedules.Diffusion, shape: tuple[int, ...], *, sampler: str,
                       cfg: bool, low_res: bool, inpaint: bool, clip: Any, threshold: Any,
                       progress: bool) -> Callable:
-  # Flax modules hash and compare by their fields, so equal architectures share a program.
+  # Flax modules hash and compare by their fields, so equal architectures share a program; the
+  # diffusion's buffers and prediction target are baked into it, so every static field is in the key.
   key = (sm.kind, sm.model,
-         diffusion.noise_schedule, diffusion.timestep_respacing, diffusion.original_num_steps, shape, sampler,
+         diffusion.noise_schedule, diffusion.timestep_respacing, diffusion.original_num_steps,
+         diffusion.num_timesteps, diffusion.prediction, shape, sampler,
          cfg, low_res, inpaint, None if clip is None else id(clip[0]), threshold, progress)
   if key in _COMPILED:
     return _COMPILED[key]
