@@ -8,7 +8,7 @@ import importlib
 import pathlib
 import sys
 
-import glide_jax  # noqa: F401  (sets the XLA CPU flags before any backend exists)
+from glide_jax import cpu_flags
 
 
 def available() -> list[str]:
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
   if name not in available():
     print(f"unknown benchmark {name!r}; choose from {', '.join(available())}", file=sys.stderr)
     return 2
+  cpu_flags.apply()  # before any backend exists, as the `glide-jax` command does
   module = importlib.import_module(f"benchmarks.{name}")
   return int(module.main(argv[1:]) or 0)
 

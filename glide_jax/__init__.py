@@ -1,7 +1,7 @@
-"""glide-jax."""
-from glide_jax import cpu_flags as _cpu_flags
+"""glide-jax.
+
+Importing it changes nothing in the process (no environment variables, no JAX configuration): the
+entry points apply the CPU's XLA flags themselves (glide_jax/cpu_flags.py).
+"""
 
 __version__ = "0.1.0"
-
-# Before any JAX backend exists (importing jax does not create one): fast CPU convolutions.
-_cpu_flags.apply()

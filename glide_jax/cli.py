@@ -1,7 +1,9 @@
 """The `glide-jax` command: one entry point, one subcommand per job.
 
 Each subcommand lives in `glide_jax/commands/<module>.py`, exposing `add_arguments(parser)` and
-`run(args) -> int`; it is imported only when chosen, so `glide-jax --help` stays fast.
+`run(args) -> int`; it is imported only when chosen, so `glide-jax --help` stays fast. Before a
+subcommand runs, the CPU's XLA flags are applied (glide_jax/cpu_flags.py: only when the backend will
+be the CPU, only flags the installed jaxlib knows).
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if argv else 2
   name, rest = argv[0], argv[1:]
   _quiet_library_logs()
+  from glide_jax import cpu_flags
+  cpu_flags.apply()  # before any backend exists; only on the CPU, only flags this jaxlib knows
   module_name, help_text = COMMANDS[name]
   module = importlib.import_module(f"glide_jax.commands.{module_name}")
   parser = argparse.ArgumentParser(prog=f"glide-jax {name}", description=help_text)

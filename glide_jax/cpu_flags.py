@@ -1,47 +1,143 @@
-"""XLA CPU flags that make our convolutions fast, set before JAX creates its CPU backend.
+"""XLA CPU flags that make our convolutions fast, set by the entry points before JAX creates a backend.
 
 Measured on the 2-core dev machine (docs/performance.md): jaxlib 0.10's default routes convolutions
 through YNNPACK fusions, which run the demo's 64-128-channel convolutions (and their weight
 gradients) at 35-90 GFLOP/s; oneDNN's convolution is about 1.4x faster on the whole train step.
 Elementwise fusions are NOT given to YNNPACK: with them it fuses each convolution with the bias add
 that follows and runs the pair at about half oneDNN's speed (the released base's train step took
-33.5 s instead of 26.6 s). Reduction and dot fusions stay with YNNPACK. CPU backend only.
+33.5 s instead of 26.6 s). Reduction and dot fusions stay with YNNPACK.
+
+`import glide_jax` changes nothing; `apply()` is called by the `glide-jax` command, `python -m
+benchmarks.run`, the demo scripts and the tests. It adds the flags only when
+  - the backend will be the CPU (`cpu_backend_expected`: decided from JAX_PLATFORMS and the
+    installed plugins and device nodes, without initialising a backend), and
+  - the installed jaxlib knows each flag (`known_flags`: XLA aborts the process on an unknown flag
+    in XLA_FLAGS, so an unknown one is dropped with a warning instead).
 
   GLIDE_JAX_CPU_FLAGS=0      keep XLA's defaults
 A flag already present in XLA_FLAGS is left as the user set it.
 """
 from __future__ import annotations
 
+import functools
+import glob
+import importlib.util
+import mmap
 import os
+import pathlib
+import warnings
 
 FLAGS = (
     "--xla_cpu_experimental_ynn_fusion_type=dot,reduce",
     "--xla_cpu_experimental_onednn_fusion_type=individual_convolution",
 )
-# The flags appeared in the jaxlib 0.10 series; an older XLA aborts on unknown flags.
-MIN_JAXLIB = (0, 10)
+_GPU_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13",
+                "jax_rocm7_plugin", "jax_rocm60_plugin", "jax_plugins.xla_rocm7", "jax_plugins.xla_rocm60")
+_GPU_DEVICE_NODES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips (jax/_src/hardware_utils.py reads the same files)
 
 
-def _jaxlib_version() -> tuple[int, ...]:
-  from importlib import metadata
+def _installed(module: str) -> bool:
   try:
-    parts = metadata.version("jaxlib").split(".")[:2]
-    return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts)
-  except metadata.PackageNotFoundError:
-    return (0,)
+    return importlib.util.find_spec(module) is not None
+  except (ImportError, ValueError):  # a missing parent package ("jax_plugins")
+    return False
 
 
-def apply(environ: dict | None = None) -> list[str]:
-  """Adds FLAGS to XLA_FLAGS (unless disabled or already set); returns the flags added.
+def _gpu_node_present() -> bool:
+  return any(os.path.exists(d) for d in _GPU_DEVICE_NODES)
 
-  Has no effect on a backend that already exists, so it runs on `import glide_jax`."""
+
+def _tpu_chip_present() -> bool:
+  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      if pathlib.Path(vendor).read_text().strip() == _GOOGLE_PCI_VENDOR:
+        return True
+    except OSError:
+      continue
+  return False
+
+
+def cpu_backend_expected(environ: dict | None = None) -> bool:
+  """Whether JAX's default backend will be the CPU, decided without initialising one.
+
+  JAX_PLATFORMS set: its first entry is 'cpu'. Unset: no GPU plugin with a visible GPU device node
+  (CUDA_VISIBLE_DEVICES='' or '-1' hides them), and no libtpu with a TPU chip on the PCI bus. A
+  libtpu or CUDA plugin installed on a machine without the chip falls back to the CPU, as JAX does."""
+  env = os.environ if environ is None else environ
+  platforms = env.get("JAX_PLATFORMS", "") or env.get("JAX_PLATFORM_NAME", "")
+  if platforms.strip():
+    return platforms.split(",")[0].strip().lower() == "cpu"
+  gpus_hidden = env.get("CUDA_VISIBLE_DEVICES") in ("", "-1")
+  if not gpus_hidden and _gpu_node_present() and any(_installed(m) for m in _GPU_PLUGINS):
+    return False
+  return not (_installed("libtpu") and _tpu_chip_present())
+
+
+def _jaxlib_libraries() -> list[pathlib.Path]:
+  """jaxlib's large shared libraries (libjax_common.so in 0.10; _jax.so / xla_extension.so before)."""
+  spec = importlib.util.find_spec("jaxlib")
+  if spec is None or not spec.submodule_search_locations:
+    return []
+  root = pathlib.Path(next(iter(spec.submodule_search_locations)))
+  libs = [p for p in root.glob("*.so*") if p.is_file() and p.stat().st_size > 10 << 20]
+  return sorted(libs, key=lambda p: -p.stat().st_size)
+
+
+def _name_in(mm: mmap.mmap, name: bytes) -> bool:
+  """`name` as a whole C string's tail in the library (not a prefix of a longer flag name)."""
+  start = mm.find(name)
+  while start >= 0:
+    end = start + len(name)
+    if end >= len(mm) or mm[end:end + 1] == b"\0":
+      return True
+    start = mm.find(name, start + 1)
+  return False
+
+
+@functools.cache
+def _known(names: tuple[str, ...], libraries: tuple[str, ...]) -> frozenset[str]:
+  found: set[str] = set()
+  for lib in libraries:
+    with open(lib, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+      found.update(n for n in names if n not in found and _name_in(mm, n.encode()))
+    if len(found) == len(names):
+      break
+  return frozenset(found)
+
+
+def known_flags(flags, libraries: list[pathlib.Path] | None = None) -> list[str]:
+  """The flags whose names the installed jaxlib defines (a byte search of its shared library).
+
+  XLA registers each flag by its name string, so a name absent from every jaxlib library is one XLA
+  would abort on. Costs a few milliseconds when the names are present (they sit in the first 20 MB
+  of jaxlib 0.10's 350 MB library) and about 0.1 s per missing name (a full scan); cached per process."""
+  libs = _jaxlib_libraries() if libraries is None else libraries
+  names = tuple(f.lstrip("-").split("=")[0] for f in flags)
+  known = _known(names, tuple(str(p) for p in libs)) if libs else frozenset()
+  return [f for f, n in zip(flags, names) if n in known]
+
+
+def apply(environ: dict | None = None, flags=FLAGS) -> list[str]:
+  """Adds `flags` to XLA_FLAGS when the backend will be the CPU; returns the flags added.
+
+  Skipped when disabled (GLIDE_JAX_CPU_FLAGS=0) or on another backend; a flag already present is
+  left as the user set it; one the installed jaxlib does not know is dropped with a warning. Has no
+  effect on a backend that already exists, so call it before the first JAX computation."""
   env = os.environ if environ is None else environ
   if env.get("GLIDE_JAX_CPU_FLAGS", "1").lower() in ("0", "off", "false", "no"):
     return []
-  if _jaxlib_version() < MIN_JAXLIB:
+  if not cpu_backend_expected(env):
     return []
   current = env.get("XLA_FLAGS", "")
-  added = [f for f in FLAGS if f.split("=")[0] not in current]
+  wanted = [f for f in flags if f.split("=")[0] not in current]
+  if not wanted:
+    return []
+  added = known_flags(wanted)
+  dropped = [f for f in wanted if f not in added]
+  if dropped:
+    warnings.warn(f"glide_jax.cpu_flags: the installed jaxlib does not know {dropped}; not setting them "
+                  f"(XLA would abort). Convolutions may be slower on the CPU.", RuntimeWarning, stacklevel=2)
   if added:
     env["XLA_FLAGS"] = " ".join([current, *added]).strip()
   return added

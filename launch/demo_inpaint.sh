@@ -43,6 +43,7 @@ export_ema "$WORKDIR"
 echo "== 4/4 inpaint $N_IMAGES masked validation images from their captions (guidance $GUIDANCE)"
 CONFIG="$config" DATA_DIR="$DATA_DIR" BUNDLE="$WORKDIR/bundle" OUT="$WORKDIR/samples" N="$N_IMAGES" \
 STEPS="$STEPS" GUIDANCE="$GUIDANCE" $py - <<'PY'
+from glide_jax import cpu_flags; cpu_flags.apply()  # the XLA CPU flags, as the glide-jax command
 import json, os, pathlib
 import jax
 import numpy as np

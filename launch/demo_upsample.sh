@@ -41,6 +41,7 @@ echo "== 4/4 upsample $N_IMAGES validation low-res images"
 mkdir -p "$WORKDIR/samples"
 CONFIG="$config" DATA_DIR="$DATA_DIR" BUNDLE="$WORKDIR/bundle" OUT="$WORKDIR/samples" N="$N_IMAGES" \
 STEPS="$STEPS" $py - <<'PY'
+from glide_jax import cpu_flags; cpu_flags.apply()  # the XLA CPU flags, as the glide-jax command
 import os, pathlib
 import jax
 import numpy as np

@@ -6,7 +6,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-import glide_jax  # noqa: E402,F401  (the XLA CPU flags, as every entry point sets them)
+from glide_jax import cpu_flags  # noqa: E402
+
+cpu_flags.apply()  # the XLA CPU flags, as every entry point sets them
+
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402

@@ -59,16 +59,3 @@ def test_group_norm_refuses_channels_not_divisible_by_groups():
   with pytest.raises(ValueError, match="48 channels are not divisible by 32 groups"):
     module.init(jax.random.key(0), jnp.zeros((1, 4, 4, 48)))
 
-
-def test_cpu_flags_are_added_once_and_respect_the_user():
-  from glide_jax import cpu_flags
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  added = cpu_flags.apply(env)
-  assert added == list(cpu_flags.FLAGS)
-  assert env["XLA_FLAGS"].startswith("--xla_force_host_platform_device_count=8 ")
-  assert cpu_flags.apply(env) == []  # idempotent
-  mine = {"XLA_FLAGS": "--xla_cpu_experimental_onednn_fusion_type="}
-  cpu_flags.apply(mine)
-  assert "--xla_cpu_experimental_onednn_fusion_type=individual_convolution" not in mine["XLA_FLAGS"]
-  off = {"GLIDE_JAX_CPU_FLAGS": "0"}
-  assert cpu_flags.apply(off) == [] and "XLA_FLAGS" not in off
