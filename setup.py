@@ -16,6 +16,8 @@ INSTALL_REQUIRES = [
     "importlib_resources>=6",
     "sentencepiece>=0.2",
     "tokenizers>=0.20",
+    # the CLIP tokenizer fixes text with it before BPE, as CLIP's simple_tokenizer does.
+    "ftfy>=6",
     "safetensors>=0.4",
     "pillow>=10",
     "tqdm>=4.66",

@@ -209,6 +209,49 @@ def test_clip_bpe_on_tiny_file(tmp_path):
   assert tok.decode(tokens[0]) == "hello red circle"
 
 
+def _tiny_clip(tmp_path, ctx=8):
+  path = tmp_path / "bpe_simple_vocab_16e6.txt.gz"
+  path.write_bytes(gzip.compress(("\"bpe_simple_vocab_16e6.txt#version: 0.2\n"
+                                  + "\n".join(" ".join(m) for m in CLIP_MERGES)).encode()))
+  return tokenizers.load_tokenizer({"type": "clip", "path": str(tmp_path), "text_ctx": ctx})
+
+
+def test_clip_bpe_cleans_text_and_maps_special_tokens_as_the_reference(tmp_path):
+  # Ids of the tiny vocabulary, counted by hand: byte symbols 0-255 in GPT-2's table order ('!' = 0,
+  # ..., '~' = 93, then 0xa1-0xac, 0xae-0xff, then the 68 other bytes), the same with </w> at +256,
+  # the 11 merges from 512 (red</w> = 517, circle</w> = 520), SOT 523, EOT 524.
+  tok = _tiny_clip(tmp_path)
+  sot, eot, red, circle = 523, 524, 517, 520
+  quote, amp = 256 + ord('"') - 33, 256 + ord("&") - 33
+  cases = {
+      # ftfy uncurls quotes: the curly-quote caption tokenizes like the straight-quote one
+      "\u201cred\u201d circle": [quote, red, quote, circle],
+      '"red" circle': [quote, red, quote, circle],
+      # ftfy composes "e" + U+0301 into "\u00e9" (bytes c3 a9 = symbols 127 and 102 + 256)
+      "cafe\u0301": [ord("c") - 33, ord("a") - 33, ord("f") - 33, 127, 256 + 102],
+      # html entities unescaped twice, whitespace collapsed, lower-cased
+      "RED &amp;amp;\t\n circle": [red, amp, circle],
+      # a literal special token is the special token (lower-casing first), not its characters
+      "red <|endoftext|>": [red, eot],
+      "<|startoftext|>red <|EndOfText|>circle": [sot, red, eot, circle],
+      # after punctuation the reference's regex takes ".<|" as one piece, so no special token
+      # (then "endoftext" letter by letter, cut at the context)
+      "red.<|endoftext|>": [red, ord(".") - 33, ord("<") - 33, 256 + ord("|") - 33, ord("e") - 33, ord("n") - 33],
+  }
+  tokens, mask = tok.encode_batch(list(cases))
+  for row, (text, body) in enumerate(cases.items()):
+    want = [sot] + body[:6] + [eot]
+    assert tokens[row].tolist() == want + [0] * (8 - len(want)), text
+    assert mask[row].sum() == len(want)
+
+
+def test_clip_bpe_refuses_to_run_without_ftfy(tmp_path, monkeypatch):
+  # The reference always runs ftfy.fix_text; skipping it silently would change the tokens.
+  monkeypatch.setitem(__import__("sys").modules, "ftfy", None)
+  with pytest.raises(ImportError):
+    _tiny_clip(tmp_path)
+
+
 def test_train_tokenizer_cli(tmp_path):
   from glide_jax import cli
   data_dir = str(tmp_path / "tfds")

@@ -177,8 +177,10 @@ class ClipBPETokenizer(Tokenizer):
 
   From `bpe_simple_vocab_16e6.txt.gz` (given by the user): vocab = 256 byte symbols, the same with
   `</w>`, the merges, `<|startoftext|>`, `<|endoftext|>` (49,408 for the real file). Text is
-  HTML-unescaped, whitespace-collapsed and lower-cased (ftfy's fix_text too when installed), split
-  with CLIP's regex and BPE-merged with the end-of-word suffix `</w>`. A caption becomes
+  cleaned as the reference's `basic_clean` and `whitespace_clean` (ftfy's fix_text, HTML-unescaped
+  twice, whitespace collapsed) and lower-cased, split with CLIP's regex and BPE-merged with the
+  end-of-word suffix `</w>`; a piece that is literally `<|startoftext|>` or `<|endoftext|>` is that
+  special token, as in the reference. A caption becomes
   `[SOT] + tokens[:text_ctx - 2] + [EOT]`, zero-padded (GLIDE: text_ctx 77, `text_len` = the mask's
   sum, counting SOT and EOT); the empty caption is [SOT, EOT] here, while `empty(n)` stays all
   padding, as for every tokenizer.
@@ -189,8 +191,11 @@ class ClipBPETokenizer(Tokenizer):
               r"|[^\s\p{L}\p{N}]+")
 
   def __init__(self, bpe_file: str | os.PathLike, text_ctx: int = 77):
+    import ftfy  # a dependency: the reference always fixes text with it
     from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
+
+    self._fix_text = ftfy.fix_text
 
     self.bpe_file = os.fspath(bpe_file)
     lines = _read_maybe_gz(self.bpe_file).decode("utf-8").split("\n")
@@ -204,35 +209,46 @@ class ClipBPETokenizer(Tokenizer):
     vocab = {v: i for i, v in enumerate(vocab_list)}
     self.sot, self.eot = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
     bpe = models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", fuse_unk=False)
+    self._specials = {"<|startoftext|>": self.sot, "<|endoftext|>": self.eot}
     self._tok = HFTokenizer(bpe)
+    self._split = pre_tokenizers.Split(Regex(self._PATTERN), behavior="removed", invert=True)
     self._tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(self._PATTERN), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        self._split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     self._tok.decoder = decoders.BPEDecoder(suffix="</w>")
     self._byte_decoder = {c: b for b, c in _bytes_to_unicode().items()}
     if text_ctx < 2:
       raise ValueError(f"the clip tokenizer needs text_ctx >= 2, got {text_ctx}")
     super().__init__(text_ctx, len(vocab_list), 0)  # GLIDE zero-pads CLIP tokens
 
-  @staticmethod
-  def _clean(text: str) -> str:
+  def _clean(self, text: str) -> str:
     import html
     import re
-    try:
-      import ftfy
-      text = ftfy.fix_text(text)
-    except ImportError:
-      pass
-    text = html.unescape(html.unescape(text)).strip()
+    text = html.unescape(html.unescape(self._fix_text(text))).strip()
     return re.sub(r"\s+", " ", text).strip().lower()
 
+  def _encode_with_specials(self, text: str) -> list[int]:
+    """Pieces that are literally a special token become its id; the text between them is encoded
+    as usual (the regex restarts at a piece boundary, so its pieces are those of the whole text)."""
+    ids, start = [], 0
+    for piece, (a, b) in self._split.pre_tokenize_str(text):
+      if piece in self._specials:
+        if a > start:
+          ids += self._tok.encode(text[start:a], add_special_tokens=False).ids
+        ids.append(self._specials[piece])
+        start = b
+    if start < len(text):
+      ids += self._tok.encode(text[start:], add_special_tokens=False).ids
+    return ids
+
   def encode_ids(self, texts: Sequence[str]) -> list[list[int]]:
-    encodings = self._tok.encode_batch([self._clean(t) for t in texts], add_special_tokens=False)
+    texts = [self._clean(t) for t in texts]
+    encoded = [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+    encoded = [self._encode_with_specials(t) if "<|" in t else e for t, e in zip(texts, encoded)]
     keep = self.text_ctx - 2
-    cut = sum(len(e.ids) > keep for e in encodings)
+    cut = sum(len(e) > keep for e in encoded)
     with self._lock:
       self.truncated += cut
-    return [[self.sot] + e.ids[:keep] + [self.eot] for e in encodings]
+    return [[self.sot] + e[:keep] + [self.eot] for e in encoded]
 
   def decode(self, ids: Iterable[int]) -> str:
     ids = [int(i) for i in ids]
