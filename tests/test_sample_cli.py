@@ -209,3 +209,39 @@ def test_compiled_sampler_is_not_shared_across_prediction_targets(bundles):
   v_second = pipeline.generate(v, ["a red circle"], key, **kw)
   assert np.abs(v_alone - eps_first).max() > 0.1
   np.testing.assert_array_equal(v_second, v_alone)
+
+
+def test_inpainting_cascade_stages_keep_the_same_region(bundles, tmp_path, monkeypatch):
+  # As GLIDE's inpainting notebook: the mask is defined at the base's size and nearest-upsampled for
+  # the upsampler, and each stage's image is read from the file at its size. The mask's edge (row 17,
+  # column 23 of 40) is not on the 8 px grid, where keeping every other pixel of a 16 px mask disagrees.
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "img.png")
+  mask = np.zeros((40, 40), np.uint8)
+  mask[:17, :23] = 255
+  Image.fromarray(mask).save(tmp_path / "mask.png")
+  calls = []
+  generate = pipeline.generate
+
+  def recording(sm, prompts, key, **kw):
+    out = generate(sm, prompts, key, **kw)
+    calls.append((kw["inpaint_image"], kw["inpaint_mask"], out))
+    return out
+
+  monkeypatch.setattr(pipeline, "generate", recording)
+  assert cli.main(["sample", "--bundle", str(bundles["inpaint"]), "--upsample", str(bundles["up_inpaint"]),
+                   "--prompt", "a red circle", "--steps", "4", "--upsample-steps", "3", "--guidance-scale", "5",
+                   "--inpaint-image", str(tmp_path / "img.png"), "--inpaint-mask", str(tmp_path / "mask.png"),
+                   "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+  (base_image, base_mask, small), (up_image, up_mask, big) = calls
+  # at 8 px PIL's nearest samples rows/columns 2, 7, 12, ...: 3 rows and 5 columns known
+  expected = np.zeros((1, 8, 8, 1), np.float32)
+  expected[:, :3, :5] = 1
+  np.testing.assert_array_equal(base_mask, expected)
+  np.testing.assert_array_equal(up_mask, expected.repeat(2, 1).repeat(2, 2))
+  np.testing.assert_array_equal(base_image, images.load_image(tmp_path / "img.png", 8)[None])
+  np.testing.assert_array_equal(up_image, images.load_image(tmp_path / "img.png", 16)[None])
+  for image, known, out in ((base_image, base_mask, small), (up_image, up_mask, big)):
+    keep = np.broadcast_to(known > 0.5, out.shape)
+    diff = np.abs(images.to_uint8(out).astype(int) - images.to_uint8(image).astype(int))
+    assert diff[keep].max() <= 1 and diff[~keep].max() > 10

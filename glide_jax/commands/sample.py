@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--upsample-steps", default=None, help="default: the upsampler bundle's (GLIDE: fast27)")
   parser.add_argument("--upsample-temperature", type=float, default=None, help="default 0.997 (GLIDE)")
   parser.add_argument("--inpaint-image", help="image to inpaint (any size; resized)")
-  parser.add_argument("--inpaint-mask", help="mask image, white = KNOWN pixel (kept), black = generated")
+  parser.add_argument("--inpaint-mask", help="mask image, white = KNOWN pixel (kept), black = generated; read at the base model's size")
   parser.add_argument("--clip-guidance-scale", type=float, default=0.0,
                       help="CLIP guidance scale (GLIDE used 2-3); needs --clip-bundle; disables CFG")
   parser.add_argument("--clip-bundle", help="a noised CLIP bundle for --clip-guidance-scale")
@@ -119,9 +119,10 @@ def run(args) -> int:
   if bool(args.inpaint_image) != bool(args.inpaint_mask):
     raise SystemExit("--inpaint-image and --inpaint-mask go together")
   if args.inpaint_image:
-    size = up.image_size if up is not None else base.image_size
-    inpaint_image = images.load_image(args.inpaint_image, size)[None]
-    inpaint_mask = images.load_mask(args.inpaint_mask, size)[None]
+    # As GLIDE's notebook: the image is resized from the file for each stage, the mask read at the
+    # base's size (the cascade upsamples it by nearest neighbour for the upsampler).
+    inpaint_image = images.load_image(args.inpaint_image)[None]
+    inpaint_mask = images.load_mask(args.inpaint_mask, base.image_size)[None]
 
   clip_model = None
   if args.clip_guidance_scale:

@@ -66,11 +66,13 @@ class SamplerModel:
     return self.kind in ("inpaint", "upsample_inpaint")
 
 
-def load_sampler_model(path: str | os.PathLike, tokenizer: Any = None, dtype: Any = jnp.float32) -> SamplerModel:
+def load_sampler_model(path: str | os.PathLike, tokenizer: Any = None, dtype: Any = jnp.float32,
+                       scan_layers: bool | None = None) -> SamplerModel:
   """Loads a bundle (or WORKDIR/bundle). `tokenizer` overrides the bundle's (e.g. a GPT-2 BPE directory
-  for an imported glide-text2im bundle, whose meta names no files): a tokenizer object, or a path."""
+  for an imported glide-text2im bundle, whose meta names no files): a tokenizer object, or a path.
+  `scan_layers` overrides the bundle's option; the params are converted to the model's layout."""
   from glide_jax import bundle
-  from glide_jax.models import registry
+  from glide_jax.models import layout, registry
 
   path = resolve_bundle_dir(path)
   params, meta = bundle.load_bundle(path)
@@ -78,10 +80,12 @@ def load_sampler_model(path: str | os.PathLike, tokenizer: Any = None, dtype: An
   if kind not in UNET_KINDS:
     raise ValueError(f"{path}: bundle holds a {kind!r} model; `sample` needs one of {UNET_KINDS}")
   options = dict(meta["model"].get("options") or {})
+  if scan_layers is not None:
+    options["scan_layers"] = bool(scan_layers)
   model = registry.create_model(kind, options, dtype=dtype)
   if "params" in params and len(params) == 1:
     params = params["params"]
-  params = jax.tree_util.tree_map(jnp.asarray, params)
+  params = jax.tree_util.tree_map(jnp.asarray, layout.to_layout(params, model.scan_layers))
   tok = _load_tokenizer(meta, tokenizer, path)
   settings = dict(meta.get("diffusion") or {})
   settings.setdefault("steps", 1000)
@@ -248,21 +252,34 @@ def cascade(base: SamplerModel, prompts: Sequence[str], key: jax.Array, upsample
             inpaint_image: np.ndarray | None = None, inpaint_mask: np.ndarray | None = None
             ) -> tuple[np.ndarray, np.ndarray | None]:
   """prompt -> base sample (64 px) -> upsampled sample (256 px); with an image and mask (1 = known),
-  the inpainting cascade (the mask is nearest-upsampled for the upsampler, as GLIDE's notebook).
+  the inpainting cascade, the stages' inputs made by `inpaint_stages`.
   Returns (base samples, upsampled samples or None)."""
-  from glide_jax import images
-
   k_base, k_up = jax.random.split(key)
-  kw = dict(base_kwargs or {})
+  kw, ukw = dict(base_kwargs or {}), dict(upsample_kwargs or {})
   if inpaint_image is not None:
-    kw.update(inpaint_image=images.resize_images(inpaint_image, base.image_size),
-              inpaint_mask=images.resize_mask_nearest(inpaint_mask, base.image_size))
+    sizes = [base.image_size] + ([upsampler.image_size] if upsampler is not None else [])
+    stages = inpaint_stages(inpaint_image, inpaint_mask, sizes)
+    kw.update(inpaint_image=stages[0][0], inpaint_mask=stages[0][1])
+    if upsampler is not None:
+      ukw.update(inpaint_image=stages[1][0], inpaint_mask=stages[1][1])
   small = generate(base, prompts, k_base, **kw)
   if upsampler is None:
     return small, None
-  ukw = dict(upsample_kwargs or {})
-  if inpaint_image is not None:
-    ukw.update(inpaint_image=images.resize_images(inpaint_image, upsampler.image_size),
-               inpaint_mask=images.resize_mask_nearest(inpaint_mask, upsampler.image_size))
   big = generate(upsampler, prompts, k_up, low_res=small, **ukw)
   return small, big
+
+
+def inpaint_stages(image: np.ndarray, mask: np.ndarray, sizes: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+  """The (image, mask) of each cascade stage, as GLIDE's inpainting notebook: the mask is defined at
+  the first (base) size, taken there by nearest neighbour if given larger, and nearest-upsampled to
+  the others, so every stage keeps exactly the same region; the image is resized to each size from
+  the one given (bicubic on 8 bits; pass it at the file's own size, as the notebook reads it)."""
+  from glide_jax import images
+
+  image, mask = np.asarray(image), np.asarray(mask)
+  base_mask = images.resize_mask_nearest(mask, sizes[0])
+  out = []
+  for size in sizes:
+    same = image.shape[1:3] == (size, size)
+    out.append((image if same else images.resize_images(image, size), images.resize_mask_nearest(base_mask, size)))
+  return out
