@@ -156,3 +156,47 @@ def test_sigkill_mid_save_resumes_from_last_complete_checkpoint_and_sigterm_save
   ck = ckpt_lib.Checkpointer(str(ckdir), 1000, 3)
   assert ck.latest_step() == stopped_at > last + 1
   ck.close()
+
+
+@pytest.mark.parametrize("impl", ["rbg", "threefry2x32"])
+def test_rng_round_trips_under_the_default_prng_impl(tmp_path, impl):
+  # TPU runs often set jax_default_prng_impl=rbg, whose key data is 4 words, not threefry's 2.
+  previous = jax.config.jax_default_prng_impl
+  jax.config.update("jax_default_prng_impl", impl)
+  try:
+    mesh = mesh_lib.make_mesh({"data": 1}, jax.devices()[:1])
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    w = jax.numpy.arange(3.0)
+    state = state_lib.TrainState(step=jax.numpy.int32(3), params={"w": w}, opt_state={"mu": w + 1},
+                                 ema={"0.9": {"w": w + 2}}, skipped=jax.numpy.int32(0), sampler={"h": w + 3})
+    rng = jax.random.key(7)
+    ck = ckpt_lib.Checkpointer(str(tmp_path), 1, 2, use_async=False)
+    ck.save(3, state, rng, {"step": 3}, cfg(), force=True)
+    restored, key, data_state = ck.restore(state, jax.tree.map(lambda _: rep, state))
+    ck.close()
+    assert jax.random.key_impl(key) == jax.random.key_impl(rng)
+    np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(rng))
+    np.testing.assert_array_equal(jax.random.normal(jax.random.fold_in(key, 3), (4,)),
+                                  jax.random.normal(jax.random.fold_in(rng, 3), (4,)))
+    np.testing.assert_array_equal(restored.sampler["h"], w + 3)
+    assert data_state == {"step": 3}
+  finally:
+    jax.config.update("jax_default_prng_impl", previous)
+
+
+def test_a_key_of_another_prng_impl_is_refused_by_name(tmp_path):
+  mesh = mesh_lib.make_mesh({"data": 1}, jax.devices()[:1])
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  w = jax.numpy.arange(3.0)
+  state = state_lib.TrainState(step=jax.numpy.int32(1), params={"w": w}, opt_state={"mu": w}, ema={},
+                               skipped=jax.numpy.int32(0), sampler={"h": w})
+  ck = ckpt_lib.Checkpointer(str(tmp_path), 1, 2, use_async=False)
+  ck.save(1, state, jax.random.key(0, impl="threefry2x32"), {"step": 1}, cfg(), force=True)
+  previous = jax.config.jax_default_prng_impl
+  jax.config.update("jax_default_prng_impl", "rbg")
+  try:
+    with pytest.raises(ValueError, match="jax_default_prng_impl='rbg'.*shape \\(4,\\)"):
+      ck.restore(state, jax.tree.map(lambda _: rep, state))
+  finally:
+    jax.config.update("jax_default_prng_impl", previous)
+    ck.close()

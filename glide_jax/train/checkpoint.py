@@ -3,7 +3,7 @@
 One checkpoint (directory `<workdir>/checkpoints/<step>`) holds five items:
   state   step, params, opt_state, skipped, timestep-sampler state (sharded arrays)
   ema     {rate: params}
-  rng     the run's base key (uint32 key data); the step key is fold_in(rng, step)
+  rng     the run's base key (uint32 key data, (2,) threefry or (4,) rbg); the step key is fold_in(rng, step)
   data    the data iterator's position (JSON)
   config  the config that wrote it (JSON)
 orbax writes into a temporary directory and renames it when every item is complete, so a
@@ -124,9 +124,11 @@ class Checkpointer:
     main_like, ema_like = _state_items(state_like)
     main_sh, ema_sh = _state_items(shardings)
     rng_sh = jax.sharding.NamedSharding(jax.tree.leaves(shardings)[0].mesh, jax.sharding.PartitionSpec())
+    # The key data's shape is the PRNG implementation's: (2,) for threefry, (4,) for rbg.
+    key_shape = jax.random.key_data(jax.random.key(0)).shape
     items = dict(
         state=ocp.args.StandardRestore(_abstract(main_like, main_sh)),
-        rng=ocp.args.StandardRestore({"key_data": np.zeros((2,), np.uint32)}),
+        rng=ocp.args.StandardRestore({"key_data": np.zeros(key_shape, np.uint32)}),
         data=ocp.args.JsonRestore())
     if ema_like:
       items["ema"] = ocp.args.StandardRestore(_abstract(ema_like, ema_sh))
@@ -134,6 +136,12 @@ class Checkpointer:
     m = r["state"]
     state = TrainState(step=m["step"], params=m["params"], opt_state=m["opt_state"], ema=r["ema"] if ema_like else {},
                        skipped=m["skipped"], sampler=m["sampler"])
-    key = jax.random.wrap_key_data(np.asarray(r["rng"]["key_data"], np.uint32))
+    key_data = np.asarray(r["rng"]["key_data"], np.uint32)
+    if key_data.shape != key_shape:
+      raise ValueError(
+          f"the checkpoint's PRNG key in {self.directory} (step {step}) has shape {key_data.shape}, but "
+          f"jax_default_prng_impl={jax.config.jax_default_prng_impl!r} keys have shape {key_shape}; resume "
+          "with the PRNG implementation the run was started with")
+    key = jax.random.wrap_key_data(key_data)
     rng = jax.jit(lambda k: k, out_shardings=rng_sh)(key)
     return state, rng, dict(r["data"] or {})
