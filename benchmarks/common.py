@@ -162,15 +162,28 @@ def compile_timed(jitted, *args, options: dict[str, Any] | None = None) -> tuple
   t0 = time.perf_counter()
   compiled = jitted.lower(*args).compile(compiler_options=options)
   seconds = time.perf_counter() - t0
-  flops = None
+  return compiled, seconds, _flops(compiled)
+
+
+def compile_program_timed(program, options: dict[str, Any] | None = None) -> tuple[Any, float, float | None, str]:
+  """A train program (glide_jax/train/program.py) compiled: (executable, seconds, FLOPs, fingerprint)."""
+  t0 = time.perf_counter()
+  lowered = program.lower()
+  fingerprint = program.fingerprint(lowered)
+  compiled = lowered.compile(compiler_options=options)
+  seconds = time.perf_counter() - t0
+  return compiled, seconds, _flops(compiled), fingerprint
+
+
+def _flops(compiled) -> float | None:
   try:
     cost = compiled.cost_analysis()
     if isinstance(cost, list):
       cost = cost[0]
-    flops = float(cost.get("flops", 0.0)) or None
+    return float(cost.get("flops", 0.0)) or None
   except Exception as e:  # noqa: BLE001 - not every backend reports costs; the timing stays valid
     print(f"no cost analysis: {e}", file=sys.stderr)
-  return compiled, seconds, flops
+    return None
 
 
 def reference_status(disabled: bool = False) -> tuple[bool, str]:

@@ -33,19 +33,9 @@ def make_batch(stage: str, options: dict, batch: int, low_res_size: int, seed: i
   return out
 
 
-def run_stage(stage_name: str, args, use_ref: bool, threads: int | None) -> None:
+def benchmark_config(stage_name: str, args):
+  """configs/{base,upsample}.py:variant=released at the benchmark's sizes, dtype and batch."""
   import importlib
-
-  import flax.linen as nn
-  import jax
-  import numpy as np
-
-  from glide_jax.parallel import mesh as mesh_lib
-  from glide_jax.parallel import sharding as shard_lib
-  from glide_jax.train import optim, stages, timesteps
-  from glide_jax.train import state as state_lib
-  from glide_jax.train import step as step_lib
-
   module, kind = STAGES[stage_name]
   config = importlib.import_module(module).get_config("variant=released")
   options = common.model_options(kind, args.preset)
@@ -56,31 +46,34 @@ def run_stage(stage_name: str, args, use_ref: bool, threads: int | None) -> None
     config.microbatches = 1
     if stage_name == "upsample":
       config.data.low_res_size = int(options["image_size"]) // 4
-  stage = stages.make_stage(config)
+  return config
+
+
+def build_program(config, devices):
+  """The trainer's program (glide_jax/train/program.py) on `devices`: the step timed here."""
+  from glide_jax.train import program as program_lib
+  return program_lib.build(config, devices=devices)
+
+
+def run_stage(stage_name: str, args, use_ref: bool, threads: int | None) -> None:
+  import jax
+  import numpy as np
+
+  _, kind = STAGES[stage_name]
+  config = benchmark_config(stage_name, args)
+  options = dict(config.model.options)
+  program = build_program(config, jax.devices()[:1])
   params = common.random_params(kind, options, args.seed)
-  mesh = mesh_lib.make_mesh(None, jax.devices()[:1])
-  rules = shard_lib.normalize_rules(config.rules)
-  tx, schedule = optim.make_optimizer(config.optimizer)
-  sampler = timesteps.sampler_from_config(config, stage.diffusion.num_timesteps)
-  ema_rates = tuple(float(r) for r in config.ema.rates)
-  state, _ = state_lib.create_train_state(stage.init, tx, ema_rates, mesh, rules, jax.random.key(args.seed),
-                                          sampler.init, params=params)
-  ctx = int(options["text_ctx"])
-  empty = (jax.numpy.zeros((ctx,), jax.numpy.int32), jax.numpy.zeros((ctx,), bool))
-  step_cfg = step_lib.StepConfig(ema_rates=ema_rates, microbatches=1,
-                                 caption_dropout=float(config.data.caption_dropout) if stage_name == "base" else 0.0,
-                                 num_timesteps=stage.diffusion.num_timesteps)
-  step_fn = step_lib.make_train_step(stage.loss, tx, schedule, step_cfg, sampler, empty, mesh, rules)
+  state = program.init_state(jax.random.key(args.seed), params=params)
+  ema_rates = program.ema_rates
   low = int(config.data.get("low_res_size", 0) or 0)
   host_batch = make_batch(stage_name, options, args.batch, low, args.seed)
-  batch = {k: jax.numpy.asarray(v) for k, v in host_batch.items() if k in stage.batch_keys}
-  rng = jax.random.key(args.seed + 3)
+  batch = program.put_batch(host_batch)
+  rng = program.put_rng(jax.random.key(args.seed + 3))
   cfg = {"stage": stage_name, "preset": args.preset, "kind": kind, "params": common.count_params(params),
          "batch": args.batch, "image_size": int(options["image_size"]), "dtype": args.dtype,
          "optimizer": "adamw", "ema_rates": list(ema_rates), "dropout": float(options["dropout"])}
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    jitted = jax.jit(step_fn, donate_argnums=(0,))  # the state is updated in place
-    compiled, compile_s, flops = common.compile_timed(jitted, state, batch, rng, options=common.compiler_options(args))
+  compiled, compile_s, flops, fingerprint = common.compile_program_timed(program, options=common.compiler_options(args))
   holder = [state]
 
   def run_ours():
@@ -88,7 +81,7 @@ def run_stage(stage_name: str, args, use_ref: bool, threads: int | None) -> None
     return metrics["loss"]
   ours = common.time_fn(run_ours, args.repeats)
   loss = float(run_ours())
-  common.emit({"benchmark": "train_step", "side": "ours", "config": cfg,
+  common.emit({"benchmark": "train_step", "side": "ours", "config": cfg, "program_fingerprint": fingerprint,
                "shapes": {k: list(v.shape) for k, v in host_batch.items()}, "compile_s": round(compile_s, 3),
                "gflop": flops and flops / 1e9, "gflops_per_s": flops and flops / 1e9 / ours["median_s"],
                "loss": loss, **common.round_floats(ours)})

@@ -19,9 +19,11 @@ import re
 import time
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from glide_jax.parallel import sharding as shard_lib
 
 GiB = 1 << 30
 
@@ -40,6 +42,15 @@ CHIPS: dict[str, Chip] = {
     "v5p": Chip(95 * GiB, 459e12, 2.765e12),
     "v6e": Chip(32 * GiB, 918e12, 1.64e12),
 }
+
+
+def host_chip(n_devices: int) -> Chip:
+  """`--topology cpu`: the local devices share this machine's memory; no peak is known (0)."""
+  import os
+  total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return Chip(int(total // max(1, n_devices)), 0.0, 0.0)
+
+
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
                 "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
@@ -179,21 +190,8 @@ class Result:
   bytes_accessed_per_device: float = 0.0
   collectives: dict = dataclasses.field(default_factory=dict)
   compile_seconds: float = 0.0
+  fingerprint: str = ""           # sha256 of the step's StableHLO (the trainer logs the same)
   error: str = ""
-
-
-def _abstract_batch(stage: Any, config: Any, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
-  s = stage.image_size
-  ctx = int(config.data.tokenizer.text_ctx)
-  out = {"image": jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32),
-         "tokens": jax.ShapeDtypeStruct((batch, ctx), jnp.int32),
-         "mask": jax.ShapeDtypeStruct((batch, ctx), jnp.bool_)}
-  if "low_res" in stage.batch_keys:
-    low = int(config.data.low_res_size or s // 4)
-    out["low_res"] = jax.ShapeDtypeStruct((batch, low, low, 3), jnp.float32)
-  if "inpaint_mask" in stage.batch_keys:
-    out["inpaint_mask"] = jax.ShapeDtypeStruct((batch, s, s, 1), jnp.float32)
-  return out
 
 
 def _memory(compiled: Any, result: Result) -> None:
@@ -227,56 +225,21 @@ def _oom_bytes(message: str) -> int:
   return int(float(m.group(1)) * scale[m.group(2).upper()])
 
 
-def build_mesh(config: Any, devices: Sequence[Any]):
-  """The config's mesh over `devices` in physical order (mesh_utils), as the trainer would build it."""
-  from glide_jax.parallel import mesh as mesh_lib
-  from jax.sharding import Mesh
-  sizes = mesh_lib.resolve_axis_sizes(config.mesh, len(devices))
-  shape = tuple(sizes[a] for a in mesh_lib.AXES)
-  try:
-    from jax.experimental import mesh_utils
-    grid = mesh_utils.create_device_mesh(shape, devices=list(devices), allow_split_physical_axes=True)
-  except Exception:  # noqa: BLE001 - an order the physical mapper rejects still compiles
-    grid = np.asarray(devices).reshape(shape)
-  return Mesh(grid, mesh_lib.AXES)
-
-
 def compile_train_step(config: Any, devices: Sequence[Any], label: str = "",
                        overrides: Sequence[str] = ()) -> tuple[Result, Any]:
-  """Lowers and compiles the trainer's step for `devices`; returns (Result, stage)."""
-  import flax.linen as nn
-  from glide_jax.parallel import sharding as shard_lib
-  from glide_jax.train import optim, stages, state as state_lib, step as step_lib, timesteps
+  """Lowers and compiles the trainer's own step (glide_jax/train/program.py) for `devices`;
+  returns (Result, program). An over-full HBM reported by the compiler is a Result, not an error."""
+  from glide_jax.train import program as program_lib
 
   result = Result(label=label, overrides=list(overrides), fits=False)
-  stage = stages.make_stage(config)
-  mesh = build_mesh(config, devices)
-  rules = shard_lib.normalize_rules(config.rules)
-  batch = int(config.batch_size)
-  shards = shard_lib.num_batch_shards(mesh, rules)
-  micro = int(config.microbatches)
-  if batch % (shards * micro):
-    raise PlanError(f"global batch {batch} is not divisible by {shards} batch shards x {micro} microbatches")
-  tx, schedule = optim.make_optimizer(config.optimizer)
-  sampler = timesteps.sampler_from_config(config, int(config.diffusion.steps))
-  ema_rates = tuple(float(r) for r in config.ema.rates)
-  abstract, shardings = state_lib.state_shardings(stage.init, tx, ema_rates, sampler.init, mesh, rules)
-  step_cfg = step_lib.StepConfig(ema_rates=ema_rates, ema_warmup=bool(config.ema.warmup), microbatches=micro,
-                                 caption_dropout=float(config.data.caption_dropout),
-                                 num_timesteps=int(config.diffusion.steps), uses_text=stage.uses_text)
-  ctx = int(config.data.tokenizer.text_ctx)
-  empty = (jnp.zeros((ctx,), jnp.int32), jnp.zeros((ctx,), jnp.bool_))
-  step = step_lib.make_train_step(stage.loss, tx, schedule, step_cfg, sampler, empty, mesh, rules)
-  abstract_batch = _abstract_batch(stage, config, batch)
-  batch_sh = shard_lib.batch_shardings(abstract_batch, mesh, rules)
-  rng = jax.eval_shape(lambda: jax.random.key(0))
-  repl = shard_lib.replicated(mesh)
-  jitted = jax.jit(step, in_shardings=(shardings, batch_sh, repl), out_shardings=(shardings, repl),
-                   donate_argnums=(0,))
+  try:
+    program = program_lib.build(config, devices=devices)
+  except program_lib.ProgramError as e:
+    raise PlanError(str(e)) from e
   start = time.time()
   try:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      lowered = jitted.lower(abstract, abstract_batch, rng)
+    lowered = program.lower()
+    result.fingerprint = program.fingerprint(lowered)
     compiled = lowered.compile()
   except Exception as e:  # noqa: BLE001 - libtpu reports an over-full HBM as a compile error
     result.compile_seconds = time.time() - start
@@ -285,37 +248,38 @@ def compile_train_step(config: Any, devices: Sequence[Any], label: str = "",
     result.error = message.strip().splitlines()[0][:400] if message.strip() else type(e).__name__
     if not result.per_device_bytes:
       raise
-    return result, stage
+    return result, program
   result.compile_seconds = time.time() - start
   _memory(compiled, result)
   _cost(compiled, result)
   result.collectives = collectives(compiled.as_text())
-  return result, stage
+  return result, program
 
 
 def compile_sampler_step(config: Any, devices: Sequence[Any], batch: int) -> Result:
-  """One step of the configured sampler with classifier-free guidance (a doubled model batch),
-  parameters sharded as in training; the compiled scan has one iteration."""
-  import flax.linen as nn
+  """One step of the configured sampler with classifier-free guidance (a doubled model batch, the
+  unconditional half on the program's empty caption), parameters sharded as in training; the
+  compiled scan has one iteration."""
   from glide_jax.diffusion import guidance, samplers
   from glide_jax.diffusion.schedules import diffusion_from_settings
-  from glide_jax.parallel import sharding as shard_lib
-  from glide_jax.train import stages
+  from glide_jax.train import program as program_lib
 
   result = Result(label="sampler step", overrides=[], fits=False)
-  stage = stages.make_stage(config)
-  mesh = build_mesh(config, devices)
-  rules = shard_lib.normalize_rules(config.rules)
-  boxed = jax.eval_shape(stage.init, jax.random.key(0))
-  params_sh = shard_lib.tree_shardings(boxed, mesh, rules, log_fallbacks=False)
-  params = nn.meta.unbox(boxed)
+  program = program_lib.build(config, devices=devices)
+  stage, mesh, rules = program.stage, program.mesh, program.rules
+  shards = shard_lib.num_batch_shards(mesh, rules)
+  if batch % shards:
+    raise PlanError(f"sampling batch {batch} is not divisible by {shards} batch shards")
+  params = program.abstract_state.params
+  params_sh = program.state_shardings.params
   diffusion = diffusion_from_settings(config.diffusion, "1")
   s = stage.image_size
-  cond = _abstract_batch(stage, config, batch)
+  cond = dict(program_lib.abstract_batch(stage, config, batch))
   cond.pop("image")
   cond_sh = shard_lib.batch_shardings(cond, mesh, rules)
   sampler_name = config.sampling.sampler if config.sampling.sampler in samplers.SAMPLERS else "ddim"
   scale = float(config.sampling.guidance_scale)
+  empty = program.empty_caption
 
   def sample_one_step(params, cond, key):
     model = stage.model
@@ -326,20 +290,20 @@ def compile_sampler_step(config: Any, devices: Sequence[Any], batch: int) -> Res
         extra["inpaint_image"] = jnp.zeros(x.shape, x.dtype)
       return model.apply({"params": params}, x, t, c["tokens"], c["mask"], **extra)
 
-    uncond = dict(cond, tokens=jnp.zeros_like(cond["tokens"]), mask=jnp.zeros_like(cond["mask"]))
-    model_fn = guidance.cfg_model_fn(apply_fn, cond, uncond, scale) if stage.uses_text else (
-        lambda x, t: apply_fn(x, t, cond))
+    if stage.uses_text:
+      tokens = jnp.broadcast_to(jnp.asarray(empty[0]), cond["tokens"].shape)
+      mask = jnp.broadcast_to(jnp.asarray(empty[1]), cond["mask"].shape)
+      uncond = dict(cond, tokens=tokens, mask=mask)
+      model_fn = guidance.cfg_model_fn(apply_fn, cond, uncond, scale)
+    else:
+      model_fn = lambda x, t: apply_fn(x, t, cond)  # noqa: E731
     return samplers.sample_loop(model_fn, diffusion, (batch, s, s, 3), key, sampler=sampler_name)
 
-  shards = shard_lib.num_batch_shards(mesh, rules)
-  if batch % shards:
-    raise PlanError(f"sampling batch {batch} is not divisible by {shards} batch shards")
-  repl = shard_lib.replicated(mesh)
+  repl = program.rng_sharding
   jitted = jax.jit(sample_one_step, in_shardings=(params_sh, cond_sh, repl))
-  rng = jax.eval_shape(lambda: jax.random.key(0))
   start = time.time()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled = jitted.lower(params, cond, rng).compile()
+    compiled = jitted.lower(params, cond, program.abstract_rng()).compile()
   result.compile_seconds = time.time() - start
   _memory(compiled, result)
   _cost(compiled, result)
@@ -385,9 +349,10 @@ def candidates(config: Any, devices: Sequence[Any]) -> list[tuple[str, list[str]
 def result_json(config: Any, topology: str, res: Result, chip: Chip, per_chip: int, n_chips: int,
                 model_flops: float, fwd_flops: float) -> dict:
   compiled_flops = res.flops_per_device * per_chip * n_chips
-  bound_compute = res.flops_per_device * per_chip / chip.peak_flops
-  bound_memory = res.bytes_accessed_per_device * per_chip / chip.hbm_bandwidth
-  model_bound = model_flops / (chip.peak_flops * n_chips)
+  per = lambda num, den: num / den if den else 0.0  # noqa: E731 - no peak known (cpu): no bound
+  bound_compute = per(res.flops_per_device * per_chip, chip.peak_flops)
+  bound_memory = per(res.bytes_accessed_per_device * per_chip, chip.hbm_bandwidth)
+  model_bound = per(model_flops, chip.peak_flops * n_chips)
   return {
       "fits": bool(res.fits),
       "topology": topology,
@@ -405,4 +370,5 @@ def result_json(config: Any, topology: str, res: Result, chip: Chip, per_chip: i
       "overrides": list(res.overrides),
       "collectives": {k: v["count"] for k, v in res.collectives.items()},
       "compile_seconds": round(res.compile_seconds, 1),
+      "program_fingerprint": res.fingerprint,
   }

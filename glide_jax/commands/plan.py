@@ -20,7 +20,8 @@ from glide_jax import config_lib
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   config_lib.add_config_flags(parser)
   parser.add_argument("--topology", required=True,
-                      help="TPU slice, e.g. v4:2x2x1, v5p:4x4x4, v5p:8x8x8, v5e:16x16, v6e:8x8")
+                      help="TPU slice, e.g. v4:2x2x1, v5p:4x4x4, v5p:8x8x8, v5e:16x16, v6e:8x8; or 'cpu': "
+                           "this machine's local devices (e.g. the 8-device CPU platform), compiled for real")
   parser.add_argument("--batch", type=int, default=None, help="global batch (default: config.batch_size)")
   parser.add_argument("--sample-batch", type=int, default=None,
                       help="images per sampler step (default: one per batch shard)")
@@ -51,14 +52,16 @@ def _mesh_text(config, n_devices: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-  # The compile-only TPU client must not grab a real accelerator; libtpu otherwise warns at length.
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  # Compile-only use needs no exclusive lock on the (absent) TPU; plans may then run side by side.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  if args.topology != "cpu":
+    # The compile-only TPU client must not grab a real accelerator; libtpu otherwise warns at length.
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # Compile-only use needs no exclusive lock on the (absent) TPU; plans may then run side by side.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   import flax.linen as nn
   import jax
+
   from glide_jax import plan as plan_lib
   from glide_jax.train import stages
 
@@ -67,18 +70,23 @@ def run(args: argparse.Namespace) -> int:
     overrides.append(f"--config.batch_size={args.batch}")
   try:
     config = config_lib.load_config(args.config, overrides)
-    gen, _ = plan_lib.parse_topology(args.topology)
-    devices = plan_lib.topology_devices(args.topology)
+    if args.topology == "cpu":
+      devices = jax.devices()
+      chip = plan_lib.host_chip(len(devices))
+    else:
+      gen, _ = plan_lib.parse_topology(args.topology)
+      devices = plan_lib.topology_devices(args.topology)
+      chip = plan_lib.CHIPS[gen]
   except (config_lib.ConfigError, plan_lib.PlanError) as e:
     print(f"glide-jax plan: {e}", file=sys.stderr)
     return 2
-  chip = plan_lib.CHIPS[gen]
   per_chip = plan_lib.devices_per_chip(devices)
   n_chips = len(devices) // per_chip
   device_hbm = chip.hbm_bytes // per_chip
   print(f"glide-jax plan: {args.config} {' '.join(overrides)}")
   print(f"topology {args.topology}: {n_chips} chips ({len(devices)} devices, {per_chip} per chip), "
-        f"{_gib(chip.hbm_bytes)} HBM and {chip.peak_flops / 1e12:.0f} TFLOP/s bf16 per chip")
+        f"{_gib(chip.hbm_bytes)} HBM and {chip.peak_flops / 1e12:.0f} TFLOP/s bf16 per chip"
+        + (" (cpu: host memory shared by the devices; no peak known)" if args.topology == "cpu" else ""))
 
   # --- analytic count: conv + matmul FLOPs of the model's forward pass, from its jaxpr ----------
   stage = stages.make_stage(config)
@@ -157,10 +165,12 @@ def run(args: argparse.Namespace) -> int:
           f" elementwise ops and the optimizer are not in the analytic count{'; a microbatch scan body is counted once by the compiler' if cfg.microbatches > 1 else ''})")
     coll = ", ".join(f"{k} x{v['count']} ({_size(v['bytes'])})" for k, v in res.collectives.items() if v["count"]) or "none"
     print(f"  collectives in the compiled step (result sizes, per device): {coll}")
-    print(f"  step time >= {summary['step_time_lower_bound_s'] * 1e3:.1f} ms "
-          f"(max of compiled FLOPs / peak {res.flops_per_device * per_chip / chip.peak_flops * 1e3:.1f} ms, "
-          f"bytes accessed / HBM bandwidth {res.bytes_accessed_per_device * per_chip / chip.hbm_bandwidth * 1e3:.1f} ms, "
-          f"analytic FLOPs / pod peak {summary['model_flops_per_step'] / (chip.peak_flops * n_chips) * 1e3:.1f} ms)")
+    if chip.peak_flops:
+      print(f"  step time >= {summary['step_time_lower_bound_s'] * 1e3:.1f} ms "
+            f"(max of compiled FLOPs / peak {res.flops_per_device * per_chip / chip.peak_flops * 1e3:.1f} ms, "
+            f"bytes accessed / HBM bandwidth {res.bytes_accessed_per_device * per_chip / chip.hbm_bandwidth * 1e3:.1f} ms, "
+            f"analytic FLOPs / pod peak {summary['model_flops_per_step'] / (chip.peak_flops * n_chips) * 1e3:.1f} ms)")
+  print(f"  program_fingerprint {res.fingerprint}")
   summary["given_fits"] = bool(given is not None and given.fits)
   summary["tried"] = [{"label": r.label, "overrides": r.overrides, "fits": r.fits,
                        "per_chip_bytes": int(r.per_device_bytes * per_chip)} for _, r in tried]
@@ -171,8 +181,9 @@ def run(args: argparse.Namespace) -> int:
 
   # --- one sampler step ------------------------------------------------------------------------
   if not args.no_sampler and cfg.stage != "clip" and chosen is not None:
+    from glide_jax.parallel import mesh as mesh_lib
     from glide_jax.parallel import sharding as shard_lib
-    mesh = plan_lib.build_mesh(cfg, devices)
+    mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     sample_batch = args.sample_batch or shard_lib.num_batch_shards(mesh, shard_lib.normalize_rules(cfg.rules))
     try:
       s = plan_lib.compile_sampler_step(cfg, devices, sample_batch)
@@ -180,8 +191,9 @@ def run(args: argparse.Namespace) -> int:
       print(f"\nsampler step ({cfg.sampling.sampler}, guidance {cfg.sampling.guidance_scale}, {sample_batch} images,"
             f" {2 * sample_batch if stage.uses_text else sample_batch} model rows): per chip "
             f"{_gib(s.per_device_bytes * per_chip)} ({'fits' if s_fits else 'does NOT fit'}), "
-            f"compiled FLOPs {_flops(s.flops_per_device * len(devices))}, >= "
-            f"{s.flops_per_device * per_chip / chip.peak_flops * 1e3:.2f} ms at peak; compile {s.compile_seconds:.0f}s")
+            f"compiled FLOPs {_flops(s.flops_per_device * len(devices))}"
+            + (f", >= {s.flops_per_device * per_chip / chip.peak_flops * 1e3:.2f} ms at peak" if chip.peak_flops else "")
+            + f"; compile {s.compile_seconds:.0f}s")
       summary["sampler"] = {"batch": sample_batch, "per_chip_bytes": int(s.per_device_bytes * per_chip),
                             "fits": bool(s_fits), "flops_per_step": s.flops_per_device * len(devices)}
     except Exception as e:  # noqa: BLE001 - the train-step plan stands on its own

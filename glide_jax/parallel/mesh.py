@@ -65,11 +65,19 @@ def make_mesh(mesh_cfg: Any = None, devices: Sequence[jax.Device] | None = None)
                                                 devices=devices, allow_split_physical_axes=True)
     return Mesh(grid, AXES)
   shape = tuple(ici[a] for a in AXES)
-  if len(devices) == len(jax.devices()):
-    # Auto axes: the compiler propagates shardings from our constraints (flax logical rules).
-    return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),
-                         devices=devices)
-  return Mesh(np.asarray(devices).reshape(shape), AXES)
+  # Physical order (mesh_utils, through jax.make_mesh) on TPUs and on compile-only topology devices;
+  # an order the physical mapper rejects (an axis split across the torus) falls back to the
+  # splitting mapper, then to device order. Auto axes: the compiler propagates our constraints.
+  auto = (jax.sharding.AxisType.Auto,) * len(AXES)
+  from jax.experimental import mesh_utils
+  try:
+    return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):  # the physical mapper's refusals
+    try:
+      grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+      grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, AXES, axis_types=auto)
 
 
 def batch_size_per_shard(mesh: Mesh) -> int:

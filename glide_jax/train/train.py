@@ -15,20 +15,18 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from glide_jax import config_lib
 from glide_jax.parallel import mesh as mesh_lib
 from glide_jax.parallel import multihost
-from glide_jax.parallel import sharding as shard_lib
 from glide_jax.train import checkpoint as ckpt_lib
-from glide_jax.train import optim, stages, timesteps
+from glide_jax.train import program as program_lib
+from glide_jax.train import stages
 from glide_jax.train import state as state_lib
-from glide_jax.train import step as step_lib
 from glide_jax.train.logging import MetricWriter, peak_flops
+from glide_jax.train.program import caption_dropout_rate  # noqa: F401  (re-exported for callers)
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +51,6 @@ class _StopSignal:
   def _handle(self, signum, frame) -> None:
     del signum, frame
     self.requested = True
-
-
-def caption_dropout_rate(config: Any) -> float:
-  return float(config.data.caption_dropout) if config.stage in ("base", "inpaint", "upsample") else 0.0
 
 
 def _check_prediction(config: Any, src: str, src_diffusion: Any) -> None:
@@ -113,6 +107,9 @@ def load_init_params(config: Any, stage: stages.Stage) -> Any | None:
     if k is not None and np.shape(k)[2] in (3, 6):
       from glide_jax.interop.glide_text2im import inpaint_params_from_base
       params = inpaint_params_from_base(params)
+  # A per-layer source into a scan_layers model, or back: the text blocks to the model's layout.
+  from glide_jax.models import layout
+  params = layout.to_layout(params, bool(getattr(stage.model, "scan_layers", False)))
   return jax.tree.map(np.asarray, params)
 
 
@@ -164,85 +161,60 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.config_to_json(config))
 
-  # ---------------------------------------------------------------------- mesh and rules
-  mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
-  rules = shard_lib.normalize_rules(config.rules)
-  writer.text(f"mesh {mesh_lib.describe(mesh)}")
-  batch_size = int(config.batch_size)
-  shards = shard_lib.num_batch_shards(mesh, rules)
-  micro = int(config.microbatches)
-  if batch_size % (shards * micro):
-    raise ValueError(f"batch_size={batch_size} must be divisible by the {shards} batch shards x "
-                     f"{micro} microbatches")
-
-  # ---------------------------------------------------------------------- stage, tokenizer, data
-  stage = stages.make_stage(config)
-  if stage.name == "clip" and micro > 1:
-    raise ValueError("config.microbatches must be 1 for the clip stage: the contrastive loss spans the "
-                     "whole batch, so accumulated microbatch gradients would not equal it")
-  if tokenizer is None and (data_iterator is None or stage.uses_text):
+  # ---------------------------------------------------------------------- tokenizer and the program
+  # The program (glide_jax/train/program.py) is the one `glide-jax plan` and the benchmarks build:
+  # mesh, stage, optimizer, sharded state, batch shardings, empty caption and the donated step.
+  if tokenizer is None and (data_iterator is None or config.stage in program_lib.CAPTION_DROPOUT_STAGES):
     from glide_jax.data.pipeline import tokenizer_from_config
     tokenizer = tokenizer_from_config(config.data)
+  program = program_lib.build(config, mesh=mesh, tokenizer=tokenizer)
+  mesh, stage = program.mesh, program.stage
+  writer.text(f"mesh {mesh_lib.describe(mesh)}")
+  batch_size = program.batch_size
   if data_iterator is None:
     from glide_jax.data.pipeline import make_train_iterator
     data_iterator = make_train_iterator(config.data, config.stage, batch_size, stage.image_size,
                                         tokenizer=tokenizer, seed=int(config.seed))
-  empty = None
-  if stage.uses_text and tokenizer is not None:
-    tok, msk = tokenizer.empty(1)
-    empty = (jnp.asarray(tok[0]), jnp.asarray(msk[0]))
 
-  # ---------------------------------------------------------------------- optimizer and sharded state
-  tx, schedule = optim.make_optimizer(config.optimizer)
-  sampler = timesteps.sampler_from_config(config, stage.diffusion.num_timesteps)
-  ema_rates = tuple(float(r) for r in config.ema.rates)
+  # ---------------------------------------------------------------------- sharded state
   rng = jax.random.key(int(config.seed))
   init_rng, step_rng = jax.random.split(rng)
-  step_rng = shard_lib.replicate(step_rng, mesh)  # a global (multi-host) array
+  step_rng = program.put_rng(step_rng)  # a global (multi-host) array
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), int(config.checkpoint.every),
                                int(config.checkpoint.keep), bool(config.checkpoint["async"]))
   resume_step = ckpt.latest_step()
   if resume_step is None:
-    init_params = load_init_params(config, stage)
     # (No logical_axis_rules context here: unboxing under it would constrain conv kernels whose
     # two spatial axes share the name 'kernel'; our own rule resolution handles that.)
-    state, shardings = state_lib.create_train_state(stage.init, tx, ema_rates, mesh, rules, init_rng,
-                                                    sampler.init, params=init_params,
-                                                    compiler_options=compiler_options)
+    state = program.init_state(init_rng, params=load_init_params(config, stage),
+                               compiler_options=compiler_options)
 
   # ---------------------------------------------------------------------- resume
   else:
     # Refuse a mismatched config before anything is compiled; restore straight into the current
     # mesh's shardings from the abstract state (nothing is initialised just to be overwritten).
     ckpt.check_config(config, resume_step)
-    abstract, shardings = state_lib.state_shardings(stage.init, tx, ema_rates, sampler.init, mesh, rules)
-    state, step_rng, data_state = ckpt.restore(abstract, shardings, resume_step)
+    state, step_rng, data_state = ckpt.restore(program.abstract_state, program.state_shardings, resume_step)
     if data_state:
       data_iterator.set_state(data_state)
     writer.text(f"resumed from step {resume_step} of {ckpt.directory}")
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  writer.text(f"{n_params:,} parameters; EMA rates {ema_rates}; sampler {sampler.name}")
+  writer.text(f"{n_params:,} parameters; EMA rates {program.ema_rates}; sampler {program.sampler.name}")
 
   # ---------------------------------------------------------------------- the compiled step
-  step_cfg = step_lib.StepConfig(ema_rates=ema_rates, ema_warmup=bool(config.ema.warmup),
-                                 microbatches=micro, caption_dropout=caption_dropout_rate(config),
-                                 num_timesteps=stage.diffusion.num_timesteps, uses_text=stage.uses_text)
-  step_fn = step_lib.make_train_step(stage.loss, tx, schedule, step_cfg, sampler, empty, mesh, rules)
-  t_wait = time.perf_counter()
-  host_batch = next(data_iterator)
-  data_wait = time.perf_counter() - t_wait
-  batch = shard_lib.host_local_to_global({k: host_batch[k] for k in stage.batch_keys}, mesh, rules)
-  batch_sh = shard_lib.batch_shardings(batch, mesh, rules)
-  repl = shard_lib.replicated(mesh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh, repl), out_shardings=(shardings, repl),
-                     donate_argnums=(0,))
-    t0 = time.perf_counter()
-    compiled = jitted.lower(state, batch, step_rng).compile(compiler_options=compiler_options)
+  t0 = time.perf_counter()
+  lowered = program.lower()
+  fingerprint = program.fingerprint(lowered)
+  compiled = lowered.compile(compiler_options=compiler_options)
   mem = compiled.memory_analysis()
   flops = _flops(compiled)
   writer.text(f"compiled the train step in {time.perf_counter() - t0:.1f}s; memory per device: "
               f"{_format_memory(mem)}; {flops / 1e9 if flops else float('nan'):.3f} GFLOP per step")
+  writer.text(f"program_fingerprint {fingerprint}")
+  t_wait = time.perf_counter()
+  host_batch = next(data_iterator)
+  data_wait = time.perf_counter() - t_wait
+  batch = program.put_batch(host_batch)
   peak = peak_flops(jax.devices()[0].device_kind)
 
   # ---------------------------------------------------------------------- the loop
@@ -268,7 +240,7 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
       if batch is None:
         t_wait = time.perf_counter()
         host_batch = next(data_iterator)
-        batch = shard_lib.host_local_to_global({k: host_batch[k] for k in stage.batch_keys}, mesh, rules)
+        batch = program.put_batch(host_batch)
         wait_acc += time.perf_counter() - t_wait
       state, metrics = compiled(state, batch, step_rng)
       # At most two steps in flight (this one and the previous one, which keeps the device fed):
@@ -318,7 +290,7 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
     ckpt.close()
     writer.close()
   return {"state": state, "losses": [float(x) for x in jax.device_get(losses)], "stopped": stopped,
-          "step": step}
+          "step": step, "program_fingerprint": fingerprint}
 
 
 def write_sample_grids(config: Any, stage: stages.Stage, tokenizer: Any, state: state_lib.TrainState, step: int,

@@ -1,0 +1,126 @@
+"""The one training program: the trainer, `glide-jax plan` and the train-step benchmark run the same
+step, shown by equal fingerprints (sha256 of the lowered StableHLO) for every stage on the 8-device
+CPU platform; and the program's per-stage pieces (caption dropout, empty caption, diffusion)."""
+import argparse
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import train_support as ts
+from glide_jax import config_lib
+from glide_jax.commands import plan as plan_cmd
+from glide_jax.train import program as program_lib
+from glide_jax.train import train as train_lib
+
+MESH = ts.mesh_overrides(2, 4)
+STAGES = ("base", "upsample", "inpaint", "clip")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+  ts.session_cache(tmp_path_factory)
+
+
+def _config(stage: str, *extra: str):
+  return ts.tiny_config(stage, *MESH, "--config.total_steps=1", "--config.batch_size=8", *extra)
+
+
+def _plan_json(stage: str, capsys, *extra: str) -> dict:
+  """`glide-jax plan --topology cpu` in this process (the 8 local CPU devices); its final JSON."""
+  parser = argparse.ArgumentParser()
+  plan_cmd.add_arguments(parser)
+  over = ts.UNET_TINY if stage != "clip" else ts.CLIP_TINY
+  if stage == "upsample":
+    over = over + ["--config.data.low_res_size=4"]
+  base = ["--config.log.every=1", "--config.checkpoint.every=2", "--config.checkpoint.keep=3",
+          "--config.log.tensorboard=false", "--config.diffusion.steps=50"]
+  args = parser.parse_args(["--config", f"configs/{stage}.py:variant=tiny", "--topology", "cpu", "--batch", "8",
+                            "--no-sampler", "--no-search", *base, *over, *MESH, "--config.total_steps=1", *extra])
+  capsys.readouterr()
+  plan_cmd.run(args)
+  out = capsys.readouterr().out.strip().splitlines()
+  return json.loads(out[-1])
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_plan_fingerprint_equals_the_trainers(stage, tmp_path, capsys):
+  config = _config(stage)
+  result = train_lib.train(config, str(tmp_path / "w"), data_iterator=ts.SyntheticIterator(config),
+                           tokenizer=ts.tokenizer(config), progress=False, compiler_options=ts.FAST)
+  log = (tmp_path / "w" / "train.log").read_text()
+  assert f"program_fingerprint {result['program_fingerprint']}" in log
+  planned = _plan_json(stage, capsys)
+  assert planned["fits"] is True
+  assert planned["program_fingerprint"] == result["program_fingerprint"]
+  # The benchmark builds the same program for the same config and devices.
+  from benchmarks import train_step as bench
+  program = bench.build_program(config, jax.devices())
+  assert program.fingerprint(program.lower()) == result["program_fingerprint"]
+
+
+def test_fingerprint_tells_programs_apart(capsys):
+  """A different batch, caption-dropout rate, mesh or empty caption is a different program."""
+  base = program_lib.build(_config("base"))
+  fp = base.fingerprint(base.lower())
+  assert fp == base.fingerprint(program_lib.build(_config("base")).lower())
+  others = [
+      program_lib.build(_config("base", "--config.batch_size=16")),
+      program_lib.build(_config("base", "--config.data.caption_dropout=0.5")),
+      program_lib.build(ts.tiny_config("base", *ts.mesh_overrides(8, 1), "--config.batch_size=8")),
+      program_lib.build(_config("base"), tokenizer=_PadTokenizer(8, pad=3)),
+  ]
+  for other in others:
+    assert other.fingerprint(other.lower()) != fp
+
+
+class _PadTokenizer:
+  def __init__(self, ctx: int, pad: int):
+    self.ctx, self.pad = ctx, pad
+
+  def empty(self, n):
+    return np.full((n, self.ctx), self.pad, np.int32), np.zeros((n, self.ctx), bool)
+
+
+def test_per_stage_caption_dropout_and_empty_caption():
+  assert program_lib.build(_config("base")).step_config.caption_dropout == pytest.approx(0.2)
+  assert program_lib.build(_config("inpaint")).step_config.caption_dropout == pytest.approx(0.2)
+  assert program_lib.build(_config("upsample")).step_config.caption_dropout == 0.0  # the configs' own
+  clip = program_lib.build(_config("clip", "--config.data.caption_dropout=0.3"))
+  assert clip.step_config.caption_dropout == 0.0 and clip.empty_caption is None
+  # gpt2 without its vocabulary files: the empty caption is still the tokenizer's (pad = n_vocab - 1)
+  cfg = _config("base", "--config.data.tokenizer.type=gpt2", "--config.data.tokenizer.path=")
+  tokens, mask = program_lib.empty_caption(cfg)
+  n_vocab = int(cfg.model.options.n_vocab)
+  assert tokens.tolist() == [n_vocab - 1] * 8 and not mask.any()
+  # the words tokenizer (the tiny configs') pads with 0, as its `empty` says
+  tokens, mask = program_lib.empty_caption(_config("base"))
+  assert tokens.tolist() == [0] * 8 and not mask.any()
+
+
+def test_the_stage_diffusion_sets_the_timestep_sampler():
+  """The timestep sampler draws from the stage's own diffusion, not `config.diffusion.steps` alone."""
+  program = program_lib.build(_config("base", "--config.diffusion.schedule_sampler=loss-second-moment"))
+  assert program.step_config.num_timesteps == program.stage.diffusion.num_timesteps == 50
+  history = jax.tree.leaves(program.abstract_state.sampler)
+  assert any(50 in leaf.shape for leaf in history)
+
+
+def test_bad_batch_is_refused_with_its_numbers():
+  with pytest.raises(program_lib.ProgramError, match="batch_size=12 .* 8 batch shards"):
+    program_lib.build(_config("base", "--config.batch_size=12"))
+  program = program_lib.build(_config("base"))
+  host = ts.SyntheticIterator(_config("base")).global_batch_at(0)
+  with pytest.raises(program_lib.ProgramError, match=r"\['image'\] has shape"):
+    program.put_batch(dict(host, image=host["image"][:, :4]))
+  with pytest.raises(program_lib.ProgramError, match="no 'mask'"):
+    program.put_batch({k: v for k, v in host.items() if k != "mask"})
+
+
+def test_config_round_trip_keeps_the_program():
+  """A config saved as JSON (the workdir's config.json) rebuilds the same program."""
+  config = _config("inpaint")
+  again = config_lib.config_from_json(config_lib.config_to_json(config))
+  a, b = program_lib.build(config), program_lib.build(again)
+  assert a.fingerprint(a.lower()) == b.fingerprint(b.lower())
