@@ -21,6 +21,7 @@ Logical axis vocabulary (the mesh rules in `glide_jax/parallel` map these to mes
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -169,16 +170,40 @@ class LayerNorm(nn.Module):
     return h.astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-  """Multi-head attention with GLIDE's scaling: q and k each scaled by ch**-0.25, softmax in float32.
+ATTENTION_IMPLS = (None, "xla", "cudnn")
 
-  q: [B, Lq, H, D]; k, v: [B, Lk, H, D]; mask: broadcastable to [B, H, Lq, Lk], True = attend.
-  Returns [B, Lq, H, D] in q's dtype.
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+              implementation: str | None = None) -> jax.Array:
+  """Multi-head attention through `jax.nn.dot_product_attention`, with GLIDE's scale 1/sqrt(ch).
+
+  q: [B, Lq, H, D]; k, v: [B, Lk, H, D] (same dtype as q); mask: bool, broadcastable to
+  [B, H, Lq, Lk], True = attend. Returns [B, Lq, H, D] in q's dtype.
+
+  The reference scales q and k each by ch**-0.25 before q.k; the scale is passed whole here (the
+  same product, one rounding fewer in bf16). `implementation` (the model option `attention_impl`):
+    None / 'xla'  XLA's attention: logits q.k accumulated in float32 (for bf16 inputs the dot is
+                  bf16 x bf16 -> float32), scaled, masked and softmaxed in float32; the weights are
+                  cast to v's dtype for weights.v (as the reference's `softmax(w.float()).type(w.dtype)`).
+    'cudnn'       cuDNN's fused (flash) attention on a GPU: bf16/fp16 inputs only, float32 softmax
+                  statistics. On another backend (CPU, TPU) it falls back to XLA with a warning, so
+                  a model configured for GPUs still samples elsewhere; on a GPU an unsupported
+                  dtype or shape is an error.
   """
-  scale = q.shape[-1] ** -0.25
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k * scale)
-  logits = logits.astype(jnp.float32)
+  if implementation not in ATTENTION_IMPLS:
+    raise ValueError(f"attention implementation {implementation!r}: choose from {ATTENTION_IMPLS}")
   if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    mask = jnp.asarray(mask, bool)
+  scale = q.shape[-1] ** -0.5
+  if implementation == "cudnn" and jax.default_backend() != "gpu":
+    warnings.warn(f"attention_impl='cudnn' needs a GPU; the backend is {jax.default_backend()!r}, "
+                  "so XLA's attention runs instead", RuntimeWarning, stacklevel=2)
+    implementation = "xla"
+  if implementation != "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
+  try:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+  except (NotImplementedError, ValueError, RuntimeError) as e:
+    raise ValueError(f"attention_impl='cudnn' cannot run q {q.dtype}{tuple(q.shape)}, k {tuple(k.shape)}: {e} "
+                     "(cuDNN's fused attention takes bfloat16/float16; use attention_impl=None for "
+                     "float32)") from e

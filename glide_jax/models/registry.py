@@ -10,6 +10,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from glide_jax.models import layers
 from glide_jax.models.unet import KINDS, UNet
 
 # `model_and_diffusion_defaults()` of the released base model (plus n_vocab, fixed by its tokenizer).
@@ -21,7 +22,8 @@ BASE_DEFAULTS: dict[str, Any] = dict(
     diffusion_steps=1000, noise_schedule="squaredcos_cap_v2", timestep_respacing="", use_fp16=True,
     cache_text_emb=False, inpaint=False, super_res=False,
     input_pos_emb=False,  # ours, not the reference's: see UNet.input_pos_emb
-    xf_token_init_std=0.02)  # initialisation only (TextEncoder.token_init_std)
+    xf_token_init_std=0.02,  # initialisation only (TextEncoder.token_init_std)
+    attention_impl=None)  # ours, runtime only: None/'xla' lets XLA choose, 'cudnn' (layers.attention)
 # `model_and_diffusion_defaults_upsampler()`.
 UPSAMPLE_DEFAULTS: dict[str, Any] = {**BASE_DEFAULTS, "image_size": 256, "num_res_blocks": 2,
                                      "noise_schedule": "linear", "super_res": True}
@@ -98,6 +100,14 @@ def attention_ds_for(image_size: int, attention_resolutions: str | tuple[int, ..
   return tuple(image_size // r for r in res)
 
 
+def attention_impl_of(options: Mapping[str, Any]) -> str | None:
+  """The `attention_impl` option ('' and None both let XLA choose), checked against layers.ATTENTION_IMPLS."""
+  impl = options.get("attention_impl") or None
+  if impl not in layers.ATTENTION_IMPLS:
+    raise ValueError(f"unknown attention_impl {impl!r}; choose from {layers.ATTENTION_IMPLS}")
+  return impl
+
+
 def create_model(kind: str, options: Mapping[str, Any] | None = None, dtype: Any = jnp.float32,
                  remat_policy: str = "none", **overrides):
   """A Flax module for `kind` (text2im | upsample | inpaint | upsample_inpaint | noised_clip or an alias).
@@ -123,7 +133,7 @@ def create_model(kind: str, options: Mapping[str, Any] | None = None, dtype: Any
       xf_layers=int(o["xf_layers"]), xf_heads=int(o["xf_heads"]), xf_final_ln=bool(o["xf_final_ln"]),
       xf_padding=bool(o["xf_padding"]), input_pos_emb=bool(o["input_pos_emb"]),
       xf_token_init_std=float(o["xf_token_init_std"]), dtype=dtype,
-      remat_policy=remat_policy)
+      remat_policy=remat_policy, attention_impl=attention_impl_of(o))
 
 
 def preset(name: str) -> tuple[str, dict[str, Any]]:

@@ -201,6 +201,7 @@ class AttentionBlock(nn.Module):
   """Self-attention over H*W with the text keys/values (encoder_kv of xf_out) PREPENDED."""
   heads: int
   dtype: Dtype = jnp.float32
+  attention_impl: str | None = None  # layers.attention's implementation
 
   @nn.compact
   def __call__(self, x: jax.Array, xf_out: jax.Array) -> jax.Array:
@@ -215,7 +216,7 @@ class AttentionBlock(nn.Module):
     ek, ev = jnp.split(kv.reshape(b, kv.shape[1], self.heads, 2 * ch), 2, axis=-1)  # per head [k | v]
     k = jnp.concatenate([ek.astype(k.dtype), k], axis=1)  # text tokens first, one softmax, no mask
     v = jnp.concatenate([ev.astype(v.dtype), v], axis=1)
-    a = layers.attention(q, k, v).reshape(b, height * width, c)
+    a = layers.attention(q, k, v, implementation=self.attention_impl).reshape(b, height * width, c)
     a = layers.Dense(c, names=("qkv", "conv_out"), dtype=self.dtype, kernel_init=_zeros, name="proj_out")(a)
     return x + a.reshape(b, height, width, c).astype(x.dtype)
 
@@ -268,6 +269,7 @@ class UNet(nn.Module):
   xf_token_init_std: float = 0.02  # initialisation of the text encoder's token embedding only
   dtype: Dtype = jnp.float32
   remat_policy: str = "none"
+  attention_impl: str | None = None  # None/'xla': XLA's attention; 'cudnn': cuDNN's (layers.attention)
 
   def setup(self):
     if self.kind not in KINDS:
@@ -343,7 +345,7 @@ class UNet(nn.Module):
           h = res_cls(lay.out_ch, self.use_scale_shift_norm, self.dropout, lay.up, lay.down, not train,
                       self.dtype, name=name)(h, emb)
         elif lay.type == "attn":
-          h = attn_cls(lay.heads, self.dtype, name=name)(h, xf_out)
+          h = attn_cls(lay.heads, self.dtype, self.attention_impl, name=name)(h, xf_out)
         elif lay.type == "down":
           h = Downsample(lay.out_ch, self.dtype, name=name)(h)
         else:

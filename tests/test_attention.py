@@ -1,0 +1,112 @@
+"""layers.attention (jax.nn.dot_product_attention) against a hand-written float32 einsum-softmax, and
+the `attention_impl` model option."""
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glide_jax.models import layers, registry
+
+TINY = {"image_size": 16, "num_channels": 32, "channel_mult": "1,2", "num_res_blocks": 1,
+        "attention_resolutions": "8", "num_head_channels": 16, "xf_width": 32, "xf_layers": 1,
+        "xf_heads": 2, "text_ctx": 8, "dropout": 0.0}
+
+
+def _reference(q, k, v, mask=None):
+  """GLIDE's QKVAttention by hand in float64 from the (possibly bf16-rounded) inputs; the softmax
+  weights rounded to v's dtype before weights.v, as the reference does."""
+  q, k, v64 = (np.asarray(t, np.float64) for t in (q, k, v))
+  scale = q.shape[-1] ** -0.25
+  logits = np.einsum("bqhd,bkhd->bhqk", q * scale, k * scale)
+  if mask is not None:
+    logits = np.where(np.asarray(mask), logits, -np.inf)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w = w / w.sum(-1, keepdims=True)
+  w = np.asarray(jnp.asarray(w, jnp.float32).astype(v.dtype), np.float64)
+  return np.einsum("bhqk,bkhd->bqhd", w, v64)
+
+
+def _inputs(dtype, seed=0, b=2, lq=24, lk=31, h=3, d=64, spread=3.0):
+  # spread 3: logits of std ~9, where a bf16 softmax (spacing 0.125 at 30) would be visibly wrong.
+  rng = np.random.default_rng(seed)
+  q, k, v = (jnp.asarray(rng.standard_normal(s) * spread, jnp.float32).astype(dtype)
+             for s in ((b, lq, h, d), (b, lk, h, d), (b, lk, h, d)))
+  return q, k, v
+
+
+def _rel(a, b):
+  return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "padding"])
+def test_float32_matches_the_einsum_softmax(mask_kind):
+  q, k, v = _inputs(jnp.float32)
+  lq, lk = q.shape[1], k.shape[1]
+  mask = {"none": None,
+          "causal": jnp.tril(jnp.ones((lq, lk), bool), k=lk - lq)[None, None],
+          "padding": (jnp.arange(lk)[None, :] < jnp.array([[lk], [11]]))[:, None, None, :]}[mask_kind]
+  got = jax.jit(lambda q, k, v: layers.attention(q, k, v, mask=mask))(q, k, v)
+  assert got.dtype == jnp.float32 and got.shape == q.shape
+  assert _rel(got, _reference(q, k, v, mask)) < 1e-5
+
+
+def test_bfloat16_logits_and_softmax_in_float32():
+  q, k, v = _inputs(jnp.bfloat16)
+  mask = (jnp.arange(k.shape[1]) < 20)[None, None, None, :]
+  got = jax.jit(lambda q, k, v: layers.attention(q, k, v, mask=mask))(q, k, v)
+  assert got.dtype == jnp.bfloat16
+  # Only the output's bf16 rounding (2**-8 relative) and the bf16 weights remain.
+  assert _rel(got, _reference(q, k, v, mask)) < 1e-2
+
+
+def test_gradients_match_the_einsum_softmax():
+  q, k, v = _inputs(jnp.float32, seed=1, spread=1.0)
+  probe = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape), jnp.float32)
+
+  def by_hand(q, k, v):
+    s = q.shape[-1] ** -0.25
+    w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q * s, k * s), axis=-1)
+    return jnp.sum(jnp.einsum("bhqk,bkhd->bqhd", w, v) * probe)
+
+  ours = jax.jit(jax.grad(lambda *a: jnp.sum(layers.attention(*a) * probe), argnums=(0, 1, 2)))(q, k, v)
+  theirs = jax.jit(jax.grad(by_hand, argnums=(0, 1, 2)))(q, k, v)
+  for a, b in zip(ours, theirs):
+    assert _rel(a, np.asarray(b, np.float64)) < 1e-5
+
+
+def test_cudnn_off_a_gpu_falls_back_to_xla_with_a_warning():
+  assert jax.default_backend() != "gpu"
+  q, k, v = _inputs(jnp.bfloat16)
+  with pytest.warns(RuntimeWarning, match="attention_impl='cudnn' needs a GPU"):
+    got = layers.attention(q, k, v, implementation="cudnn")
+  np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                np.asarray(layers.attention(q, k, v, implementation="xla"), np.float32))
+  with pytest.raises(ValueError, match="choose from"):
+    layers.attention(q, k, v, implementation="flash")
+
+
+def test_attention_impl_option_reaches_every_unet_attention_block(monkeypatch):
+  seen = []
+  real = layers.attention
+
+  def recording(q, k, v, *, mask=None, implementation=None):
+    seen.append((q.shape[1], k.shape[1], implementation))
+    return real(q, k, v, mask=mask, implementation=implementation)
+
+  monkeypatch.setattr(layers, "attention", recording)
+  for impl in (None, "xla", "cudnn"):
+    model = registry.create_model("text2im", {**TINY, "attention_impl": impl})
+    inputs = model.dummy_inputs(2, 16)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", RuntimeWarning)  # cudnn on the CPU: XLA's attention, as tested above
+      jax.eval_shape(lambda: model.init(jax.random.key(0), **inputs))  # traces the forward once
+    unet_calls = [c for c in seen if c[1] > c[0]]  # the U-Net's: text keys prepended to the image's
+    assert unet_calls and {c[2] for c in unet_calls} == {impl}, (impl, seen)
+    seen.clear()
+  assert registry.create_model("text2im", {**TINY, "attention_impl": ""}).attention_impl is None
+  with pytest.raises(ValueError, match="unknown attention_impl"):
+    registry.create_model("text2im", {**TINY, "attention_impl": "flash"})
