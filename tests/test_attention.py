@@ -103,7 +103,7 @@ def test_attention_impl_option_reaches_every_unet_attention_block(monkeypatch):
     inputs = model.dummy_inputs(2, 16)
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", RuntimeWarning)  # cudnn on the CPU: XLA's attention, as tested above
-      jax.eval_shape(lambda: model.init(jax.random.key(0), **inputs))  # traces the forward once
+      jax.eval_shape(model.init, jax.random.key(0), **inputs)  # traces the forward once
     unet_calls = [c for c in seen if c[1] > c[0]]  # the U-Net's: text keys prepended to the image's
     assert unet_calls and {c[2] for c in unet_calls} == {impl}, (impl, seen)
     seen.clear()

@@ -12,16 +12,8 @@ from typing import Any
 
 import numpy as np
 
-# Peak dense bf16 FLOP/s per chip, for MFU (public spec sheets). Unknown kinds report no MFU.
-PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-              "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12}
-
-
-def peak_flops(device_kind: str) -> float | None:
-  for name, flops in PEAK_FLOPS.items():
-    if device_kind.startswith(name):
-      return flops
-  return None
+# Peak FLOP/s per chip for MFU: the one table, glide_jax/hardware.py. Unknown kinds report no MFU.
+from glide_jax.hardware import peak_flops  # noqa: F401  (the trainer imports it from here)
 
 
 class MetricWriter:
