@@ -30,6 +30,9 @@ EXTRAS = {
     # libtpu lets `glide-jax plan` compile ahead of time for TPU topologies from a CPU machine.
     # jax 0.10.2's own [tpu] extra pins libtpu 0.0.42.*, the release `glide-jax plan` was run with.
     "tpu": ["jax[tpu]", "libtpu==0.0.42.*"],
+    # NVIDIA GPUs: the CUDA build jax's install table names (jax 0.10: CUDA 13, driver >= 580; on an
+    # older driver install "jax[cuda12]" instead).
+    "gpu": ["jax[cuda13]"],
     # Only needed to read or write `.pt` files; safetensors works without it.
     "torch": ["torch>=2.4"],
 }

@@ -1,7 +1,9 @@
 """`glide-jax parity`: exit 0 on a reference dump, non-zero on a tampered copy or a broken file."""
 import shutil
 
+import jax
 import numpy as np
+import pytest
 
 from glide_jax import cli
 
@@ -35,3 +37,18 @@ def test_parity_cli_delegates_clip_and_diffusion_dumps(reference_dir, capsys):
   assert "diffusion.npz (tolerance 1e-05)" in out and "noised_clip.npz (tolerance 0.0001)" in out
   for name in ("guidance_grad", "image_emb", "text_emb", "betas/linear", "respace/fast27"):
     assert name in out
+
+
+@pytest.mark.parametrize("dtype, precision", [("float32", "highest"), ("bfloat16", None)])
+def test_parity_cli_forces_highest_matmul_precision_for_float32(reference_dir, monkeypatch, capsys, dtype,
+                                                                precision):
+  """No TF32 (GPU) or one-pass bf16 (TPU) float32 matmuls in a float32 check; the setting does not leak."""
+  from glide_jax.interop import glide_text2im
+  seen = []
+  monkeypatch.setattr(glide_text2im, "check_dump",
+                      lambda path, dtype=None: seen.append(jax.config.jax_default_matmul_precision) or {"out": 0.0})
+  before = jax.config.jax_default_matmul_precision
+  assert cli.main(["parity", str(reference_dir / "text2im_upsample.npz"), "--dtype", dtype]) == 0
+  assert seen == [precision]
+  assert jax.config.jax_default_matmul_precision == before
+  assert ("precision='highest'" in capsys.readouterr().out) == (precision == "highest")
