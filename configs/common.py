@@ -109,6 +109,7 @@ def skeleton(stage: str) -> ml_collections.ConfigDict:
   c.data.shuffle_buffer = 10_000
 
   c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adamw"      # 'adamw' | 'sgd' (plain gradient descent: scale-sensitive, for tests)
   c.optimizer.lr = 1e-4           # [GD] default
   c.optimizer.b1 = 0.9            # [ADM] App. I: AdamW, torch defaults
   c.optimizer.b2 = 0.999

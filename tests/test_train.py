@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import train_support as ts
 
@@ -44,16 +45,16 @@ def toy_loss(params, batch, rng):
   return jnp.mean(losses * batch["weights"]), {"losses": losses, "mse": losses}
 
 
-def toy_setup(microbatches=1, rates=(0.9, 0.99), dropout=0.0):
+def toy_setup(microbatches=1, rates=(0.9, 0.99), dropout=0.0, optimizer=None, loss_fn=toy_loss, empty=None):
   mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 4})
   rules = shard_lib.normalize_rules(ts.tiny_config("base").rules)
-  tx, sched = optim.make_optimizer({"lr": 1e-2, "grad_clip_norm": 1.0})
+  tx, sched = optim.make_optimizer(optimizer or {"lr": 1e-2, "grad_clip_norm": 1.0})
   sampler = timesteps.make_sampler("uniform", 50)
   init = lambda r: TOY.init(r, jnp.zeros((1, 8)))["params"]
   state, _ = state_lib.create_train_state(init, tx, rates, mesh, rules, jax.random.key(0), sampler.init)
   cfg = step_lib.StepConfig(ema_rates=rates, microbatches=microbatches, caption_dropout=dropout, num_timesteps=50)
-  fn = step_lib.make_train_step(toy_loss, tx, sched, cfg, sampler, (jnp.zeros(8, jnp.int32), jnp.zeros(8, bool)),
-                                mesh, rules)
+  empty = empty or (jnp.zeros(8, jnp.int32), jnp.zeros(8, bool))
+  fn = step_lib.make_train_step(loss_fn, tx, sched, cfg, sampler, empty, mesh, rules)
   with jax.set_mesh(mesh):
     jitted = jax.jit(fn)
   return state, jitted, mesh
@@ -66,19 +67,55 @@ def toy_batch(seed, b=16):
 
 
 def test_grad_accumulation_over_4_microbatches_equals_full_batch():
-  s1, step1, mesh = toy_setup(1)
-  s4, step4, _ = toy_setup(4)
+  # SGD: a sum over microbatches where the mean belongs would make 4x larger steps (Adam would not
+  # notice); the gradient norms are compared as well.
+  sgd = {"name": "sgd", "lr": 0.5}
+  s1, step1, mesh = toy_setup(1, optimizer=sgd)
+  s4, step4, _ = toy_setup(4, optimizer=sgd)
+  p0 = jax.device_get(s1.params)
   rng = jax.random.key(3)
-  for i in range(2):
+  for i in range(3):
     batch = shard_lib.host_local_to_global(toy_batch(i), mesh)
     with jax.set_mesh(mesh):
       s1, m1 = step1(s1, batch, rng)
       s4, m4 = step4(s4, batch, rng)
     np.testing.assert_allclose(float(m1["loss"]), float(m4["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m1["grad_norm"]), float(m4["grad_norm"]), rtol=1e-5)
+    assert float(m1["grad_norm"]) > 1e-3
   for a, b in zip(jax.tree.leaves((s1.params, s1.opt_state, s1.ema)), jax.tree.leaves((s4.params, s4.opt_state, s4.ema))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
-  assert int(s4.step) == 2  # one optimizer (and EMA) update per step, not per microbatch
-  assert int(s4.opt_state[1][0].count) == 2
+  moved = [np.abs(np.asarray(a) - b).max() for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(p0))]
+  assert min(moved) > 1e-3, moved  # far above the tolerance: the steps' size is checked
+  assert int(s4.step) == 3  # one optimizer (and EMA) update per step, not per microbatch
+  assert int(optax.tree_utils.tree_get(s4.opt_state, "count")) == 3
+
+
+def test_train_step_drops_captions_at_the_rate_and_feeds_the_empty_caption():
+  # Read from the step's own outputs: its realised rate, and a loss that is the fraction of examples
+  # whose caption, as the loss function receives it, is exactly the tokenizer's empty caption.
+  tok = Tokenizer(text_ctx=8, vocab_size=100, pad_id=7)
+  empty = tuple(jnp.asarray(x[0]) for x in tok.empty(1))
+
+  def empty_fraction(params, batch, rng):
+    pred = TOY.apply({"params": params}, batch["image"].reshape(batch["image"].shape[0], -1)[:, :8])
+    is_empty = jnp.all(batch["tokens"] == empty[0], -1) & jnp.all(batch["mask"] == empty[1], -1)
+    losses = is_empty.astype(jnp.float32) + 0.0 * jnp.mean(pred, -1)
+    return jnp.mean(losses * batch["weights"]), {"losses": losses}
+
+  state, step, mesh = toy_setup(1, dropout=0.2, loss_fn=empty_fraction, empty=empty)
+  rates = []
+  for i in range(5):
+    batch = toy_batch(i, b=4096)
+    lengths = np.random.RandomState(i).randint(1, 9, 4096)
+    batch["mask"] = np.arange(8)[None] < lengths[:, None]  # ragged real captions, never empty
+    batch["tokens"] = np.where(batch["mask"], batch["tokens"], 7).astype(np.int32)
+    with jax.set_mesh(mesh):
+      state, m = step(state, shard_lib.host_local_to_global(batch, mesh), jax.random.key(9))
+    rates.append(float(m["caption_dropout_rate"]))
+    assert float(m["loss"]) == pytest.approx(rates[-1], abs=1e-6)  # dropped rows = empty-caption rows
+  assert len(set(rates)) == 5  # fresh draws every step
+  sigma = math.sqrt(0.2 * 0.8 / (5 * 4096))
+  assert abs(np.mean(rates) - 0.2) < 4.5 * sigma, rates
 
 
 def test_nan_step_is_skipped_counted_and_training_goes_on():
@@ -205,30 +242,78 @@ def test_learning_rate_warmup_then_cosine():
     optim.learning_rate_schedule({"decay": "exp"})
 
 
+def test_sgd_is_minus_lr_times_the_gradient_and_an_unknown_optimizer_is_refused():
+  params, grads = {"w": jnp.array([3.0, 4.0])}, {"w": jnp.array([1.0, -2.0])}
+  tx, _ = optim.make_optimizer({"name": "sgd", "lr": 0.1})
+  np.testing.assert_allclose(tx.update(grads, tx.init(params), params)[0]["w"], [-0.1, 0.2], rtol=1e-6)
+  tx, _ = optim.make_optimizer({"name": "sgd", "lr": 0.1, "weight_decay": 0.5})
+  np.testing.assert_allclose(tx.update(grads, tx.init(params), params)[0]["w"], [-0.25, 0.0], atol=1e-7)
+  adamw, _ = optim.make_optimizer({"lr": 0.1})  # the default
+  assert adamw.init(params)[0].mu["w"].shape == (2,)
+  with pytest.raises(ValueError, match="unknown optimizer.name 'adam'"):
+    optim.make_optimizer({"name": "adam"})
+
+
 # ----------------------------------------------------------------------------- the four stages
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def perturbed(tmp_path_factory):
+  """stage -> a bundle of its perturbed initial parameters (made once per module)."""
+  made = {}
+
+  def get(stage_name):
+    if stage_name not in made:
+      config = ts.tiny_config(stage_name)
+      made[stage_name] = ts.perturbed_bundle(config, tmp_path_factory.mktemp(f"init-{stage_name}") / "bundle")
+    return made[stage_name]
+  return get
+
+
+def stage_config(stage_name, bundle, *extra):
+  return ts.tiny_config(stage_name, f"--config.total_steps={STEPS}", *ts.SGD, f"--config.init_from={bundle}", *extra)
+
+
 @functools.lru_cache(maxsize=None)
-def reference_first_loss(stage_name: str, extra: tuple[str, ...] = ()) -> float:
-  """The first step's loss recomputed on ONE device by the stage's loss function (no step, no sharding).
+def reference_losses(stage_name: str, bundle: str, extra: tuple[str, ...] = ()) -> tuple[float, ...]:
+  """STEPS losses of plain gradient descent on ONE device, written out here: the stage's loss
+  function and its gradient on the whole batch, params -= lr * grad (no step function, no sharding).
 
   It does not depend on the mesh, so it is computed once per stage (and sampler) for all meshes.
   """
-  config = ts.tiny_config(stage_name, "--config.total_steps=2", *extra)
+  from glide_jax import bundle as bundle_lib
+
+  config = stage_config(stage_name, bundle, *extra)
   stage = stages.make_stage(config)
   it = ts.SyntheticIterator(config)
-  batch = {k: jnp.asarray(v) for k, v in next(it).items() if k in stage.batch_keys}
   tok = ts.tokenizer(config)
   sampler = timesteps.sampler_from_config(config, stage.diffusion.num_timesteps)
-  init_rng, step_rng = jax.random.split(jax.random.key(int(config.seed)))
-  params = nn.meta.unbox(jax.jit(stage.init).lower(init_rng).compile(compiler_options=ts.FAST)(init_rng))
-  st = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None, ema={},
-                            skipped=jnp.zeros((), jnp.int32), sampler=sampler.init())
+  _, step_rng = jax.random.split(jax.random.key(int(config.seed)))
+  params = jax.tree.map(jnp.asarray, bundle_lib.load_bundle(bundle)[0])
+  lr = float(config.optimizer.lr)
   et, em = tok.empty(1)
   cfg = step_lib.StepConfig(caption_dropout=train.caption_dropout_rate(config), uses_text=stage.uses_text,
                             num_timesteps=stage.diffusion.num_timesteps)
-  b, k_model, _ = step_lib.prepare_batch(st, batch, step_rng, cfg, sampler, (jnp.asarray(et[0]), jnp.asarray(em[0])))
-  loss, _ = jax.jit(stage.loss).lower(params, b, k_model).compile(compiler_options=ts.FAST)(params, b, k_model)
+  grad_fn = jax.jit(jax.value_and_grad(stage.loss, has_aux=True))
+  sampler_state, losses, compiled = sampler.init(), [], None
+  for i in range(STEPS):
+    batch = {k: jnp.asarray(v) for k, v in next(it).items() if k in stage.batch_keys}
+    st = state_lib.TrainState(step=jnp.int32(i), params=params, opt_state=None, ema={},
+                              skipped=jnp.zeros((), jnp.int32), sampler=sampler_state)
+    b, k_model, _ = step_lib.prepare_batch(st, batch, step_rng, cfg, sampler, (jnp.asarray(et[0]), jnp.asarray(em[0])))
+    compiled = compiled or grad_fn.lower(params, b, k_model).compile(compiler_options=ts.FAST)
+    (loss, aux), grads = compiled(params, b, k_model)
+    if i:  # the updates so far move this step's loss by far more than the test's tolerance
+      (frozen, _), _ = compiled(params0, b, k_model)
+      assert abs(float(loss) - float(frozen)) > 1e-3 * abs(float(frozen)), (i, float(loss), float(frozen))
+    params0 = params0 if i else params
+    params = jax.tree.map(lambda p, g: p - lr * g, params, grads)
+    if "losses" in aux:
+      sampler_state = sampler.update(sampler_state, b["t"], aux["losses"])
+    losses.append(float(loss))
   assert all(len(x.devices()) == 1 for x in jax.tree.leaves(params))
-  return float(loss)
+  return tuple(losses)
 
 
 MESHES = {"1x8": (1, 8), "2x4": (2, 4), "8x1": (8, 1)}
@@ -239,21 +324,21 @@ CASES = [("base-lsm" if (stage, mesh) == ("base", "2x4") else stage, mesh)
 
 
 @pytest.mark.parametrize("stage,mesh_name", CASES)
-def test_stage_trains_on_mesh_with_the_single_device_first_loss(stage, mesh_name, tmp_path):
+def test_stage_trains_on_mesh_with_the_single_device_losses(stage, mesh_name, tmp_path, perturbed):
+  # Perturbed parameters (no zero output layer) and SGD from the first step: every step's loss
+  # depends on the sharded forward and backward of the steps before, and on the gradient's scale.
   data, fsdp = MESHES[mesh_name]
   extra = ()
   if stage == "base-lsm":
     stage, extra = "base", ("--config.diffusion.schedule_sampler=loss-second-moment",)
-  config = ts.tiny_config(stage, "--config.total_steps=2", *ts.mesh_overrides(data, fsdp), *extra)
+  bundle = perturbed(stage)
+  config = stage_config(stage, bundle, *ts.mesh_overrides(data, fsdp), *extra)
   result = train.train(config, str(tmp_path), data_iterator=ts.SyntheticIterator(config),
                        tokenizer=ts.tokenizer(config), progress=False, compiler_options=ts.FAST)
-  # Two steps (the second runs on the updated, still sharded state) with finite losses.
-  assert len(result["losses"]) == 2 and all(np.isfinite(result["losses"]))
-  assert result["step"] == 2 and int(result["state"].step) == 2
+  assert result["step"] == STEPS and int(result["state"].step) == STEPS
   leaf = jax.tree.leaves(result["state"].params)[0]
   assert leaf.sharding.mesh.shape["data"] == data and leaf.sharding.mesh.shape["fsdp"] == fsdp
-  ref = reference_first_loss(stage, extra)
-  assert abs(result["losses"][0] - ref) / abs(ref) < 1e-5, (result["losses"][0], ref)
+  np.testing.assert_allclose(result["losses"], reference_losses(stage, bundle, extra), rtol=2e-5)
 
 
 def make_small_shapes(data_dir):

@@ -116,3 +116,61 @@ def session_cache(tmp_path_factory) -> str:
   path.mkdir(parents=True, exist_ok=True)
   enable_compilation_cache(str(path))
   return str(path)
+
+
+# SGD from the first step: unlike Adam its update changes when every gradient is scaled, so a sum
+# where a mean belongs (over devices, hosts or microbatches) changes the losses and parameters.
+SGD = ["--config.optimizer.name=sgd", "--config.optimizer.lr=0.05", "--config.optimizer.warmup_steps=0",
+       "--config.optimizer.decay=constant", "--config.optimizer.grad_clip_norm=0",
+       "--config.optimizer.weight_decay=0"]
+
+
+def perturbed_params(config, seed: int = 0):
+  """The stage's initial parameters (host numpy) with every all-zero leaf drawn at random (fan-in
+  scaled kernels, biases of std 0.1): GLIDE zero-initialises output layers, and a model whose output
+  is exactly zero makes its loss independent of the rest of the network."""
+  import flax.linen as nn
+
+  from glide_jax.train import stages
+
+  stage = stages.make_stage(config)
+  key = jax.random.key(seed)
+  params = jax.device_get(nn.meta.unbox(jax.jit(stage.init).lower(key).compile(compiler_options=FAST)(key)))
+  r = np.random.RandomState(seed)
+
+  def perturb(x):
+    x = np.asarray(x, np.float32)
+    if np.any(x):
+      return x
+    scale = 1.0 / np.sqrt(np.prod(x.shape[:-1])) if x.ndim > 1 else 0.1
+    return (scale * r.standard_normal(x.shape)).astype(np.float32)
+
+  return jax.tree.map(perturb, params)
+
+
+def perturbed_bundle(config, path, seed: int = 0) -> str:
+  """`perturbed_params` saved as a bundle, for `--config.init_from`."""
+  from glide_jax import bundle
+  from glide_jax.diffusion import schedules
+  from glide_jax.train import stages
+
+  meta = {"model": {"kind": stages.make_stage(config).kind, "options": dict(config.model.options)},
+          "diffusion": {"prediction": schedules.prediction_of(config.diffusion)}}
+  return str(bundle.save_bundle(path, perturbed_params(config, seed), meta))
+
+
+def logged_steps(workdir) -> dict[int, dict[str, float]]:
+  """The per-step scalars of WORKDIR/train.log: {step: {name: value}} (values as printed, 6 digits).
+  A step logged twice (two processes writing) is an error."""
+  import os
+
+  out: dict[int, dict[str, float]] = {}
+  with open(os.path.join(workdir, "train.log")) as f:
+    for line in f:
+      words = line.split()
+      if len(words) > 3 and words[2] == "step" and words[3].isdigit():
+        step = int(words[3])
+        if step in out:
+          raise AssertionError(f"step {step} logged twice in {workdir}/train.log")
+        out[step] = {k: float(v) for k, v in (w.split("=", 1) for w in words[4:] if "=" in w)}
+  return out

@@ -2,6 +2,8 @@
 
 guided-diffusion uses plain AdamW (torch defaults, no warmup, no clipping); the config can ask for
 both. Weight decay is decoupled (AdamW) and applies to every parameter, as torch's AdamW does.
+`name='sgd'` is plain gradient descent (update = -lr * gradient, plus weight decay if set): unlike
+Adam it changes when every gradient is scaled, so tests of gradient averaging use it.
 """
 from __future__ import annotations
 
@@ -38,12 +40,23 @@ def learning_rate_schedule(opt_cfg: Any) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def make_optimizer(opt_cfg: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns (tx, schedule). Optimizer state is float32 like the parameters."""
   schedule = learning_rate_schedule(opt_cfg)
-  adamw = optax.adamw(schedule, b1=float(_get(opt_cfg, "b1", 0.9)), b2=float(_get(opt_cfg, "b2", 0.999)),
-                      eps=float(_get(opt_cfg, "eps", 1e-8)),
-                      weight_decay=float(_get(opt_cfg, "weight_decay", 0.0) or 0.0))
+  name = str(_get(opt_cfg, "name", "adamw") or "adamw")
+  weight_decay = float(_get(opt_cfg, "weight_decay", 0.0) or 0.0)
+  if name == "adamw":
+    core = optax.adamw(schedule, b1=float(_get(opt_cfg, "b1", 0.9)), b2=float(_get(opt_cfg, "b2", 0.999)),
+                       eps=float(_get(opt_cfg, "eps", 1e-8)), weight_decay=weight_decay)
+  elif name == "sgd":
+    core = optax.sgd(schedule)
+    if weight_decay:
+      core = optax.chain(optax.add_decayed_weights(weight_decay), core)
+  else:
+    raise ValueError(f"unknown optimizer.name {name!r}; choose from {', '.join(OPTIMIZERS)}")
   clip = float(_get(opt_cfg, "grad_clip_norm", 0.0) or 0.0)
-  tx = optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
+  tx = optax.chain(optax.clip_by_global_norm(clip), core) if clip > 0 else core
   return tx, schedule
