@@ -1,5 +1,5 @@
-"""layers.attention (jax.nn.dot_product_attention) against a hand-written float32 einsum-softmax, and
-the `attention_impl` model option."""
+"""layers.attention (the CPU default's einsum and jax.nn.dot_product_attention) against a float64
+einsum-softmax, the 'xla' path against the reference dumps, and the `attention_impl` model option."""
 from __future__ import annotations
 
 import warnings
@@ -42,28 +42,34 @@ def _rel(a, b):
   return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
 
 
+IMPLS = [None, "xla"]  # None on the CPU: our einsum; 'xla': jax.nn.dot_product_attention
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mask_kind", ["none", "causal", "padding"])
-def test_float32_matches_the_einsum_softmax(mask_kind):
+def test_float32_matches_the_einsum_softmax(mask_kind, impl):
   q, k, v = _inputs(jnp.float32)
   lq, lk = q.shape[1], k.shape[1]
   mask = {"none": None,
           "causal": jnp.tril(jnp.ones((lq, lk), bool), k=lk - lq)[None, None],
           "padding": (jnp.arange(lk)[None, :] < jnp.array([[lk], [11]]))[:, None, None, :]}[mask_kind]
-  got = jax.jit(lambda q, k, v: layers.attention(q, k, v, mask=mask))(q, k, v)
+  got = jax.jit(lambda q, k, v: layers.attention(q, k, v, mask=mask, implementation=impl))(q, k, v)
   assert got.dtype == jnp.float32 and got.shape == q.shape
   assert _rel(got, _reference(q, k, v, mask)) < 1e-5
 
 
-def test_bfloat16_logits_and_softmax_in_float32():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bfloat16_logits_and_softmax_in_float32(impl):
   q, k, v = _inputs(jnp.bfloat16)
   mask = (jnp.arange(k.shape[1]) < 20)[None, None, None, :]
-  got = jax.jit(lambda q, k, v: layers.attention(q, k, v, mask=mask))(q, k, v)
+  got = jax.jit(lambda q, k, v: layers.attention(q, k, v, mask=mask, implementation=impl))(q, k, v)
   assert got.dtype == jnp.bfloat16
   # Only the output's bf16 rounding (2**-8 relative) and the bf16 weights remain.
   assert _rel(got, _reference(q, k, v, mask)) < 1e-2
 
 
-def test_gradients_match_the_einsum_softmax():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradients_match_the_einsum_softmax(impl):
   q, k, v = _inputs(jnp.float32, seed=1, spread=1.0)
   probe = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape), jnp.float32)
 
@@ -72,21 +78,34 @@ def test_gradients_match_the_einsum_softmax():
     w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q * s, k * s), axis=-1)
     return jnp.sum(jnp.einsum("bhqk,bkhd->bqhd", w, v) * probe)
 
-  ours = jax.jit(jax.grad(lambda *a: jnp.sum(layers.attention(*a) * probe), argnums=(0, 1, 2)))(q, k, v)
+  ours = jax.jit(jax.grad(lambda *a: jnp.sum(layers.attention(*a, implementation=impl) * probe),
+                          argnums=(0, 1, 2)))(q, k, v)
   theirs = jax.jit(jax.grad(by_hand, argnums=(0, 1, 2)))(q, k, v)
   for a, b in zip(ours, theirs):
     assert _rel(a, np.asarray(b, np.float64)) < 1e-5
 
 
-def test_cudnn_off_a_gpu_falls_back_to_xla_with_a_warning():
+def test_cudnn_off_a_gpu_falls_back_to_the_default_with_a_warning():
   assert jax.default_backend() != "gpu"
   q, k, v = _inputs(jnp.bfloat16)
   with pytest.warns(RuntimeWarning, match="attention_impl='cudnn' needs a GPU"):
     got = layers.attention(q, k, v, implementation="cudnn")
   np.testing.assert_array_equal(np.asarray(got, np.float32),
-                                np.asarray(layers.attention(q, k, v, implementation="xla"), np.float32))
+                                np.asarray(layers.attention(q, k, v), np.float32))
   with pytest.raises(ValueError, match="choose from"):
     layers.attention(q, k, v, implementation="flash")
+
+
+@pytest.mark.parametrize("dump", ["text2im_base.npz", "noised_clip.npz"])
+def test_xla_path_matches_the_reference_dumps(reference_dir, monkeypatch, dump):
+  """The dump parity (tests/test_unet.py, test_clip.py) runs the CPU default; this runs every
+  attention of the U-Net, the text encoder and the noised CLIP through jax.nn.dot_product_attention."""
+  from glide_jax.interop.glide_text2im import check_dump
+  real = layers.attention
+  monkeypatch.setattr(layers, "attention", lambda q, k, v, *, mask=None, implementation=None:
+                      real(q, k, v, mask=mask, implementation=implementation or "xla"))
+  errors = check_dump(reference_dir / dump)
+  assert errors and max(errors.values()) < 1e-5, errors  # the parity tolerance is 1e-4
 
 
 def test_attention_impl_option_reaches_every_unet_attention_block(monkeypatch):

@@ -168,3 +168,14 @@ def test_conv_algorithms_prints_both_algorithms(capsys):
   assert row["direct_fwd_s"] > 0 and row["winograd_fwd_bwd_s"] > 0
   with pytest.raises(ValueError, match="BATCHxSIZE"):
     conv_algorithms.main(["--shapes", "2x8x4"])
+
+
+def test_attention(capsys):
+  from benchmarks import attention
+  assert attention.main(["--batch", "1", "--repeats", "1"]) == 0
+  rows = _lines(capsys)
+  _header_ok(rows[0])
+  timed = rows[1:]
+  assert {(r["shape"], r["side"]) for r in timed} == {(s, side) for s in attention.SHAPES
+                                                      for side in ("default", "xla", "before")}
+  assert all(r["median_s"] > 0 and r["runs"] == 1 for r in timed)

@@ -175,30 +175,35 @@ ATTENTION_IMPLS = (None, "xla", "cudnn")
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
               implementation: str | None = None) -> jax.Array:
-  """Multi-head attention through `jax.nn.dot_product_attention`, with GLIDE's scale 1/sqrt(ch).
+  """Multi-head attention with GLIDE's scale 1/sqrt(ch), logits and softmax in float32.
 
   q: [B, Lq, H, D]; k, v: [B, Lk, H, D] (same dtype as q); mask: bool, broadcastable to
-  [B, H, Lq, Lk], True = attend. Returns [B, Lq, H, D] in q's dtype.
-
-  The reference scales q and k each by ch**-0.25 before q.k; the scale is passed whole here (the
-  same product, one rounding fewer in bf16). `implementation` (the model option `attention_impl`):
-    None / 'xla'  XLA's attention: logits q.k accumulated in float32 (for bf16 inputs the dot is
-                  bf16 x bf16 -> float32), scaled, masked and softmaxed in float32; the weights are
-                  cast to v's dtype for weights.v (as the reference's `softmax(w.float()).type(w.dtype)`).
-    'cudnn'       cuDNN's fused (flash) attention on a GPU: bf16/fp16 inputs only, float32 softmax
-                  statistics. On another backend (CPU, TPU) it falls back to XLA with a warning, so
-                  a model configured for GPUs still samples elsewhere; on a GPU an unsupported
-                  dtype or shape is an error.
+  [B, H, Lq, Lk], True = attend. Returns [B, Lq, H, D] in q's dtype. Every path accumulates the
+  logits q.k in float32 (bf16 inputs: a bf16 x bf16 -> float32 dot), masks and softmaxes them in
+  float32, and casts the weights to v's dtype for weights.v (the reference's
+  `softmax(w.float()).type(w.dtype)`). `implementation` (the model option `attention_impl`):
+    None   the default: on the CPU backend `_einsum_attention` (jax's XLA attention materialises
+           two transposes of the [B, H, Lq, Lk] weights in its backward pass there and was 25-30 %
+           slower on the demo's 16x16 attention, docs/performance.md); elsewhere
+           `jax.nn.dot_product_attention` with its default choice (XLA's today).
+    'xla'  `jax.nn.dot_product_attention(implementation='xla')` on every backend (scale passed whole).
+    'cudnn'  cuDNN's fused (flash) attention on a GPU: bf16/fp16 inputs only, float32 softmax
+           statistics. On another backend it falls back to the default with a warning, so a model
+           configured for GPUs still samples elsewhere; on a GPU an unsupported dtype or shape is a
+           ValueError.
   """
   if implementation not in ATTENTION_IMPLS:
     raise ValueError(f"attention implementation {implementation!r}: choose from {ATTENTION_IMPLS}")
   if mask is not None:
     mask = jnp.asarray(mask, bool)
+  backend = jax.default_backend()
+  if implementation == "cudnn" and backend != "gpu":
+    warnings.warn(f"attention_impl='cudnn' needs a GPU; the backend is {backend!r}, so the default "
+                  "attention runs instead", RuntimeWarning, stacklevel=2)
+    implementation = None
+  if implementation is None and backend == "cpu":
+    return _einsum_attention(q, k, v, mask)
   scale = q.shape[-1] ** -0.5
-  if implementation == "cudnn" and jax.default_backend() != "gpu":
-    warnings.warn(f"attention_impl='cudnn' needs a GPU; the backend is {jax.default_backend()!r}, "
-                  "so XLA's attention runs instead", RuntimeWarning, stacklevel=2)
-    implementation = "xla"
   if implementation != "cudnn":
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
   try:
@@ -207,3 +212,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
     raise ValueError(f"attention_impl='cudnn' cannot run q {q.dtype}{tuple(q.shape)}, k {tuple(k.shape)}: {e} "
                      "(cuDNN's fused attention takes bfloat16/float16; use attention_impl=None for "
                      "float32)") from e
+
+
+def _einsum_attention(q, k, v, mask):
+  """The reference's QKVAttention with float32 logits and softmax.
+
+  float32: q and k each scaled by ch**-0.25 before q.k, as the reference (the fastest on the CPU).
+  Narrower dtypes: the float32 logits are scaled by 1/sqrt(ch) instead, since scaling q and k in
+  bf16 would round every element to 8 bits (1.8e-2 relative error on the output for
+  tests/test_attention.py's inputs, against 2.2e-3 scaled after)."""
+  d = q.shape[-1]
+  if q.dtype == jnp.float32:
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * d ** -0.25, k * d ** -0.25, preferred_element_type=jnp.float32)
+  else:
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * d ** -0.5
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
