@@ -15,6 +15,8 @@ benchmarks.run`, the demo scripts and the tests. It adds the flags only when
     in XLA_FLAGS, so an unknown one is dropped with a warning instead).
 
   GLIDE_JAX_CPU_FLAGS=0      keep XLA's defaults
+  GLIDE_JAX_FLAG_CACHE=F     where the names missing from a jaxlib are remembered ('off': nowhere;
+                             default ~/.cache/glide_jax/xla_flags_missing.json)
 A flag already present in XLA_FLAGS is left as the user set it.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import functools
 import glob
 import importlib.util
+import json
 import mmap
 import os
 import pathlib
@@ -95,14 +98,45 @@ def _name_in(mm: mmap.mmap, name: bytes) -> bool:
   return False
 
 
+def _missing_cache_path() -> pathlib.Path | None:
+  where = os.environ.get("GLIDE_JAX_FLAG_CACHE", "")
+  if where.lower() in ("off", "0", "none", "false"):
+    return None
+  return pathlib.Path(where or pathlib.Path.home() / ".cache" / "glide_jax" / "xla_flags_missing.json")
+
+
+def _library_key(libraries: tuple[str, ...]) -> str:
+  return "|".join(f"{p}:{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}" for p in libraries)
+
+
 @functools.cache
 def _known(names: tuple[str, ...], libraries: tuple[str, ...]) -> frozenset[str]:
+  """The names found in the libraries. A name found is found early; one missing costs a full scan
+  (0.1 s with the library in the page cache, seconds without), so missing names are remembered on
+  disk per library file (path, size, mtime: a new jaxlib is scanned afresh)."""
+  cache_path, key = _missing_cache_path(), _library_key(libraries)
+  cache: dict = {}
+  if cache_path is not None:
+    try:
+      cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+      cache = {}
+  known_missing = set(cache.get(key, []))
   found: set[str] = set()
+  todo = [n for n in names if n not in known_missing]
   for lib in libraries:
     with open(lib, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-      found.update(n for n in names if n not in found and _name_in(mm, n.encode()))
-    if len(found) == len(names):
+      found.update(n for n in todo if n not in found and _name_in(mm, n.encode()))
+    if len(found) == len(todo):
       break
+  missing = set(todo) - found
+  if missing and cache_path is not None:
+    try:
+      cache_path.parent.mkdir(parents=True, exist_ok=True)
+      cache[key] = sorted(known_missing | missing)
+      cache_path.write_text(json.dumps(cache, indent=1))
+    except OSError:
+      pass
   return frozenset(found)
 
 
@@ -111,7 +145,8 @@ def known_flags(flags, libraries: list[pathlib.Path] | None = None) -> list[str]
 
   XLA registers each flag by its name string, so a name absent from every jaxlib library is one XLA
   would abort on. Costs a few milliseconds when the names are present (they sit in the first 20 MB
-  of jaxlib 0.10's 350 MB library) and about 0.1 s per missing name (a full scan); cached per process."""
+  of jaxlib 0.10's 350 MB library); a missing name is scanned for once per jaxlib
+  (GLIDE_JAX_FLAG_CACHE: the file that remembers it, or 'off')."""
   libs = _jaxlib_libraries() if libraries is None else libraries
   names = tuple(f.lstrip("-").split("=")[0] for f in flags)
   known = _known(names, tuple(str(p) for p in libs)) if libs else frozenset()

@@ -49,6 +49,14 @@ def test_flags_are_added_once_and_respect_the_user():
   assert cpu_flags.apply(off) == [] and "XLA_FLAGS" not in off
 
 
+@pytest.fixture(autouse=True)
+def _flag_cache(tmp_path, monkeypatch):
+  monkeypatch.setenv("GLIDE_JAX_FLAG_CACHE", str(tmp_path / "missing.json"))  # not the user's
+  cpu_flags._known.cache_clear()
+  yield
+  cpu_flags._known.cache_clear()
+
+
 def test_an_unknown_flag_is_dropped_with_a_warning():
   env = dict(CPU)
   # A made-up name, and a prefix of a real one (XLA aborts on both).
@@ -69,6 +77,20 @@ def test_the_flags_xla_would_abort_on_are_the_ones_dropped():
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120,
                          check=False)
     assert (out.returncode == 0 and out.stdout.strip() == "ok") == ok, (flags, out.stderr[-500:])
+
+
+def test_a_missing_name_is_scanned_for_once_per_jaxlib(tmp_path, monkeypatch):
+  bad = "--xla_cpu_no_such_flag_for_glide_jax=1"
+  scanned = []
+  real = cpu_flags._name_in
+  monkeypatch.setattr(cpu_flags, "_name_in", lambda mm, name: scanned.append(name) or real(mm, name))
+  assert cpu_flags.known_flags([bad]) == []
+  assert scanned == [b"xla_cpu_no_such_flag_for_glide_jax"]
+  assert "xla_cpu_no_such_flag_for_glide_jax" in (tmp_path / "missing.json").read_text()
+  cpu_flags._known.cache_clear()  # a new process: the file remembers, only the known flags are searched
+  scanned.clear()
+  assert cpu_flags.known_flags([bad, *cpu_flags.FLAGS]) == list(cpu_flags.FLAGS)
+  assert b"xla_cpu_no_such_flag_for_glide_jax" not in scanned and len(scanned) == len(cpu_flags.FLAGS)
 
 
 @pytest.mark.parametrize("platforms, applied", [("cpu", True), ("cpu,cuda", True), ("cuda", False),
