@@ -189,7 +189,8 @@ class Result:
   flops_per_device: float = 0.0   # compiler's count for one device (a while body counted once)
   bytes_accessed_per_device: float = 0.0
   collectives: dict = dataclasses.field(default_factory=dict)
-  compile_seconds: float = 0.0
+  compile_seconds: float = 0.0   # lowering (Python -> StableHLO) + XLA compile
+  lower_seconds: float = 0.0
   fingerprint: str = ""           # sha256 of the step's StableHLO (the trainer logs the same)
   error: str = ""
 
@@ -239,6 +240,7 @@ def compile_train_step(config: Any, devices: Sequence[Any], label: str = "",
   start = time.time()
   try:
     lowered = program.lower()
+    result.lower_seconds = time.time() - start
     result.fingerprint = program.fingerprint(lowered)
     compiled = lowered.compile()
   except Exception as e:  # noqa: BLE001 - libtpu reports an over-full HBM as a compile error
@@ -370,5 +372,6 @@ def result_json(config: Any, topology: str, res: Result, chip: Chip, per_chip: i
       "overrides": list(res.overrides),
       "collectives": {k: v["count"] for k, v in res.collectives.items()},
       "compile_seconds": round(res.compile_seconds, 1),
+      "lower_seconds": round(res.lower_seconds, 1),
       "program_fingerprint": res.fingerprint,
   }

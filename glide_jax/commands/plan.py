@@ -199,5 +199,8 @@ def run(args: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001 - the train-step plan stands on its own
       print(f"\nsampler step: could not compile: {type(e).__name__}: {str(e)[:300]}")
       summary["sampler"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+  # What the compile cost this machine (the numbers docs/scale.md reports for each plan).
+  import resource
+  summary["host_peak_rss_bytes"] = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
   print(json.dumps(summary, sort_keys=True))
   return 0 if summary["fits"] else 1
