@@ -23,32 +23,24 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from glide_jax import hardware
+from glide_jax.hardware import Chip
 from glide_jax.parallel import sharding as shard_lib
 
 GiB = 1 << 30
 
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  hbm_bytes: int          # HBM per chip
-  peak_flops: float       # dense bf16 FLOP/s per chip
-  hbm_bandwidth: float    # bytes/s per chip
-
-
-# Public Cloud TPU specifications (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e).
-CHIPS: dict[str, Chip] = {
-    "v4": Chip(32 * GiB, 275e12, 1.2e12),
-    "v5e": Chip(16 * GiB, 197e12, 8.19e11),
-    "v5p": Chip(95 * GiB, 459e12, 2.765e12),
-    "v6e": Chip(32 * GiB, 918e12, 1.64e12),
-}
+# The TPU generations a topology names, from the one chip table (glide_jax/hardware.py: peak
+# FLOP/s, HBM size and bandwidth with their sources). `chip.peak_flops` is the dense bf16 peak.
+TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
+CHIPS: dict[str, Chip] = {gen: hardware.CHIPS[gen] for gen in TPU_GENERATIONS}
 
 
 def host_chip(n_devices: int) -> Chip:
   """`--topology cpu`: the local devices share this machine's memory; no peak is known (0)."""
   import os
   total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  return Chip(int(total // max(1, n_devices)), 0.0, 0.0)
+  return Chip(name="cpu", device_kinds=(), bf16_flops=0.0, tf32_flops=None, fp32_flops=None,
+              hbm_bytes=int(total // max(1, n_devices)), hbm_bandwidth=0.0, source="host memory (sysconf)")
 
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -63,7 +55,7 @@ class PlanError(RuntimeError):
 # ----------------------------------------------------------------------------- topology
 def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
   """'v5p:4x4x4' -> ('v5p', (4, 4, 4))."""
-  m = re.fullmatch(r"(v4|v5e|v5p|v6e):(\d+(?:x\d+)+)", name.strip())
+  m = re.fullmatch("(" + "|".join(TPU_GENERATIONS) + r"):(\d+(?:x\d+)+)", name.strip())
   if not m:
     raise PlanError(f"topology {name!r} is not of the form GEN:AxB[xC] with GEN in {sorted(CHIPS)}, "
                     "e.g. v5p:4x4x4, v5e:16x16, v4:2x2x1, v6e:8x8")

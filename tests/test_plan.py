@@ -109,3 +109,20 @@ def test_plan_command_compiles_for_a_tpu_topology():
   assert result["collectives"]["all-gather"] >= 1
   # the compiler's FLOPs include the forward+backward the analytic count predicts (and more)
   assert result["flops_per_step"] >= 0.8 * result["model_flops_per_step"] > 0
+
+
+def test_chips_come_from_the_one_hardware_table():
+  from glide_jax import hardware
+  assert sorted(plan.CHIPS) == ["v4", "v5e", "v5p", "v6e"]
+  for gen, chip in plan.CHIPS.items():
+    assert chip is hardware.CHIPS[gen] and chip.peak_flops == chip.bf16_flops > 0
+  host = plan.host_chip(4)
+  total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  assert host.hbm_bytes == total // 4 and host.peak_flops == 0 and host.hbm_bandwidth == 0
+  res = plan.Result(label="x", overrides=[], fits=True, per_device_bytes=1, flops_per_device=1e9,
+                    bytes_accessed_per_device=1e6)
+  config = config_lib.load_config("configs/shapes.py")
+  out = plan.result_json(config, "cpu", res, host, 1, 4, 1e9, 1e8)
+  assert out["hbm_bytes"] == host.hbm_bytes and out["step_time_lower_bound_s"] == 0.0  # no peak: no bound
+  v5p = plan.result_json(config, "v5p:2x2x1", res, plan.CHIPS["v5p"], 1, 4, 4e12, 1e8)
+  assert v5p["step_time_lower_bound_s"] == pytest.approx(4e12 / (459e12 * 4))

@@ -215,7 +215,7 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
   host_batch = next(data_iterator)
   data_wait = time.perf_counter() - t_wait
   batch = program.put_batch(host_batch)
-  peak = peak_flops(jax.devices()[0].device_kind)
+  peak = peak_flops(jax.devices()[0].device_kind, config.model.dtype, jax.config.jax_default_matmul_precision)
 
   # ---------------------------------------------------------------------- the loop
   multihost.check_params_agree(state.params, int(state.step))
