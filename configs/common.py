@@ -62,8 +62,10 @@ TEXT2IM_SIZES = {
 
 
 def model_options(stage: str, variant: str) -> dict:
-  """A fresh copy of the glide-text2im options for a 'base' or 'upsample' model of a variant."""
-  return dict(TEXT2IM_SIZES[stage][variant])
+  """A fresh copy of the glide-text2im options for a 'base' or 'upsample' model of a variant, plus
+  our `scan_layers` (off: the text blocks per layer; on: under nn.scan, docs/models.md), listed so
+  that `--config.model.options.scan_layers=true` can set it."""
+  return dict(TEXT2IM_SIZES[stage][variant], scan_layers=False)
 
 
 # ----------------------------------------------------------------------------- skeleton
@@ -80,7 +82,7 @@ def skeleton(stage: str) -> ml_collections.ConfigDict:
   c.model.kind = "text2im"      # registry.create_model kind
   c.model.options = ml_collections.ConfigDict()
   c.model.dtype = "float32"     # compute dtype; parameters stay float32
-  c.model.remat_policy = "none"  # 'none' | 'full' | 'dots' (rematerialise in the backward pass)
+  c.model.remat_policy = "none"  # per block: 'none' | 'full' | 'dots' | ... (glide_jax/models/remat.py)
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.steps = 1000

@@ -35,8 +35,9 @@ def tiny():
   return model, nn.meta.unbox(variables["params"]), variables["params"]
 
 
-def test_parity_with_reference_dump(dump):
-  errors = clip_keys.check_clip_dump(dump)
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["per_layer", "scanned"])
+def test_parity_with_reference_dump(dump, scan_layers):
+  errors = clip_keys.check_clip_dump(dump, options={"scan_layers": scan_layers})
   assert set(errors) == {"text_emb", "image_emb", "guidance_grad"}
   for name, err in errors.items():
     assert err < 1e-4, (name, err)

@@ -25,10 +25,11 @@ def _rel(a, b):
   return np.max(np.abs(a - b)) / np.max(np.abs(b))
 
 
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["per_layer", "scanned"])
 @pytest.mark.parametrize("name", DUMPS)
-def test_matches_reference_dump(reference_dir, name):
+def test_matches_reference_dump(reference_dir, name, scan_layers):
   data = _load(reference_dir, name)
-  ours = g.run_model_dump(data)
+  ours = g.run_model_dump(data, options={"scan_layers": scan_layers})
   expected = {"out"} | ({"xf_proj", "xf_out"} if name == "base" else set())
   assert expected <= {k[len("output/"):] for k in data if k.startswith("output/")}
   for key in expected:

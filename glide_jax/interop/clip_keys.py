@@ -8,6 +8,8 @@ Reference keys (`[G] clip/encoders.py`; the released `clip_image_enc.pt` / `clip
 Rules: `blocks.` is dropped and the dotted rest is our path; Affine `w` (out, in) -> `kernel` (in, out);
 `patch_proj` OIHW -> `patch_proj/kernel` HWIO; LayerNorm `g`/`b` -> `scale`/`bias`; Affine `b` -> `bias`.
 A two-tower state_dict prefixes the keys with `text/` and `image/` (as the reference dumps do).
+With the option `scan_layers` a tower's blocks are one stacked `block/...`: import maps per layer and
+then stacks, export unstacks first (glide_jax/models/layout.py).
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+
+from glide_jax.models import layout
 
 TOWERS = ("image", "text")
 _RAW_PARAMS = ("w_voc", "w_pos", "w_t")  # raw nn.Parameters of `blocks.input`, same layout in both
@@ -109,6 +113,15 @@ def expected_shapes(options: dict) -> dict[str, dict[tuple[str, ...], tuple[int,
           for tower in TOWERS}
 
 
+def _per_layer(options: dict | None) -> dict:
+  """The options of the same model in the per-layer layout, the one that maps key by key."""
+  return {**dict(options or {}), "scan_layers": False}
+
+
+def _scanned(options: dict | None) -> bool:
+  return bool((options or {}).get("scan_layers", False))
+
+
 def _format_problems(missing: list[str], unexpected: list[str], wrong: list[str]) -> str:
   def block(title, items):
     shown = items[:40] + ([f"... and {len(items) - 40} more"] if len(items) > 40 else [])
@@ -153,10 +166,10 @@ def import_tower_state_dict(state_dict: Mapping[str, Any], tower: str, options: 
   if tower not in TOWERS:
     raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
   problems: tuple[list, list, list] = ([], [], [])
-  params = _import_tower(state_dict, expected_shapes(options)[tower], "", problems)
+  params = _import_tower(state_dict, expected_shapes(_per_layer(options))[tower], "", problems)
   if any(problems):
     raise StateDictError(f"{tower} tower: " + _format_problems(*problems))
-  return params
+  return layout.to_layout(params, _scanned(options))
 
 
 def import_clip_state_dict(state_dict: Mapping[str, Any], options: dict) -> dict:
@@ -165,7 +178,7 @@ def import_clip_state_dict(state_dict: Mapping[str, Any], options: dict) -> dict
   Use as `model.apply({'params': params}, ...)`. Arrays come back as numpy float32.
   Raises `StateDictError` naming every missing, unexpected or wrongly shaped key.
   """
-  expected = expected_shapes(options)
+  expected = expected_shapes(_per_layer(options))
   split: dict[str, dict[str, Any]] = {tower: {} for tower in TOWERS}
   problems: tuple[list, list, list] = ([], [], [])
   for key, value in state_dict.items():
@@ -177,11 +190,12 @@ def import_clip_state_dict(state_dict: Mapping[str, Any], options: dict) -> dict
   params = {tower: _import_tower(split[tower], expected[tower], f"{tower}/", problems) for tower in TOWERS}
   if any(problems):
     raise StateDictError(_format_problems(*problems))
-  return params
+  return layout.to_layout(params, _scanned(options))
 
 
 def _export_tower(params: Mapping[str, Any], expected: dict, prefix: str) -> dict[str, np.ndarray]:
-  flat = traverse_util.flatten_dict(nn.meta.unbox(dict(params)))
+  """One tower's params (either layout) against the per-layer `expected` shapes -> reference keys."""
+  flat = traverse_util.flatten_dict(layout.to_per_layer(nn.meta.unbox(dict(params))))
   missing = ["/".join((prefix.rstrip("/"),) + p) for p in expected if p not in flat]
   unexpected = ["/".join((prefix.rstrip("/"),) + p) for p in flat if p not in expected]
   wrong = ["/".join((prefix.rstrip("/"),) + p) + f" {tuple(np.shape(v))} (expected {expected[p]})"
@@ -201,7 +215,7 @@ def export_tower_state_dict(params: Mapping[str, Any], tower: str, options: dict
   """`params[tower]` -> the released single-tower layout (keys `blocks....`, PyTorch shapes)."""
   if tower not in TOWERS:
     raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
-  return _export_tower(params, expected_shapes(options)[tower], "")
+  return _export_tower(params, expected_shapes(_per_layer(options))[tower], "")
 
 
 def export_clip_state_dict(params: Mapping[str, Any], options: dict) -> dict[str, np.ndarray]:
@@ -211,7 +225,7 @@ def export_clip_state_dict(params: Mapping[str, Any], options: dict) -> dict[str
   extra = sorted(set(params) - set(TOWERS))
   if extra:
     raise StateDictError(f"parameter tree has unexpected top-level entries {extra}; expected {TOWERS}")
-  expected = expected_shapes(options)
+  expected = expected_shapes(_per_layer(options))
   out: dict[str, np.ndarray] = {}
   for tower in TOWERS:
     if tower not in params:
@@ -233,15 +247,17 @@ def load_dump_config(data: Mapping[str, np.ndarray]) -> dict:
   return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
 
 
-def check_clip_dump(data: Mapping[str, np.ndarray], dtype: Any = jnp.float32) -> dict[str, float]:
+def check_clip_dump(data: Mapping[str, np.ndarray], dtype: Any = jnp.float32,
+                    options: dict | None = None) -> dict[str, float]:
   """Runs our noised CLIP on a reference dump (`noised_clip.npz`, as loaded by np.load) with its
-  imported weights; returns max|ours - ref| / max|ref| for text_emb, image_emb and guidance_grad."""
+  imported weights; returns max|ours - ref| / max|ref| for text_emb, image_emb and guidance_grad.
+  `options` override the dump's (e.g. {"scan_layers": True})."""
   from glide_jax.models import clip
 
   config = load_dump_config(data)
   if config.get("kind") != "noised_clip":
     raise ValueError(f"not a noised CLIP dump: config kind is {config.get('kind')!r}")
-  options = config["options"]
+  options = {**config["options"], **dict(options or {})}
   state_dict = {k[len("param/"):]: data[k] for k in data if k.startswith("param/")}
   params = import_clip_state_dict(state_dict, options)
   model = clip.create_clip_model(options, dtype=dtype)

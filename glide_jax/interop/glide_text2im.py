@@ -3,7 +3,9 @@
 Mapping is by NAME: every leaf of our parameter tree has exactly one reference key, derived from its
 path (`input_blocks_3_1/qkv/kernel` <-> `input_blocks.3.1.qkv.weight`, `text_encoder/resblocks_0/...`
 <-> `transformer.resblocks.0...`). Layouts: Conv2d OIHW <-> HWIO; Conv1d (O, I, 1) and Linear (O, I)
-<-> (I, O); GroupNorm/LayerNorm weight <-> scale; embeddings as they are.
+<-> (I, O); GroupNorm/LayerNorm weight <-> scale; embeddings as they are. A model with the option
+`scan_layers` keeps its text blocks stacked (`text_encoder/resblocks/...`): import maps per layer and
+then stacks, export unstacks first (glide_jax/models/layout.py).
 """
 from __future__ import annotations
 
@@ -93,6 +95,11 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def _per_layer(options: Mapping[str, Any] | None) -> dict[str, Any]:
+  """The options of the same model in the per-layer layout, the one that maps key by key."""
+  return {**dict(options or {}), "scan_layers": False}
+
+
 def _is_unet_kind(kind: str) -> bool:
   from glide_jax.models import registry
   return registry.canonical_kind(kind) != "noised_clip"
@@ -100,14 +107,17 @@ def _is_unet_kind(kind: str) -> bool:
 
 def import_state_dict(state_dict: Mapping[str, Any], kind: str,
                       options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """A reference state_dict (numpy or torch tensors) -> our nested float32 params dict.
+  """A reference state_dict (numpy or torch tensors) -> our nested float32 params dict, in the
+  layout of the model `options` describe (stacked text blocks with `scan_layers`).
 
   Raises KeyError naming every missing and unexpected key, ValueError naming every wrong shape.
   """
+  from glide_jax.models import layout
+
   kind = CHECKPOINT_KINDS.get(kind, kind)
   if not _is_unet_kind(kind):
     raise ValueError("use glide_jax.interop.clip_keys for the noised CLIP towers")
-  shapes = expected_shapes(kind, options)
+  shapes = expected_shapes(kind, _per_layer(options))
   by_key = {torch_key(p): p for p in shapes}
   if len(by_key) != len(shapes):
     raise AssertionError("two parameters map to one reference key")  # a bug in torch_key
@@ -127,18 +137,21 @@ def import_state_dict(state_dict: Mapping[str, Any], kind: str,
     flat[path] = from_torch(path, value.astype(np.float32), len(shapes[path]))
   if wrong:
     raise ValueError(f"state_dict shapes do not match a {kind!r} model with these options: " + "; ".join(wrong))
-  return unflatten_params(flat)
+  return layout.to_layout(unflatten_params(flat), bool((options or {}).get("scan_layers", False)))
 
 
 def export_state_dict(params: Mapping[str, Any], kind: str,
                       options: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
-  """Our params -> the reference state_dict (numpy, PyTorch layouts). Exact inverse of import."""
+  """Our params (either layout) -> the reference state_dict (numpy, PyTorch layouts). Exact inverse
+  of import."""
+  from glide_jax.models import layout
+
   kind = CHECKPOINT_KINDS.get(kind, kind)
   if (options or {}).get("input_pos_emb"):
     raise ValueError("this model uses input_pos_emb, which glide-text2im's UNet does not have; "
                      "it cannot be written as a reference state_dict")
-  flat = flatten_params(params)
-  shapes = expected_shapes(kind, options)
+  flat = flatten_params(layout.to_per_layer(params))
+  shapes = expected_shapes(kind, _per_layer(options))
   missing = sorted(set(shapes) - set(flat))
   unexpected = sorted(set(flat) - set(shapes))
   if missing or unexpected:
@@ -250,25 +263,27 @@ def _rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
   return float(np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
-def model_from_dump(data: Mapping[str, np.ndarray], dtype: Any = None):
-  """(model, params, config) rebuilt from a text2im_* reference dump."""
+def model_from_dump(data: Mapping[str, np.ndarray], dtype: Any = None, options: Mapping[str, Any] | None = None):
+  """(model, params, config) rebuilt from a text2im_* reference dump; `options` override the dump's
+  (e.g. {"scan_layers": True}: the same network in the scanned layout)."""
   import jax.numpy as jnp
 
   from glide_jax.models import registry
 
   config = json.loads(str(data["config"]))
-  kind, options = config["kind"], dict(config["options"])
+  kind, options = config["kind"], {**dict(config["options"]), **dict(options or {})}
   model = registry.create_model(kind, options, dtype=dtype or jnp.float32)
   sd = {k[len("param/"):]: data[k] for k in data if k.startswith("param/")}
   return model, import_state_dict(sd, kind, options), config
 
 
-def run_model_dump(data: Mapping[str, np.ndarray], dtype: Any = None) -> dict[str, np.ndarray]:
+def run_model_dump(data: Mapping[str, np.ndarray], dtype: Any = None,
+                   options: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
   """Our outputs for a text2im_* dump's inputs, in the dump's layouts (NCHW / NCL)."""
   import jax
   import jax.numpy as jnp
 
-  model, params, _ = model_from_dump(data, dtype)
+  model, params, _ = model_from_dump(data, dtype, options)
   nhwc = lambda a: jnp.asarray(np.transpose(a, (0, 2, 3, 1)), jnp.float32)
   kw = dict(x=nhwc(data["input/x"]), timesteps=jnp.asarray(data["input/timesteps"], jnp.int32),
             tokens=jnp.asarray(data["input/tokens"], jnp.int32), mask=jnp.asarray(data["input/mask"], bool))

@@ -11,6 +11,8 @@ Parameter tree (names mirror the reference so `interop/clip_keys.py` maps by nam
   {image,text}/block_{i}/f_attn/{ln, f_q/{kernel, bias}, f_k/kernel, f_v/{kernel, bias}, f_c/{kernel, bias}}
   {image,text}/block_{i}/f_mlp/{ln, f_1/{kernel, bias}, f_2/{kernel, bias}}
   {image,text}/output/{ln/{scale, bias}, f/kernel [W, n_embd]}
+With `scan_layers` the `block_{i}` subtrees of a tower are one `block/...`, stacked on a leading
+'layers' axis (models/layout.py converts).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from glide_jax.models import layers
+from glide_jax.models import layers, layout
 
 Dtype = layers.Dtype
 
@@ -64,7 +66,8 @@ LOG_100 = math.log(100.0)  # the reference's fixed logit scale, log(100)
 # Options a tower may take per tower (`n_head_text`) or shared by both towers (`n_head`, as in
 # the reference dumps); the per-tower name wins.
 _TOWER_OPTIONS = ("n_head", "n_xf_blocks", "n_head_state")
-_KNOWN_OPTIONS = (set(_RELEASED) | set(_TOWER_OPTIONS) | {"n_timestep"})
+# `scan_layers` is ours (not the reference's): both towers' blocks under nn.scan (models/layout.py).
+_KNOWN_OPTIONS = (set(_RELEASED) | set(_TOWER_OPTIONS) | {"n_timestep", "scan_layers"})
 
 
 def resolve_clip_options(options: dict | None) -> dict:
@@ -89,20 +92,10 @@ def resolve_clip_options(options: dict | None) -> dict:
   for key in ("n_timesteps", "image_size", "patch_size", "n_vocab", "max_text_len", "n_embd"):
     out[key] = int(out[key])
   out["logit_scale"] = float(out["logit_scale"])
+  out["scan_layers"] = bool(options.get("scan_layers", False))
   if out["image_size"] % out["patch_size"]:
     raise ValueError(f"image_size {out['image_size']} is not a multiple of patch_size {out['patch_size']}")
   return out
-
-
-def _remat(cls, policy: str):
-  """`cls` for policy 'none', else `nn.remat(cls)` under the named `jax.checkpoint_policies` policy."""
-  if policy in ("none", "", None):
-    return cls
-  if policy == "full":
-    return nn.remat(cls)
-  if not hasattr(jax.checkpoint_policies, policy):
-    raise ValueError(f"unknown remat_policy {policy!r}")
-  return nn.remat(cls, policy=getattr(jax.checkpoint_policies, policy))
 
 
 class AttentionResblock(nn.Module):
@@ -248,6 +241,7 @@ class ImageEncoder(nn.Module):
   n_timestep: int = 1000
   dtype: Dtype = jnp.float32
   remat_policy: str = "none"
+  scan_layers: bool = False  # the blocks under nn.scan: one stacked `block/` subtree
 
   @nn.compact
   def __call__(self, image: jax.Array, timesteps: jax.Array) -> jax.Array:
@@ -261,10 +255,10 @@ class ImageEncoder(nn.Module):
     x = (image.astype(jnp.float32) + 1) * 127.5
     h = ImageEmbedding(s, self.patch_size, self.width, self.n_timestep, self.dtype, name="input")(x, timesteps)
     h = layers.constrain(h, ("batch", "act_length", "act_embed"))
-    block = _remat(TransformerBlock, self.remat_policy)
-    for i in range(self.n_xf_blocks):
-      # n_resblocks = 2 * n_xf_blocks in the reference (it only sets init scales).
-      h = block(self.width, self.heads, 2 * self.n_xf_blocks, False, self.dtype, name=f"block_{i}")(h)
+    # n_resblocks = 2 * n_xf_blocks in the reference (it only sets init scales).
+    h = layout.repeat_blocks(TransformerBlock, (self.width, self.heads, 2 * self.n_xf_blocks, False, self.dtype), h,
+                             length=self.n_xf_blocks, name="block", scan=self.scan_layers,
+                             remat_policy=self.remat_policy)
     return FeatureExtractor(self.n_embd, self.dtype, name="output")(h[:, 0])
 
 
@@ -282,6 +276,7 @@ class TextEncoder(nn.Module):
   n_embd: int = 512
   dtype: Dtype = jnp.float32
   remat_policy: str = "none"
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, tokens: jax.Array, text_len: jax.Array) -> jax.Array:
@@ -292,9 +287,9 @@ class TextEncoder(nn.Module):
       raise ValueError(f"text_len must be [B] = {tokens.shape[:1]}, got {text_len.shape}")
     h = TextEmbedding(self.n_vocab, self.max_text_len, self.width, name="input")(tokens)
     h = layers.constrain(h, ("batch", "act_length", "act_embed"))
-    block = _remat(TransformerBlock, self.remat_policy)
-    for i in range(self.n_xf_blocks):
-      h = block(self.width, self.heads, 2 * self.n_xf_blocks, True, self.dtype, name=f"block_{i}")(h)
+    h = layout.repeat_blocks(TransformerBlock, (self.width, self.heads, 2 * self.n_xf_blocks, True, self.dtype), h,
+                             length=self.n_xf_blocks, name="block", scan=self.scan_layers,
+                             remat_policy=self.remat_policy)
     # Pool at the last real token. text_len 0 (which the reference tokenizer never makes, as it
     # always adds SOT and EOT) would index -1; we clamp to position 0 instead of wrapping around.
     index = jnp.clip(text_len.astype(jnp.int32) - 1, 0, tokens.shape[1] - 1)
@@ -322,12 +317,14 @@ class NoisedCLIP(nn.Module):
   logit_scale: float = LOG_100
   dtype: Dtype = jnp.float32
   remat_policy: str = "none"
+  scan_layers: bool = False
 
   def setup(self):
     self.image = ImageEncoder(self.image_size, self.patch_size, self.image_width, self.image_heads,
-                              self.image_blocks, self.n_embd, self.n_timestep, self.dtype, self.remat_policy)
+                              self.image_blocks, self.n_embd, self.n_timestep, self.dtype, self.remat_policy,
+                              self.scan_layers)
     self.text = TextEncoder(self.n_vocab, self.max_text_len, self.text_width, self.text_heads,
-                            self.text_blocks, self.n_embd, self.dtype, self.remat_policy)
+                            self.text_blocks, self.n_embd, self.dtype, self.remat_policy, self.scan_layers)
 
   def encode_image(self, image: jax.Array, timesteps: jax.Array) -> jax.Array:
     """image [B, H, W, 3] in [-1, 1], timesteps [B] int (original 0..T-1) -> [B, n_embd] float32."""
@@ -355,7 +352,8 @@ def create_clip_model(options: dict | None = None, dtype: Dtype = jnp.float32,
       n_vocab=o["n_vocab"], max_text_len=o["max_text_len"],
       text_width=o["n_head_text"] * o["n_head_state_text"], text_heads=o["n_head_text"],
       text_blocks=o["n_xf_blocks_text"],
-      n_embd=o["n_embd"], logit_scale=math.log(o["logit_scale"]), dtype=dtype, remat_policy=remat_policy)
+      n_embd=o["n_embd"], logit_scale=math.log(o["logit_scale"]), dtype=dtype, remat_policy=remat_policy,
+      scan_layers=o["scan_layers"])
 
 
 def normalise(z: jax.Array) -> jax.Array:

@@ -15,6 +15,7 @@ Logical axis vocabulary (the mesh rules in `glide_jax/parallel` map these to mes
     'norm'         scales and biases of norms, and other biases (never sharded)
     'time_embed'   width of the U-Net timestep/conditioning embedding
     'timesteps'    rows of a per-timestep embedding table
+    'layers'       the leading axis of blocks stacked by `nn.scan` (scan_layers; never sharded)
   activations
     'batch', 'act_length', 'act_embed', 'act_height', 'act_width', 'act_channels'
 """

@@ -6,6 +6,8 @@ Parameter tree (the importer maps it by name to the reference's keys):
   padding_embedding           [L, W]        <- padding_embedding (only when `padding`)
   resblocks_{i}/{ln_1, attn/c_qkv, attn/c_proj, ln_2, mlp/c_fc, mlp/c_proj}
                                              <- transformer.resblocks.{i}.*
+                                                (scan_layers: one `resblocks/...` stacked on a
+                                                leading 'layers' axis, see models/layout.py)
   final_ln                                  <- final_ln (only when `final_ln`)
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from glide_jax.models import layers
+from glide_jax.models import layers, layout
 
 Dtype = layers.Dtype
 
@@ -78,6 +80,7 @@ class TextEncoder(nn.Module):
   padding: bool = True
   dtype: Dtype = jnp.float32
   remat_policy: str = "none"
+  scan_layers: bool = False  # run the blocks under nn.scan (stacked params: a smaller program)
   # Init only (no effect on imported weights). 0.02 is CLIP's; 1.0 is torch's nn.Embedding default,
   # i.e. what [G]'s code does when trained from scratch.
   token_init_std: float = 0.02
@@ -102,28 +105,9 @@ class TextEncoder(nn.Module):
       # Padded positions get the learned per-position vector instead of token + position.
       x = jnp.where(mask.astype(bool)[..., None], x, pad[None])
     x = layers.constrain(x.astype(self.dtype), ("batch", "act_length", "act_embed"))
-    block = remat(ResidualAttentionBlock, self.remat_policy)
-    for i in range(self.layers):
-      x = block(self.width, self.heads, self.dtype, name=f"resblocks_{i}")(x)
+    x = layout.repeat_blocks(ResidualAttentionBlock, (self.width, self.heads, self.dtype), x, length=self.layers,
+                             name="resblocks", scan=self.scan_layers, remat_policy=self.remat_policy)
     if self.final_ln:
       x = layers.LayerNorm(name="final_ln")(x)
     return x
 
-
-_POLICIES = {
-    "full": None,
-    "dots_saveable": "dots_saveable",
-    "dots_with_no_batch_dims_saveable": "dots_with_no_batch_dims_saveable",
-    "nothing_saveable": "nothing_saveable",
-    "everything_saveable": "everything_saveable",
-}
-
-
-def remat(cls, policy: str):
-  """`cls` itself for policy 'none', else `nn.remat(cls)` with the named jax checkpoint policy."""
-  if policy in ("none", "", None):
-    return cls
-  if policy not in _POLICIES:
-    raise ValueError(f"unknown remat_policy {policy!r}; choose from 'none', {', '.join(map(repr, _POLICIES))}")
-  name = _POLICIES[policy]
-  return nn.remat(cls, policy=None if name is None else getattr(jax.checkpoint_policies, name))

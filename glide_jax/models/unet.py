@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from glide_jax.models import layers
-from glide_jax.models.text_encoder import TextEncoder, remat
+from glide_jax.models.remat import remat
+from glide_jax.models.text_encoder import TextEncoder
 
 Dtype = layers.Dtype
 KINDS = ("text2im", "upsample", "inpaint", "upsample_inpaint")
@@ -269,6 +270,7 @@ class UNet(nn.Module):
   xf_token_init_std: float = 0.02  # initialisation of the text encoder's token embedding only
   dtype: Dtype = jnp.float32
   remat_policy: str = "none"
+  scan_layers: bool = False  # the text encoder's blocks under nn.scan (models/layout.py)
   attention_impl: str | None = None  # None/'xla': XLA's attention; 'cudnn': cuDNN's (layers.attention)
 
   def setup(self):
@@ -276,7 +278,7 @@ class UNet(nn.Module):
       raise ValueError(f"unknown U-Net kind {self.kind!r}; choose from {KINDS}")
     self.text_encoder = TextEncoder(self.n_vocab, self.text_ctx, self.xf_width, self.xf_layers, self.xf_heads,
                                     self.xf_final_ln, self.xf_padding, self.dtype, self.remat_policy,
-                                    token_init_std=self.xf_token_init_std)
+                                    token_init_std=self.xf_token_init_std, scan_layers=self.scan_layers)
     self.transformer_proj = layers.Dense(4 * self.model_channels, names=("embed", "time_embed"),
                                          dtype=self.dtype)
 

@@ -52,6 +52,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("length", None),
     ("timesteps", None),
+    ("layers", None),              # the stacked axis of scanned blocks (scan_layers): each layer whole
 )
 
 
