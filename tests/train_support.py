@@ -174,3 +174,10 @@ def logged_steps(workdir) -> dict[int, dict[str, float]]:
           raise AssertionError(f"step {step} logged twice in {workdir}/train.log")
         out[step] = {k: float(v) for k, v in (w.split("=", 1) for w in words[4:] if "=" in w)}
   return out
+
+
+def bundle_params(path):
+  """A bundle's parameters (host numpy, nested as the model's)."""
+  from glide_jax import bundle
+
+  return bundle.load_bundle(path)[0]
