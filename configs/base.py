@@ -42,6 +42,9 @@ def get_config(arg: str | None = None):
     # 3.5B params + AdamW state do not fit replicated; shard them over fsdp (see docs/scale.md).
     c.mesh.update(data=1, fsdp=-1)
     c.model.remat_policy = "full"
+    # One compiled block for the text transformer (and CLIP towers): a shorter, smaller TPU
+    # compile (docs/scale.md). Checkpoints are stacked; models/layout.py converts both ways.
+    c.model.options.scan_layers = True
   elif arg.variant == "small":
     c.total_steps = 300_000
     c.batch_size = 256

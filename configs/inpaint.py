@@ -47,6 +47,9 @@ def get_config(arg: str | None = None):
   if arg.variant == "full":
     c.mesh.update(data=1, fsdp=-1)
     c.model.remat_policy = "full"
+    # One compiled block for the text transformer (and CLIP towers): a shorter, smaller TPU
+    # compile (docs/scale.md). Checkpoints are stacked; models/layout.py converts both ways.
+    c.model.options.scan_layers = True
     if arg.upsample:
       c.batch_size = 512          # [P] §4.1
   elif arg.variant == "small":

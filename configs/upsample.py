@@ -43,6 +43,9 @@ def get_config(arg: str | None = None):
     c.batch_size = 512
     c.mesh.update(data=1, fsdp=-1)
     c.model.remat_policy = "full"
+    # One compiled block for the text transformer (and CLIP towers): a shorter, smaller TPU
+    # compile (docs/scale.md). Checkpoints are stacked; models/layout.py converts both ways.
+    c.model.options.scan_layers = True
   elif arg.variant == "small":
     c.total_steps = 200_000
     c.batch_size = 64
