@@ -38,7 +38,8 @@ def get_config(arg: str | None = None):
   config_lib.check_choice("variant", arg.variant, common.VARIANTS)
   c = common.skeleton("clip")
   c.model.kind = "noised_clip"
-  c.model.options = dict(SIZES[arg.variant], scan_layers=False)  # scan_layers: docs/models.md
+  # Ours, settable from the command line: scan_layers, attention_impl (docs/models.md).
+  c.model.options = dict(SIZES[arg.variant], scan_layers=False, attention_impl=None)
   c.model.dtype = "bfloat16"
   c.diffusion.noise_schedule = "squaredcos_cap_v2"  # [P] §4.4: the base model's schedule
   c.diffusion.schedule_sampler = "uniform"          # not stated in [P]; uniform assumed

@@ -63,9 +63,10 @@ TEXT2IM_SIZES = {
 
 def model_options(stage: str, variant: str) -> dict:
   """A fresh copy of the glide-text2im options for a 'base' or 'upsample' model of a variant, plus
-  our `scan_layers` (off: the text blocks per layer; on: under nn.scan, docs/models.md), listed so
-  that `--config.model.options.scan_layers=true` can set it."""
-  return dict(TEXT2IM_SIZES[stage][variant], scan_layers=False)
+  our `scan_layers` (off: the text blocks per layer; on: under nn.scan) and `attention_impl` (None:
+  the backend's default kernel; 'xla', 'cudnn'; docs/models.md), listed so that
+  `--config.model.options.scan_layers=true` or `--config.model.options.attention_impl=cudnn` can set them."""
+  return dict(TEXT2IM_SIZES[stage][variant], scan_layers=False, attention_impl=None)
 
 
 # ----------------------------------------------------------------------------- skeleton

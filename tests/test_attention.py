@@ -108,24 +108,67 @@ def test_xla_path_matches_the_reference_dumps(reference_dir, monkeypatch, dump):
   assert errors and max(errors.values()) < 1e-5, errors  # the parity tolerance is 1e-4
 
 
-def test_attention_impl_option_reaches_every_unet_attention_block(monkeypatch):
+def _recording(monkeypatch):
+  """Replaces layers.attention by a recorder of (Lq, Lk, masked, implementation) per traced call."""
   seen = []
   real = layers.attention
 
   def recording(q, k, v, *, mask=None, implementation=None):
-    seen.append((q.shape[1], k.shape[1], implementation))
+    seen.append((q.shape[1], k.shape[1], mask is not None, implementation))
     return real(q, k, v, mask=mask, implementation=implementation)
 
   monkeypatch.setattr(layers, "attention", recording)
+  return seen
+
+
+def _trace(fn, *args, **kwargs):
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # cudnn on the CPU: the default, as tested above
+    jax.eval_shape(fn, *args, **kwargs)  # traces the forward once
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["per_layer", "scanned"])
+def test_attention_impl_option_reaches_every_unet_and_text_encoder_attention(monkeypatch, scan_layers):
+  seen = _recording(monkeypatch)
   for impl in (None, "xla", "cudnn"):
-    model = registry.create_model("text2im", {**TINY, "attention_impl": impl})
-    inputs = model.dummy_inputs(2, 16)
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", RuntimeWarning)  # cudnn on the CPU: XLA's attention, as tested above
-      jax.eval_shape(model.init, jax.random.key(0), **inputs)  # traces the forward once
-    unet_calls = [c for c in seen if c[1] > c[0]]  # the U-Net's: text keys prepended to the image's
-    assert unet_calls and {c[2] for c in unet_calls} == {impl}, (impl, seen)
+    model = registry.create_model("text2im", {**TINY, "xf_layers": 2, "attention_impl": impl,
+                                              "scan_layers": scan_layers})
+    _trace(model.init, jax.random.key(0), **model.dummy_inputs(2, 16))
+    unet = [c for c in seen if c[1] > c[0]]  # the U-Net's: text keys prepended to the image's
+    text = [c for c in seen if c[:2] == (TINY["text_ctx"],) * 2]  # the text encoder's self-attention
+    assert len(unet) == 4 and text and len(unet) + len(text) == len(seen), seen  # 4 attention blocks
+    assert {c[3] for c in seen} == {impl}, (impl, seen)
     seen.clear()
   assert registry.create_model("text2im", {**TINY, "attention_impl": ""}).attention_impl is None
   with pytest.raises(ValueError, match="unknown attention_impl"):
     registry.create_model("text2im", {**TINY, "attention_impl": "flash"})
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["per_layer", "scanned"])
+def test_attention_impl_option_reaches_both_clip_towers(monkeypatch, scan_layers):
+  from glide_jax.models import clip
+  seen = _recording(monkeypatch)
+  options = dict(n_embd=24, n_head=2, n_head_state=16, n_xf_blocks=2, image_size=16, patch_size=4,
+                 max_text_len=12, n_vocab=50, scan_layers=scan_layers)
+  for impl in (None, "xla", "cudnn"):
+    model = clip.create_clip_model({**options, "attention_impl": impl})
+    _trace(model.init, jax.random.key(0), jnp.zeros((2, 16, 16, 3)), jnp.zeros((2,), jnp.int32),
+           jnp.zeros((2, 12), jnp.int32), jnp.ones((2,), jnp.int32))
+    image = [c for c in seen if c[:3] == (17, 17, False)]  # the class token and 4x4 patches, no mask
+    text = [c for c in seen if c[:3] == (12, 12, True)]  # causal
+    assert image and text and len(image) + len(text) == len(seen), seen
+    assert {c[3] for c in seen} == {impl}, (impl, seen)
+    seen.clear()
+  assert clip.resolve_clip_options({"attention_impl": ""})["attention_impl"] is None
+  with pytest.raises(ValueError, match="unknown attention_impl"):
+    clip.create_clip_model({**options, "attention_impl": "flash"})
+
+
+@pytest.mark.parametrize("spec", ["configs/base.py:variant=tiny", "configs/clip.py:variant=tiny"])
+def test_attention_impl_is_a_config_option(spec):
+  from glide_jax import config_lib
+  assert config_lib.load_config(spec).model.options.attention_impl is None
+  config = config_lib.load_config(spec, ["--config.model.options.attention_impl=cudnn"])
+  assert config.model.options.attention_impl == "cudnn"
+  model = registry.create_model(config.model.kind, dict(config.model.options))
+  assert model.attention_impl == "cudnn"

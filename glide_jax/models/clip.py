@@ -66,8 +66,9 @@ LOG_100 = math.log(100.0)  # the reference's fixed logit scale, log(100)
 # Options a tower may take per tower (`n_head_text`) or shared by both towers (`n_head`, as in
 # the reference dumps); the per-tower name wins.
 _TOWER_OPTIONS = ("n_head", "n_xf_blocks", "n_head_state")
-# `scan_layers` is ours (not the reference's): both towers' blocks under nn.scan (models/layout.py).
-_KNOWN_OPTIONS = (set(_RELEASED) | set(_TOWER_OPTIONS) | {"n_timestep", "scan_layers"})
+# Ours (not the reference's): `scan_layers`, both towers' blocks under nn.scan (models/layout.py);
+# `attention_impl`, the kernel of every attention (layers.attention, runtime only).
+_KNOWN_OPTIONS = (set(_RELEASED) | set(_TOWER_OPTIONS) | {"n_timestep", "scan_layers", "attention_impl"})
 
 
 def resolve_clip_options(options: dict | None) -> dict:
@@ -93,6 +94,7 @@ def resolve_clip_options(options: dict | None) -> dict:
     out[key] = int(out[key])
   out["logit_scale"] = float(out["logit_scale"])
   out["scan_layers"] = bool(options.get("scan_layers", False))
+  out["attention_impl"] = layers.attention_impl_option(options.get("attention_impl"))
   if out["image_size"] % out["patch_size"]:
     raise ValueError(f"image_size {out['image_size']} is not a multiple of patch_size {out['patch_size']}")
   return out
@@ -105,6 +107,7 @@ class AttentionResblock(nn.Module):
   n_resblocks: int
   causal: bool = False
   dtype: Dtype = jnp.float32
+  attention_impl: str | None = None  # layers.attention's implementation
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -122,7 +125,7 @@ class AttentionResblock(nn.Module):
     q, k, v = proj("f_q", True), proj("f_k", False), proj("f_v", True)
     mask = jnp.tril(jnp.ones((length, length), bool))[None, None] if self.causal else None
     # layers.attention scales q and k each by ch**-0.25 (= sqrt(qk_scale)) and softmaxes in float32.
-    h = layers.attention(q, k, v, mask=mask).reshape(b, length, self.width)
+    h = layers.attention(q, k, v, mask=mask, implementation=self.attention_impl).reshape(b, length, self.width)
     h = layers.constrain(h, ("batch", "act_length", "qkv"))
     out_std = 1 / math.sqrt(self.width * self.n_resblocks ** 2)
     h = layers.Dense(self.width, names=("qkv", "embed"), dtype=self.dtype,
@@ -155,10 +158,12 @@ class TransformerBlock(nn.Module):
   n_resblocks: int
   causal: bool = False
   dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = AttentionResblock(self.width, self.heads, self.n_resblocks, self.causal, self.dtype, name="f_attn")(x)
+    x = AttentionResblock(self.width, self.heads, self.n_resblocks, self.causal, self.dtype,
+                          self.attention_impl, name="f_attn")(x)
     x = FullyConnectedResblock(self.width, self.n_resblocks, self.dtype, name="f_mlp")(x)
     return layers.constrain(x, ("batch", "act_length", "act_embed"))
 
@@ -242,6 +247,7 @@ class ImageEncoder(nn.Module):
   dtype: Dtype = jnp.float32
   remat_policy: str = "none"
   scan_layers: bool = False  # the blocks under nn.scan: one stacked `block/` subtree
+  attention_impl: str | None = None  # layers.attention's implementation
 
   @nn.compact
   def __call__(self, image: jax.Array, timesteps: jax.Array) -> jax.Array:
@@ -256,7 +262,8 @@ class ImageEncoder(nn.Module):
     h = ImageEmbedding(s, self.patch_size, self.width, self.n_timestep, self.dtype, name="input")(x, timesteps)
     h = layers.constrain(h, ("batch", "act_length", "act_embed"))
     # n_resblocks = 2 * n_xf_blocks in the reference (it only sets init scales).
-    h = layout.repeat_blocks(TransformerBlock, (self.width, self.heads, 2 * self.n_xf_blocks, False, self.dtype), h,
+    h = layout.repeat_blocks(TransformerBlock, (self.width, self.heads, 2 * self.n_xf_blocks, False, self.dtype,
+                                                self.attention_impl), h,
                              length=self.n_xf_blocks, name="block", scan=self.scan_layers,
                              remat_policy=self.remat_policy)
     return FeatureExtractor(self.n_embd, self.dtype, name="output")(h[:, 0])
@@ -277,6 +284,7 @@ class TextEncoder(nn.Module):
   dtype: Dtype = jnp.float32
   remat_policy: str = "none"
   scan_layers: bool = False
+  attention_impl: str | None = None
 
   @nn.compact
   def __call__(self, tokens: jax.Array, text_len: jax.Array) -> jax.Array:
@@ -287,7 +295,8 @@ class TextEncoder(nn.Module):
       raise ValueError(f"text_len must be [B] = {tokens.shape[:1]}, got {text_len.shape}")
     h = TextEmbedding(self.n_vocab, self.max_text_len, self.width, name="input")(tokens)
     h = layers.constrain(h, ("batch", "act_length", "act_embed"))
-    h = layout.repeat_blocks(TransformerBlock, (self.width, self.heads, 2 * self.n_xf_blocks, True, self.dtype), h,
+    h = layout.repeat_blocks(TransformerBlock, (self.width, self.heads, 2 * self.n_xf_blocks, True, self.dtype,
+                                                self.attention_impl), h,
                              length=self.n_xf_blocks, name="block", scan=self.scan_layers,
                              remat_policy=self.remat_policy)
     # Pool at the last real token. text_len 0 (which the reference tokenizer never makes, as it
@@ -318,13 +327,15 @@ class NoisedCLIP(nn.Module):
   dtype: Dtype = jnp.float32
   remat_policy: str = "none"
   scan_layers: bool = False
+  attention_impl: str | None = None  # layers.attention's implementation, in both towers
 
   def setup(self):
     self.image = ImageEncoder(self.image_size, self.patch_size, self.image_width, self.image_heads,
                               self.image_blocks, self.n_embd, self.n_timestep, self.dtype, self.remat_policy,
-                              self.scan_layers)
+                              self.scan_layers, self.attention_impl)
     self.text = TextEncoder(self.n_vocab, self.max_text_len, self.text_width, self.text_heads,
-                            self.text_blocks, self.n_embd, self.dtype, self.remat_policy, self.scan_layers)
+                            self.text_blocks, self.n_embd, self.dtype, self.remat_policy, self.scan_layers,
+                            self.attention_impl)
 
   def encode_image(self, image: jax.Array, timesteps: jax.Array) -> jax.Array:
     """image [B, H, W, 3] in [-1, 1], timesteps [B] int (original 0..T-1) -> [B, n_embd] float32."""
@@ -353,7 +364,7 @@ def create_clip_model(options: dict | None = None, dtype: Dtype = jnp.float32,
       text_width=o["n_head_text"] * o["n_head_state_text"], text_heads=o["n_head_text"],
       text_blocks=o["n_xf_blocks_text"],
       n_embd=o["n_embd"], logit_scale=math.log(o["logit_scale"]), dtype=dtype, remat_policy=remat_policy,
-      scan_layers=o["scan_layers"])
+      scan_layers=o["scan_layers"], attention_impl=o["attention_impl"])
 
 
 def normalise(z: jax.Array) -> jax.Array:

@@ -174,6 +174,15 @@ class LayerNorm(nn.Module):
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 
 
+def attention_impl_option(value: str | None) -> str | None:
+  """The model option `attention_impl` as `attention`'s implementation: '' and None both mean None
+  (a config's string field may hold ''); anything not in ATTENTION_IMPLS is a ValueError."""
+  impl = value or None
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"unknown attention_impl {impl!r}; choose from {ATTENTION_IMPLS}")
+  return impl
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
               implementation: str | None = None) -> jax.Array:
   """Multi-head attention with GLIDE's scale 1/sqrt(ch), logits and softmax in float32.

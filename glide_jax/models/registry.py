@@ -103,10 +103,7 @@ def attention_ds_for(image_size: int, attention_resolutions: str | tuple[int, ..
 
 def attention_impl_of(options: Mapping[str, Any]) -> str | None:
   """The `attention_impl` option ('' and None both let XLA choose), checked against layers.ATTENTION_IMPLS."""
-  impl = options.get("attention_impl") or None
-  if impl not in layers.ATTENTION_IMPLS:
-    raise ValueError(f"unknown attention_impl {impl!r}; choose from {layers.ATTENTION_IMPLS}")
-  return impl
+  return layers.attention_impl_option(options.get("attention_impl"))
 
 
 def create_model(kind: str, options: Mapping[str, Any] | None = None, dtype: Any = jnp.float32,

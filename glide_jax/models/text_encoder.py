@@ -26,6 +26,7 @@ class MultiheadAttention(nn.Module):
   width: int
   heads: int
   dtype: Dtype = jnp.float32
+  attention_impl: str | None = None  # layers.attention's implementation
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -36,7 +37,7 @@ class MultiheadAttention(nn.Module):
     # The reference views the fused output as (B, L, heads, 3*ch) and splits q|k|v inside each head.
     qkv = qkv.reshape(b, length, self.heads, 3 * (self.width // self.heads))
     q, k, v = jnp.split(qkv, 3, axis=-1)
-    h = layers.attention(q, k, v).reshape(b, length, self.width)
+    h = layers.attention(q, k, v, implementation=self.attention_impl).reshape(b, length, self.width)
     return layers.Dense(self.width, names=("qkv", "embed"), dtype=self.dtype, name="c_proj")(h)
 
 
@@ -57,10 +58,12 @@ class ResidualAttentionBlock(nn.Module):
   width: int
   heads: int
   dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + MultiheadAttention(self.width, self.heads, self.dtype, name="attn")(layers.LayerNorm(name="ln_1")(x))
+    attn = MultiheadAttention(self.width, self.heads, self.dtype, self.attention_impl, name="attn")
+    x = x + attn(layers.LayerNorm(name="ln_1")(x))
     x = x + MLP(self.width, self.dtype, name="mlp")(layers.LayerNorm(name="ln_2")(x))
     return layers.constrain(x, ("batch", "act_length", "act_embed"))
 
@@ -81,6 +84,7 @@ class TextEncoder(nn.Module):
   dtype: Dtype = jnp.float32
   remat_policy: str = "none"
   scan_layers: bool = False  # run the blocks under nn.scan (stacked params: a smaller program)
+  attention_impl: str | None = None  # layers.attention's implementation (the model option)
   # Init only (no effect on imported weights). 0.02 is CLIP's; 1.0 is torch's nn.Embedding default,
   # i.e. what [G]'s code does when trained from scratch.
   token_init_std: float = 0.02
@@ -105,8 +109,9 @@ class TextEncoder(nn.Module):
       # Padded positions get the learned per-position vector instead of token + position.
       x = jnp.where(mask.astype(bool)[..., None], x, pad[None])
     x = layers.constrain(x.astype(self.dtype), ("batch", "act_length", "act_embed"))
-    x = layout.repeat_blocks(ResidualAttentionBlock, (self.width, self.heads, self.dtype), x, length=self.layers,
-                             name="resblocks", scan=self.scan_layers, remat_policy=self.remat_policy)
+    x = layout.repeat_blocks(ResidualAttentionBlock, (self.width, self.heads, self.dtype, self.attention_impl), x,
+                             length=self.layers, name="resblocks", scan=self.scan_layers,
+                             remat_policy=self.remat_policy)
     if self.final_ln:
       x = layers.LayerNorm(name="final_ln")(x)
     return x

@@ -278,7 +278,8 @@ class UNet(nn.Module):
       raise ValueError(f"unknown U-Net kind {self.kind!r}; choose from {KINDS}")
     self.text_encoder = TextEncoder(self.n_vocab, self.text_ctx, self.xf_width, self.xf_layers, self.xf_heads,
                                     self.xf_final_ln, self.xf_padding, self.dtype, self.remat_policy,
-                                    token_init_std=self.xf_token_init_std, scan_layers=self.scan_layers)
+                                    token_init_std=self.xf_token_init_std, scan_layers=self.scan_layers,
+                                    attention_impl=self.attention_impl)
     self.transformer_proj = layers.Dense(4 * self.model_channels, names=("embed", "time_embed"),
                                          dtype=self.dtype)
 

@@ -28,9 +28,10 @@ from glide_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
-# Config keys that may differ between the run that saved and the run that resumes.
+# Config keys that may differ between the run that saved and the run that resumes (the attention
+# kernel changes no parameter, and a workdir saved before the option was listed lacks it).
 RESUMABLE_KEYS = ("total_steps", "mesh", "checkpoint", "log", "sampling", "data.data_dir",
-                  "data.shuffle_buffer", "init_from")
+                  "data.shuffle_buffer", "init_from", "model.options.attention_impl")
 
 
 class ConfigMismatchError(ValueError):
