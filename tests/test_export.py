@@ -17,9 +17,13 @@ from glide_jax.train import train
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+  # From perturbed parameters: GLIDE's zero output layer would make every sample ignore the
+  # parameters, tokens and guidance scale, and an all-zero export look right.
   ts.session_cache(tmp_path_factory)
   workdir = tmp_path_factory.mktemp("wd")
-  config = ts.tiny_config("base", "--config.total_steps=2", "--config.sampling.steps=3", *ts.mesh_overrides(1, 8))
+  init = ts.perturbed_bundle(ts.tiny_config("base"), tmp_path_factory.mktemp("init") / "bundle")
+  config = ts.tiny_config("base", "--config.total_steps=2", "--config.sampling.steps=3", *ts.mesh_overrides(1, 8),
+                          f"--config.init_from={init}")
   result = train.train(config, str(workdir), data_iterator=ts.SyntheticIterator(config),
                        tokenizer=ts.tokenizer(config), progress=False, compiler_options=ts.FAST)
   return workdir, config, result
@@ -44,36 +48,67 @@ def test_export_writes_ema_params_and_the_sampler_loads_them(trained, tmp_path):
   sm = load_sampler_model(out)
   assert sm.image_size == 8 and sm.tokenizer.text_ctx == 8
 
-  assert cli.main(["export", "--workdir", str(workdir), "--out", str(tmp_path / "b16"), "--params", "raw",
-                   "--bf16"]) == 0
-  p16, m16 = bundle.load_bundle(tmp_path / "b16")
-  assert m16["dtype"] == "bfloat16"
-  k = raw["out_2"]["kernel"] if "out_2" in raw else jax.tree.leaves(raw)[0]
-  leaf16 = p16["out_2"]["kernel"] if "out_2" in p16 else None
-  if leaf16 is not None:
-    assert str(leaf16.dtype) == "bfloat16"
-    np.testing.assert_allclose(leaf16.astype(np.float32), k, rtol=1e-2, atol=1e-3)
   assert cli.main(["export", "--workdir", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
 
 
-def test_serialized_sampler_equals_the_in_process_one(trained, tmp_path):
+def test_bf16_export_holds_the_rounded_params_and_samples_like_float32(trained, tmp_path):
+  import ml_dtypes
+
+  from glide_jax.diffusion import pipeline
+
+  workdir, _, result = trained
+  for name, extra in (("b16", ["--bf16"]), ("b32", [])):
+    assert cli.main(["export", "--workdir", str(workdir), "--out", str(tmp_path / name), "--params", "raw",
+                     *extra]) == 0
+  p16, m16 = bundle.load_bundle(tmp_path / "b16")
+  assert m16["dtype"] == "bfloat16"
+  flat16 = bundle.flatten_params(p16)
+  raw = bundle.flatten_params(jax.device_get(result["state"].params))
+  assert flat16.keys() == raw.keys()
+  for k, v in raw.items():  # every leaf: the trained value rounded to bf16, nothing else
+    assert str(flat16[k].dtype) == "bfloat16", k
+    np.testing.assert_array_equal(flat16[k].astype(np.float32),
+                                  np.asarray(v).astype(ml_dtypes.bfloat16).astype(np.float32), err_msg=k)
+  # Loaded and sampled: the bf16 bundle samples what the float32 one does, to bf16's precision.
+  prompts, key = ["a red circle", "a big blue square"], jax.random.PRNGKey(0)
+  x16, x32 = (pipeline.generate(pipeline.load_sampler_model(tmp_path / n), prompts, key, guidance_scale=3.0,
+                                progress=lambda done: None) for n in ("b16", "b32"))
+  assert np.all(np.isfinite(x16))
+  assert np.abs(x16 - x32).max() < 0.05, np.abs(x16 - x32).max()
+  assert np.abs(x32[0] - x32[1]).max() > 0.1  # the prompts (and parameters) matter at all
+
+
+def test_serialized_sampler_samples_what_generate_does(trained, tmp_path):
+  # The serialized sampler against pipeline.generate (a separate implementation), for two token
+  # rows and two guidance scales: it must change with each input exactly as generate does.
+  from glide_jax.diffusion import pipeline
+
   workdir, config, _ = trained
   path = export_cmd.export(str(workdir), str(tmp_path / "s"), serialize=True, serialize_batch=2)
-  blob = (path / "sampler.jax_exported").read_bytes()
   spec = json.loads((path / "sampler.json").read_text())
   assert spec["batch"] == 2
   params, _ = bundle.load_bundle(path)
-  exported = jax.export.deserialize(bytearray(blob))
+  exported = jax.export.deserialize(bytearray((path / "sampler.jax_exported").read_bytes()))
   tok = ts.tokenizer(config)
-  tokens = np.tile(np.arange(1, 9, dtype=np.int32), (2, 1))
-  mask = np.ones((2, 8), bool)
   ut, um = tok.empty(2)
-  key = jax.random.key_data(jax.random.key(7))
-  served = exported.call(params, tokens, mask, ut, um, key, jnp.float32(3.0))
-  fn, size = export_cmd.sampling_function(config)
-  direct = jax.jit(fn)(params, tokens, mask, ut, um, jax.random.key(7), jnp.float32(3.0))
-  assert served.shape == (2, size, size, 3)
-  np.testing.assert_allclose(np.asarray(served), np.asarray(direct), rtol=1e-5, atol=1e-5)
+  key = jax.random.key(7)
+  first = (np.tile(np.arange(1, 9, dtype=np.int32), (2, 1)), np.ones((2, 8), bool))
+  mask = np.arange(8)[None] < np.array([[3], [6]])
+  second = (np.where(mask, np.arange(20, 28, dtype=np.int32)[None], 0).astype(np.int32), mask)
+
+  def served(tokens, g):
+    return np.asarray(exported.call(params, *tokens, ut, um, jax.random.key_data(key), jnp.float32(g)))
+
+  def direct(tokens, g):
+    sm = pipeline.load_sampler_model(path, tokenizer=_FixedTokens(*tokens, tok))
+    return pipeline.generate(sm, ["a", "b"], key, guidance_scale=g, progress=lambda done: None)
+
+  s13, s23, s11 = served(first, 3.0), served(second, 3.0), served(first, 1.0)
+  assert s13.shape == (2, 8, 8, 3)
+  np.testing.assert_allclose(s13, direct(first, 3.0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(s23, direct(second, 3.0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(s11, direct(first, 1.0), rtol=1e-5, atol=1e-5)
+  assert np.abs(s13 - s23).max() > 1e-2 and np.abs(s13 - s11).max() > 1e-2
 
 
 class _FixedTokens:
