@@ -165,19 +165,29 @@ def test_cascade_and_inpainting_from_the_command(bundles, tmp_path):
     assert np.abs(res[half:] - known[half:]).max() > 10
 
 
-def test_clip_guided_sampling(bundles, tmp_path):
-  out = tmp_path / "clip"
-  args = ["sample", "--bundle", str(bundles["base"]), "--prompt", "a red circle", "--steps", "4", "--seed", "2",
-          "--out", str(out), "--no-progress"]
-  assert cli.main([*args, "--clip-bundle", str(bundles["clip"]), "--clip-guidance-scale", "200"]) == 0
-  guided = np.asarray(Image.open(out / "000000.png")).astype(int)
-  sm = pipeline.load_sampler_model(bundles["base"])
-  key = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(2), 0))[0]
-  plain = images.to_uint8(pipeline.generate(sm, ["a red circle"], key, guidance_scale=1.0, respacing="4",
-                                            progress=NO_BAR))[0].astype(int)
-  assert np.abs(guided - plain).max() > 5  # the CLIP gradient moved the sample
+def test_clip_guided_sampling_raises_the_clip_score_with_the_scale(bundles, tmp_path):
+  # The noised CLIP's score (t = 0) of each sample for its own caption rises with the CLIP guidance
+  # scale from the unguided sample (no CFG, as with CLIP guidance); a dropped CLIP model (CFG
+  # instead) or a flipped gradient would not do that.
+  from glide_jax.eval import clip_score
+
+  prompts = ["a red circle", "a blue square", "a small green triangle", "two red squares"]
+  clip = clip_score.load_clip_bundle(bundles["clip"])
+  scores = []
+  for scale in (0, 2, 30):
+    out = tmp_path / f"clip{scale}"
+    args = ["sample", "--bundle", str(bundles["base"]), "--steps", "4", "--seed", "2", "--batch-size", "4",
+            "--out", str(out), "--no-progress", "--guidance-scale", "1"]
+    for p in prompts:
+      args += ["--prompt", p]
+    if scale:
+      args += ["--clip-bundle", str(bundles["clip"]), "--clip-guidance-scale", str(scale)]
+    assert cli.main(args) == 0
+    scores.append(clip_score.clip_score_of_samples(clip, np.stack(_read(out, 4)), prompts)["per_sample"])
+  assert np.all(scores[1] > scores[0]) and np.all(scores[2] > scores[1]), scores
   with pytest.raises(SystemExit, match="clip-bundle"):
-    cli.main([*args, "--clip-guidance-scale", "2"])
+    cli.main(["sample", "--bundle", str(bundles["base"]), "--prompt", "x", "--out", str(tmp_path),
+              "--clip-guidance-scale", "2"])
 
 
 def test_bad_inputs_are_refused(bundles, tmp_path):
