@@ -203,8 +203,14 @@ def test_split_hash_is_stable():
   first = [image_folder.split_of(n, 0.1) for n in names]
   assert first == [image_folder.split_of(n, 0.1) for n in names]
   assert 0.07 < first.count("validation") / len(names) < 0.13
-  # Known values pin the hash (a changed hash would silently move files between splits).
-  assert image_folder.split_of("a.jpg", 0.5) == image_folder.split_of("a.jpg", 0.5)
+  # Known values pin the hash (a changed or salted hash would silently move files between splits):
+  # the first 8 bytes of sha256(path) / 2**64, written here to 4 digits.
+  pinned = {"a.jpg": 0.3149, "b.png": 0.3725, "dir/img_0.jpg": 0.2337, "dir/img_1.jpg": 0.8065,
+            "photos/cat 1.jpeg": 0.0100, "\u00fcn\u00efcode/\u00e9.png": 0.9256}
+  for name, h in pinned.items():
+    assert image_folder.split_of(name, h - 0.001) == "train", name
+    assert image_folder.split_of(name, h + 0.001) == "validation", name
+  assert [i for i, s in enumerate(first[:60]) if s == "validation"] == [2, 20]
   assert {image_folder.split_of(n, 0.0) for n in names} == {"train"}
   assert {image_folder.split_of(n, 1.0) for n in names} == {"validation"}
 
