@@ -89,37 +89,50 @@ def test_tensorboard_logging(tmp_path):
   plots.TensorBoard(None).scalars(0, {"a": 1.0})  # no logdir: a no-op
 
 
-def test_run_sweep_with_given_generator_matches_recomputed_accuracy(tmp_path):
-  """run_sweep's table agrees with the reader run again on the PNGs it wrote."""
-  prompts, expected = sweep.shapes_validation_prompts(12)
+def test_run_sweep_table_and_statistics_match_hand_counts(tmp_path):
+  """run_sweep's table, intervals, confusion and paired comparison against counts made by hand from
+  how the samples were drawn (not the sweep's own functions run again)."""
   from glide_jax.data import render
-  good = render.render(render.sample_attributes(render.SPLIT_SEEDS["validation"], 0, 12), 32)
-  rng = np.random.default_rng(0)
 
-  def generate(ps, scale):  # "better" with scale: fewer samples replaced by noise
-    out = good.copy()
-    bad = rng.random(len(ps)) > scale / 4
-    out[bad] = rng.integers(0, 256, size=(int(bad.sum()), 32, 32, 3), dtype=np.uint8)
-    return out
+  prompts, expected = sweep.shapes_validation_prompts(12)
+  a = render.sample_attributes(render.SPLIT_SEEDS["validation"], 0, 12)
+  # Scale 1: sample 0 in the wrong colour, 1 the wrong shape, 2 the wrong size, 3 at the wrong
+  # position, 4 wrong in colour and shape, 5 a blank canvas; 6-11 as asked. Scale 4: all as asked.
+  drawn = {k: v.copy() for k, v in a.items()}
+  drawn["colour"][[0, 4]] = (a["colour"][[0, 4]] + 1) % len(A.COLOURS)
+  drawn["shape"][[1, 4]] = (a["shape"][[1, 4]] + 1) % len(A.SHAPES)
+  drawn["size"][2] = 1 - a["size"][2]
+  drawn["position"][3] = (a["position"][3] + 1) % len(A.POSITIONS)
+  at_1 = render.render(drawn, 32)
+  at_1[5] = 200  # grey only: no shape to read
+  at_4 = render.render(a, 32)
 
-  rows = sweep.run_sweep(generate, prompts, [1.0, 4.0], tmp_path, attributes=expected, log=lambda s: None)
-  assert rows[1]["acc_all"] == 1.0  # scale 4: the dataset's own images
-  for row in sweep.read_table(tmp_path / "sweep.csv"):
-    images = np.stack([np.asarray(Image.open(tmp_path / row["samples_dir"] / f"{i:05d}.png")) for i in range(12)])
-    acc = A.caption_accuracy(images, A.parse_captions((tmp_path / "prompts.txt").read_text().split("\n")[:12]))
-    assert row["acc_all"] == pytest.approx(acc["all"]) and row["acc_shape"] == pytest.approx(acc["shape"])
-  assert (tmp_path / "sweep.png").is_file() and (tmp_path / "grids" / "scale_1.png").is_file()
-  # Statistics: intervals hold their accuracy; scale 4 (all right) against scale 1 pairs up so that
-  # no prompt is right only at scale 1 and every prompt wrong at scale 1 counts for scale 4.
+  rows = sweep.run_sweep(lambda ps, scale: at_4 if scale == 4 else at_1, prompts, [1.0, 4.0], tmp_path,
+                         attributes=expected, log=lambda s: None)
+  hand = {"all": 6 / 12, "colour": 9 / 12, "shape": 9 / 12, "size": 10 / 12, "position": 10 / 12}
+  for a_name, value in hand.items():
+    assert rows[0][f"acc_{a_name}"] == pytest.approx(value), a_name
+    assert rows[1][f"acc_{a_name}"] == 1.0
+  assert (rows[0]["unreadable"], rows[1]["unreadable"]) == (1, 0)
+  assert [r["acc_all"] for r in sweep.read_table(tmp_path / "sweep.csv")] == pytest.approx([0.5, 1.0])
   doc = json.loads((tmp_path / "sweep.json").read_text())
-  for r in doc["rows"]:
-    for a in ("all",) + A.ATTRIBUTES:
-      lo, hi = r["ci95"][a]
-      assert 0 <= lo <= r[f"acc_{a}"] <= hi <= 1
+  # 95 % Wilson intervals of 6/12, 9/12 and 12/12, worked out by hand from the closed form.
+  first, second = doc["rows"]
+  assert first["ci95"]["all"] == pytest.approx([0.2538, 0.7462], abs=1e-4)
+  assert first["ci95"]["colour"] == pytest.approx([0.4677, 0.9111], abs=1e-4)
+  assert second["ci95"]["all"] == pytest.approx([0.7575, 1.0], abs=1e-4)
+  # Size at scale 1: sample 2 read as the other size, sample 5 in the unreadable column.
+  size = np.asarray(first["confusion"]["size"])
+  asked = np.bincount(a["size"], minlength=2)
+  assert size.shape == (2, 3) and size[:, 2].sum() == 1 and size[a["size"][2], 1 - a["size"][2]] == 1
+  assert size[a["size"][5], 2] == 1 and np.trace(size[:, :2]) == 10 and (size.sum(1) == asked).all()
+  # Scale 4 against scale 1: the six prompts wrong at 1 are right at 4, none the other way round.
   (p,) = doc["paired"]
   assert (p["scale"], p["baseline_scale"]) == (4.0, 1.0)
-  assert p["all"]["only_baseline"] == 0 and p["all"]["only_scale"] == round(12 * (1 - rows[0]["acc_all"]))
-  assert p["all"]["diff"] == pytest.approx(rows[1]["acc_all"] - rows[0]["acc_all"])
+  assert (p["all"]["only_scale"], p["all"]["only_baseline"]) == (6, 0)
+  assert (p["colour"]["only_scale"], p["colour"]["only_baseline"]) == (3, 0)
+  assert p["all"]["diff"] == pytest.approx(0.5)
+  assert (tmp_path / "sweep.png").is_file() and (tmp_path / "grids" / "scale_1.png").is_file()
   # Rescoring the directory reproduces the table and statistics without touching the samples.
   stamp = (tmp_path / "scale_1" / "00000.png").stat().st_mtime_ns
   again = sweep.rescore(tmp_path, log=lambda s: None)
@@ -201,6 +214,8 @@ def test_sweep_cli_end_to_end(tiny_bundles, tmp_path):
   assert [r["guidance_scale"] for r in rows] == [2.0, 4.0] and all(r["n"] == 6 for r in rows)
   settings = json.loads((out / "sweep.json").read_text())["settings"]
   assert settings["sampler"] == "ddim" and settings["timestep_respacing"] == "4"
+  # A random model's samples cannot be counted by hand (the hand-counted test above checks the
+  # counting); here the table must describe the PNGs it wrote under each scale's directory.
   prompts = (out / "prompts.txt").read_text().splitlines()
   expected = A.parse_captions(prompts)
   bundle_clip = clip_score.load_clip_bundle(clip)
