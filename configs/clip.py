@@ -61,6 +61,9 @@ def get_config(arg: str | None = None):
     c.optimizer.lr = 4e-4
     c.mesh.update(data=1, fsdp=-1)
     c.model.remat_policy = "full"
+    # One compiled block for the text transformer (and CLIP towers): a shorter, smaller TPU
+    # compile (docs/scale.md). Checkpoints are stacked; models/layout.py converts both ways.
+    c.model.options.scan_layers = True
   elif arg.variant == "small":
     c.batch_size = 4096
     c.total_steps = 100_000
