@@ -27,30 +27,42 @@ TINY_OPTIONS: dict[str, dict[str, Any]] = {
                  "xf_heads": 2, "text_ctx": 8, "dropout": 0.0},
 }
 
+# Smaller still, for the device check's --cpu run in CI: one 8 px level compiles in half tiny's time.
+MICRO_OPTIONS: dict[str, dict[str, Any]] = {
+    "text2im": dict(TINY_OPTIONS["text2im"], image_size=8, channel_mult="1"),
+}
+
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--preset", default="released", choices=["released", "shapes", "tiny"],
+  p.add_argument("--preset", default="released", choices=["released", "shapes", "tiny", "micro"],
                  help="released = the released GLIDE sizes; shapes = the demo model of configs/shapes.py "
-                      "(text2im only); tiny = a 16 px model for testing the harness")
+                      "(text2im only); tiny = a 16 px model for testing the harness; micro = an 8 px one "
+                      "(text2im only)")
   p.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up run (median reported)")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="our compute dtype")
   p.add_argument("--no-reference", action="store_true", help="run ours alone even if glide-text2im is importable")
   p.add_argument("--threads", type=int, default=0, help="torch threads (0 = the number of cores)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--fast-compile", action="store_true", help="XLA optimisation off (tests only; slows the run)")
+  p.add_argument("--attention-impl", default=None, choices=["xla", "cudnn"],
+                 help="the model option attention_impl (default: the backend's default attention)")
 
 
-def model_options(kind: str, preset: str) -> dict[str, Any]:
+def model_options(kind: str, preset: str, attention_impl: str | None = None) -> dict[str, Any]:
   """glide-text2im option names for `kind` ('text2im' | 'upsample') at `preset`."""
   from glide_jax.models import registry
-  if preset == "tiny":
-    return registry.resolve_options(kind, TINY_OPTIONS[kind])
+  extra = {"attention_impl": attention_impl} if attention_impl else {}
+  if preset in ("tiny", "micro"):
+    table = TINY_OPTIONS if preset == "tiny" else MICRO_OPTIONS
+    if kind not in table:
+      raise ValueError(f"--preset {preset} has no {kind} model")
+    return registry.resolve_options(kind, {**table[kind], **extra})
   if preset == "shapes":
     if kind != "text2im":
       raise ValueError(f"--preset shapes is the demo's text2im model; there is no shapes {kind} model")
     from configs import shapes
-    return registry.resolve_options(kind, dict(shapes.MODEL))
-  return registry.resolve_options(kind, {})
+    return registry.resolve_options(kind, {**shapes.MODEL, **extra})
+  return registry.resolve_options(kind, extra)
 
 
 def random_params(kind: str, options: dict[str, Any], seed: int = 0, std: float = 0.02):
@@ -104,7 +116,8 @@ def machine() -> dict[str, Any]:
     pass
   return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
           "jax": jax.__version__, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
-          "num_devices": len(jax.devices()), "xla_threads": "default",
+          "device_kind": jax.devices()[0].device_kind, "num_devices": len(jax.devices()),
+          "matmul_precision": jax.config.jax_default_matmul_precision, "xla_threads": "default",
           "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
@@ -184,6 +197,21 @@ def _flops(compiled) -> float | None:
   except Exception as e:  # noqa: BLE001 - not every backend reports costs; the timing stays valid
     print(f"no cost analysis: {e}", file=sys.stderr)
     return None
+
+
+def utilisation(flops: float | None, seconds: float, dtype: str) -> dict[str, Any]:
+  """Achieved TFLOP/s (XLA's FLOP count of the program / seconds) and MFU: that over one chip's
+  dense peak for `dtype` at jax's default matmul precision (glide_jax.hardware; float32 on a GPU
+  runs TF32 unless the precision is 'highest'). MFU is None where no peak is known (CPUs)."""
+  import jax
+
+  from glide_jax import hardware
+  if not flops or seconds <= 0:
+    return {"tflops_per_s": None, "peak_tflops_per_s": None, "mfu": None}
+  achieved = flops / seconds
+  peak = hardware.peak_flops(jax.devices()[0].device_kind, dtype, jax.config.jax_default_matmul_precision)
+  return {"tflops_per_s": achieved / 1e12, "peak_tflops_per_s": peak and peak / 1e12,
+          "mfu": achieved / peak if peak else None}
 
 
 def reference_status(disabled: bool = False) -> tuple[bool, str]:

@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="forward", description=__doc__.splitlines()[0])
   common.add_common_args(p)
   p.add_argument("--batch", type=int, default=2)
+  p.add_argument("--full-only", action="store_true", help="skip the U-Net with the text encoding precomputed")
   args = p.parse_args(argv)
 
   cache = common.enable_compile_cache()
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
   from glide_jax.models import registry
 
   kind = "text2im"
-  options = common.model_options(kind, args.preset)
+  options = common.model_options(kind, args.preset, args.attention_impl)
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   model = registry.create_model(kind, options, dtype=dtype)
   params = common.random_params(kind, options, args.seed)
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
   use_ref, why = common.reference_status(args.no_reference)
   threads = common.setup_torch(args.threads) if use_ref else None
   config = {"preset": args.preset, "kind": kind, "params": common.count_params(params), "batch": args.batch,
-            "image_size": int(options["image_size"]), "text_ctx": int(options["text_ctx"]), "dtype": args.dtype}
+            "image_size": int(options["image_size"]), "text_ctx": int(options["text_ctx"]), "dtype": args.dtype,
+            "attention_impl": args.attention_impl}
   common.emit({"benchmark": "forward", "config": config, "machine": common.machine(), "torch_threads": threads,
                "reference": why, "compile_cache": cache})
 
@@ -66,17 +68,19 @@ def main(argv: list[str] | None = None) -> int:
                "compile_s": round(compile_s, 3), "gflop": flops and flops / 1e9,
                "gflops_per_s": flops and flops / 1e9 / ours["median_s"], **common.round_floats(ours)})
 
-  # What a sampler step runs: the U-Net with the text encoded beforehand.
-  text = jax.jit(lambda p_, k_, m_: model.apply({"params": p_}, k_, m_, method="encode_text"))(dparams, dtok, dmask)
-  unet = jax.jit(lambda p_, x_, t_, c_: model.apply({"params": p_}, x_, t_, text_cond=c_))
-  c_unet, _, flops_unet = common.compile_timed(unet, dparams, dx, dt, text, options=common.compiler_options(args))
-  cached = common.time_fn(lambda: c_unet(dparams, dx, dt, text), args.repeats)
-  common.emit({"benchmark": "forward", "side": "ours", "what": "U-Net, text_cond precomputed",
-               "gflop": flops_unet and flops_unet / 1e9,
-               "gflops_per_s": flops_unet and flops_unet / 1e9 / cached["median_s"], **common.round_floats(cached)})
+  if not args.full_only:
+    # What a sampler step runs: the U-Net with the text encoded beforehand.
+    text = jax.jit(lambda p_, k_, m_: model.apply({"params": p_}, k_, m_, method="encode_text"))(dparams, dtok, dmask)
+    unet = jax.jit(lambda p_, x_, t_, c_: model.apply({"params": p_}, x_, t_, text_cond=c_))
+    c_unet, _, flops_unet = common.compile_timed(unet, dparams, dx, dt, text, options=common.compiler_options(args))
+    cached = common.time_fn(lambda: c_unet(dparams, dx, dt, text), args.repeats)
+    common.emit({"benchmark": "forward", "side": "ours", "what": "U-Net, text_cond precomputed",
+                 "gflop": flops_unet and flops_unet / 1e9,
+                 "gflops_per_s": flops_unet and flops_unet / 1e9 / cached["median_s"], **common.round_floats(cached)})
 
   summary = {"benchmark": "forward", "summary": True, "config": config, "ours_s": round(ours["median_s"], 4),
              "ours_gflops_per_s": flops and round(flops / 1e9 / ours["median_s"], 2),
+             "gflop": flops and flops / 1e9, **common.utilisation(flops, ours["median_s"], args.dtype),
              "load_avg_1m": common.machine()["load_avg_1m"]}
   if use_ref:
     import torch

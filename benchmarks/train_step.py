@@ -1,15 +1,18 @@
-"""One optimizer step (batch 4) of the released base model and of the upsampler.
+"""One optimizer step (batch 4) of the released base model and of the upsampler; or of the demo.
 
   python -m benchmarks.run train_step                       # base and upsample, released sizes
   python -m benchmarks.run train_step --stages base --repeats 3
   python -m benchmarks.run train_step --preset tiny --repeats 1
+  python -m benchmarks.run train_step --stages shapes       # configs/shapes.py as it trains (batch 32)
 
 Ours: the real train step (glide_jax.train.step: caption dropout, timestep and noise draws, hybrid
 loss, AdamW, EMA, non-finite skip) jitted with the state donated, on one device, from
 configs/base.py and configs/upsample.py (variant=released) at --dtype (float32 by default; the
-configs ask bf16). Reference: glide-text2im's model in train mode with the same weights, the same
-hybrid loss, torch AdamW and an EMA update. Prints the compile time of our step, the median step
-time, the achieved GFLOP/s (XLA's FLOP count / time) and the ratio ours/reference.
+configs ask bf16); `shapes` is configs/shapes.py itself (its model, batch and recipe; --batch
+and --dtype override them, --preset tiny or micro shrinks the model). Reference: glide-text2im's
+model in train mode with the same weights, the same hybrid loss, torch AdamW and an EMA update.
+Prints the compile time of our step, the median step time, the achieved GFLOP/s (XLA's FLOP count
+/ time), TFLOP/s and MFU against the chip's peak (glide_jax.hardware) and the ratio ours/reference.
 """
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ import sys
 
 from benchmarks import common
 
-STAGES = {"base": ("configs.base", "text2im"), "upsample": ("configs.upsample", "upsample")}
+STAGES = {"base": ("configs.base", "text2im"), "upsample": ("configs.upsample", "upsample"),
+          "shapes": ("configs.shapes", "text2im")}
+DEFAULT_STAGES = ("base", "upsample")
 
 
 def make_batch(stage: str, options: dict, batch: int, low_res_size: int, seed: int) -> dict:
@@ -34,16 +39,31 @@ def make_batch(stage: str, options: dict, batch: int, low_res_size: int, seed: i
 
 
 def benchmark_config(stage_name: str, args):
-  """configs/{base,upsample}.py:variant=released at the benchmark's sizes, dtype and batch."""
+  """configs/{base,upsample}.py:variant=released at the benchmark's sizes, dtype and batch; or
+  configs/shapes.py with its own model (tiny or micro under those presets), batch and dtype unless given."""
   import importlib
   module, kind = STAGES[stage_name]
+  if stage_name == "shapes":
+    config = importlib.import_module(module).get_config("")
+    preset = args.preset if args.preset in ("tiny", "micro") else "shapes"
+    options = common.model_options(kind, preset, args.attention_impl)
+    if preset != "shapes":
+      options["n_vocab"] = int(config.model.options["n_vocab"])  # the demo's closed vocabulary
+    with config.unlocked():
+      config.model.options = options
+      config.model.dtype = args.dtype or config.model.dtype
+      config.batch_size = args.batch or config.batch_size
+      config.microbatches = 1
+      config.data.tokenizer.text_ctx = int(options["text_ctx"])
+    return config
   config = importlib.import_module(module).get_config("variant=released")
-  options = common.model_options(kind, args.preset)
+  options = common.model_options(kind, args.preset, args.attention_impl)
   with config.unlocked():
     config.model.options = options
-    config.model.dtype = args.dtype
-    config.batch_size = args.batch
+    config.model.dtype = args.dtype or "float32"
+    config.batch_size = args.batch or 4
     config.microbatches = 1
+    config.data.tokenizer.text_ctx = int(options["text_ctx"])
     if stage_name == "upsample":
       config.data.low_res_size = int(options["image_size"]) // 4
   return config
@@ -67,11 +87,12 @@ def run_stage(stage_name: str, args, use_ref: bool, threads: int | None) -> None
   state = program.init_state(jax.random.key(args.seed), params=params)
   ema_rates = program.ema_rates
   low = int(config.data.get("low_res_size", 0) or 0)
-  host_batch = make_batch(stage_name, options, args.batch, low, args.seed)
+  host_batch = make_batch(stage_name, options, int(config.batch_size), low, args.seed)
   batch = program.put_batch(host_batch)
   rng = program.put_rng(jax.random.key(args.seed + 3))
   cfg = {"stage": stage_name, "preset": args.preset, "kind": kind, "params": common.count_params(params),
-         "batch": args.batch, "image_size": int(options["image_size"]), "dtype": args.dtype,
+         "batch": int(config.batch_size), "image_size": int(options["image_size"]), "dtype": str(config.model.dtype),
+         "prediction": str(config.diffusion.get("prediction", "epsilon")), "attention_impl": args.attention_impl,
          "optimizer": "adamw", "ema_rates": list(ema_rates), "dropout": float(options["dropout"])}
   compiled, compile_s, flops, fingerprint = common.compile_program_timed(program, options=common.compiler_options(args))
   holder = [state]
@@ -86,8 +107,9 @@ def run_stage(stage_name: str, args, use_ref: bool, threads: int | None) -> None
                "gflop": flops and flops / 1e9, "gflops_per_s": flops and flops / 1e9 / ours["median_s"],
                "loss": loss, **common.round_floats(ours)})
   summary = {"benchmark": "train_step", "summary": True, "config": cfg, "ours_s": round(ours["median_s"], 4),
-             "compile_s": round(compile_s, 3),
-             "ours_gflops_per_s": flops and round(flops / 1e9 / ours["median_s"], 2)}
+             "steps_per_s": 1.0 / ours["median_s"], "compile_s": round(compile_s, 3), "loss": loss,
+             "ours_gflops_per_s": flops and round(flops / 1e9 / ours["median_s"], 2),
+             "gflop": flops and flops / 1e9, **common.utilisation(flops, ours["median_s"], str(config.model.dtype))}
   holder.clear()  # free the donated state before the reference allocates its own
   del state
 
@@ -108,7 +130,7 @@ def run_stage(stage_name: str, args, use_ref: bool, threads: int | None) -> None
       kw["low_res"] = reference.nchw(host_batch["low_res"])
 
     def run_ref():
-      t = torch.randint(0, diff.num_timesteps, (args.batch,), generator=g)
+      t = torch.randint(0, diff.num_timesteps, (int(config.batch_size),), generator=g)
       noise = torch.randn(x0.shape, generator=g)
       opt.zero_grad(set_to_none=True)
       loss = reference.hybrid_loss(tmodel, diff, x0, t, noise, kw)
@@ -132,8 +154,9 @@ def run_stage(stage_name: str, args, use_ref: bool, threads: int | None) -> None
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="train_step", description=__doc__.splitlines()[0])
   common.add_common_args(p)
-  p.add_argument("--batch", type=int, default=4)
-  p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
+  p.add_argument("--batch", type=int, default=None, help="default 4; the config's own for shapes")
+  p.add_argument("--stages", nargs="+", default=list(DEFAULT_STAGES), choices=list(STAGES))
+  p.set_defaults(dtype=None)  # base/upsample: float32; shapes: its config's own
   args = p.parse_args(argv)
   cache = common.enable_compile_cache()
   use_ref, why = common.reference_status(args.no_reference)

@@ -179,3 +179,60 @@ def test_attention(capsys):
   assert {(r["shape"], r["side"]) for r in timed} == {(s, side) for s in attention.SHAPES
                                                       for side in ("default", "xla", "before")}
   assert all(r["median_s"] > 0 and r["runs"] == 1 for r in timed)
+
+
+# Imports the device machine cannot satisfy (benchmarks/device_check.py): refused in every process
+# of the check, the parity pytest and the benchmark children included.
+_DEVICE_LACKS = """
+import importlib.abc, sys
+BLOCKED = ("tensorflow", "tensorflow_datasets", "tensorboardX", "ftfy")
+class _Refuse(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in BLOCKED:
+      raise ModuleNotFoundError(f"No module named {name!r} (not on the device machine)", name=name)
+sys.meta_path.insert(0, _Refuse())
+"""
+
+
+def test_device_check_on_the_cpu_without_tensorflow(tmp_path):
+  """`bash benchmarks/device_check.sh --cpu`, as CI runs it, with TensorFlow, TFDS, tensorboardX and
+  ftfy unimportable: every section passes and writes finite figures."""
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  root = pathlib.Path(__file__).resolve().parent.parent
+  (tmp_path / "site").mkdir()
+  (tmp_path / "site" / "sitecustomize.py").write_text(_DEVICE_LACKS)
+  out = tmp_path / "out"
+  env = dict(os.environ, OUT=str(out), PYTHON=sys.executable,
+             PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+  env.pop("XLA_FLAGS", None)  # conftest's 8 host devices are not what the check runs on
+  run = subprocess.run(["bash", "benchmarks/device_check.sh", "--cpu"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=900, check=False)
+  log = (out / "device_check.log").read_text() if (out / "device_check.log").exists() else ""
+  assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:] + log[-4000:]
+  report = json.loads((out / "device_check.json").read_text())
+  assert report["mode"] == "cpu" and report["ok"] is True and report["machine"]["backend"] == "cpu"
+  sections = ("parity", "forward", "train_step", "sample", "shapes_train_step", "parity_dumps")
+  assert {k: report[k]["status"] for k in sections} == dict.fromkeys(sections, "ok")
+  assert report["parity"]["passed"] >= 1 and report["parity"]["failures"] == report["parity"]["errors"] == 0
+  assert report["parity"]["matmul_precision"] == "highest"
+  for name in ("forward", "train_step"):
+    for dtype in ("bfloat16", "float32"):
+      row = report[name][dtype]
+      assert row["status"] == "ok" and row["dtype"] == dtype, row
+      for key in ("median_s", "compile_s", "gflop", "tflops_per_s"):
+        assert np.isfinite(row[key]) and row[key] > 0, (name, dtype, key, row)
+      assert row["mfu"] is None  # no peak is known for a CPU
+  assert report["forward"]["bfloat16"]["batch"] == 2 and report["train_step"]["float32"]["batch"] == 4
+  assert np.isfinite(report["train_step"]["bfloat16"]["loss"])
+  sample = report["sample"]
+  assert sample["sampler"] == "dpm++" and sample["steps"] == "15" and np.isfinite(sample["wall_s"]) and sample["wall_s"] > 0
+  shapes = report["shapes_train_step"]
+  assert np.isfinite(shapes["steps_per_s"]) and shapes["steps_per_s"] > 0 and np.isfinite(shapes["loss"])
+  dumps = report["parity_dumps"]
+  assert dumps["above_tolerance"] == {} and 0 <= dumps["max_error"]["diffusion.npz"] < 1e-5
+  assert report["attention_cudnn"]["status"] == "skipped"  # GPU only
+  assert "not on the device machine" not in log  # nothing reached for what the device lacks

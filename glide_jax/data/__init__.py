@@ -2,7 +2,15 @@
 
 Importing this package registers the TFDS builders `glide_shapes` and `image_folder`, so
 `tfds.load("glide_shapes/size64", split="validation")` works after `import glide_jax.data`.
-TensorFlow itself is imported only when a builder prepares or a pipeline is built.
+TensorFlow itself is imported only when a builder prepares or a pipeline is built. Without TFDS
+installed (an accelerator machine with jax alone) nothing is registered and the rest, the
+tokenizers among it, imports as usual.
 """
-from glide_jax.data import image_folder as image_folder
-from glide_jax.data import shapes as shapes
+try:
+  import tensorflow_datasets as _tfds  # noqa: F401
+except ModuleNotFoundError as e:
+  if e.name != "tensorflow_datasets":  # TFDS is there but broken: say so
+    raise
+else:
+  from glide_jax.data import image_folder as image_folder
+  from glide_jax.data import shapes as shapes
