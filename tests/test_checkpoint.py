@@ -160,6 +160,7 @@ def _wait_for(pred, proc, timeout=600):
     time.sleep(0.005)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_resumes_from_last_complete_checkpoint_and_sigterm_saves(cache_dir, tmp_path):
   ckdir = tmp_path / "checkpoints"
 

@@ -17,6 +17,8 @@ from glide_jax.data import pipeline as data_pipeline
 from glide_jax.diffusion import pipeline
 from glide_jax.train import stages, train
 
+pytestmark = pytest.mark.slow  # demo-size trainings (docs/testing.md)
+
 N = 2  # validation images sampled per test
 # A smaller base (and so inpaint) network than the demo's, to compile fast; init_from only needs
 # the two to agree. The upsampler's runlocal variant is already small.

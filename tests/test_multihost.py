@@ -9,10 +9,13 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 import train_support as ts
 
 from glide_jax import bundle
 from glide_jax.train import train
+
+pytestmark = pytest.mark.slow  # multi-process jobs (docs/testing.md)
 
 TESTS = pathlib.Path(__file__).resolve().parent
 REPO = TESTS.parent

@@ -19,6 +19,8 @@ import time
 import pytest
 import train_support as ts
 
+pytestmark = pytest.mark.slow  # multi-process jobs (docs/testing.md)
+
 TESTS = pathlib.Path(__file__).resolve().parent
 REPO = TESTS.parent
 

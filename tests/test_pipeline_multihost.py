@@ -10,6 +10,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.slow  # multi-process jobs (docs/testing.md)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 WORKER = textwrap.dedent("""

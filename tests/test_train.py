@@ -348,6 +348,7 @@ def make_small_shapes(data_dir):
               data_dir=str(data_dir)).download_and_prepare()
 
 
+@pytest.mark.slow
 def test_tiny_base_loss_falls_on_glide_shapes(tmp_path):
   make_small_shapes(tmp_path / "tfds")
   # the real pipeline and the words tokenizer; images resized 32 -> 8 px for the tiny U-Net
