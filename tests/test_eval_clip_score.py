@@ -82,3 +82,36 @@ def test_clip_score_errors(tiny_clip):
     cs.clip_score_of_samples((tiny_clip.model, tiny_clip.params), images, ["a", "b"])
   with pytest.raises(ValueError, match="max_text_len=12"):
     cs.clip_score_of_samples(tiny_clip, images, [long, long])
+
+
+@pytest.mark.parametrize("bundle_scanned", [False, True], ids=["per_layer_bundle", "scanned_bundle"])
+def test_clip_bundles_load_in_the_layout_of_their_model(tiny_clip, tmp_path, bundle_scanned):
+  """A bundle written per layer (as the exporters write) whose options say scan_layers, or the
+  reverse: clip_score.load_clip_bundle and `sample --clip-bundle` convert the params to the model's
+  layout and give the per-layer model's embeddings."""
+  from glide_jax import bundle
+  from glide_jax.commands import sample
+  from glide_jax.models import layout
+
+  stored = layout.to_layout(tiny_clip.params, bundle_scanned)
+  words = sorted(tiny_clip.tokenizer.ids)
+  vocab = tmp_path / "vocab.txt"
+  vocab.write_text("\n".join(words) + "\n")
+  path = bundle.save_bundle(tmp_path / "clip", {"params": stored}, {
+      "model": {"kind": "noised_clip", "options": {**TINY, "scan_layers": not bundle_scanned}},
+      "tokenizer": {"type": "words", "text_ctx": 12}}, tokenizer_files={"vocab": vocab})
+  loaded = cs.load_clip_bundle(path)
+  assert loaded.model.scan_layers == (not bundle_scanned)
+  assert layout.is_scanned(loaded.params) == (not bundle_scanned)
+  captions = ["a small red circle on the left", "a large blue square"]
+  tokens, mask = loaded.tokenizer.encode_batch(captions)
+  expected = tiny_clip.model.apply({"params": tiny_clip.params}, jnp.asarray(tokens),
+                                   jnp.asarray(mask.sum(-1), jnp.int32), method="encode_text")
+  model, params, z_text = sample._load_clip(str(path), captions)
+  assert model.scan_layers == (not bundle_scanned) and layout.is_scanned(params) == (not bundle_scanned)
+  np.testing.assert_allclose(np.asarray(z_text), np.asarray(expected), rtol=1e-5, atol=1e-6)
+  images = np.random.default_rng(1).integers(0, 256, size=(2, 16, 16, 3), dtype=np.uint8)
+  got = cs.clip_score_of_samples(loaded, images, captions)["per_sample"]
+  want = cs.clip_score_of_samples(cs.ClipBundle(tiny_clip.model, tiny_clip.params, loaded.tokenizer),
+                                  images, captions)["per_sample"]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
+
+from glide_jax import errors
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,9 +49,20 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "build":
       return _build(args)
     return _train_tokenizer(args)
-  except (FileNotFoundError, NotADirectoryError, FileExistsError, ValueError, KeyError) as e:
-    print(f"glide-jax data {args.action}: error: {e}", file=sys.stderr)
-    return 2
+  except (ValueError, KeyError) as e:
+    # TFDS refuses a dataset, split or feature it does not know with these from its own code; the
+    # CLI prints user errors in one line (glide_jax/errors.py), file errors included.
+    raise errors.UserError(_short(e)) from e
+
+
+def _short(error: Exception) -> str:
+  """The message without TFDS's list of every dataset it knows (hundreds of lines): its first line
+  and its 'Did you mean' line."""
+  text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+  lines = text.splitlines() or [""]
+  if len(lines) <= 3:
+    return text
+  return " ".join([lines[0]] + [ln.strip() for ln in lines[1:] if ln.startswith("Did you mean")])
 
 
 def _prepare(args) -> int:

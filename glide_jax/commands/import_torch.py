@@ -17,6 +17,8 @@ import argparse
 import json
 import pathlib
 
+from glide_jax.errors import UserError
+
 KINDS = ("base", "upsample", "base_inpaint", "upsample_inpaint", "clip_image_enc", "clip_text_enc")
 
 # How the released models are sampled ([G] notebooks): base models 100 respaced steps of the cosine
@@ -62,12 +64,12 @@ def import_checkpoint(kind: str, checkpoint: str, out: str, options: dict | None
   from glide_jax.interop import glide_text2im as g
   from glide_jax.models import registry
 
-  state_dict = g.load_state_dict(checkpoint)
   options = dict(options or {})
   if kind.startswith("clip_"):
     clip, clip_keys = _clip_modules()
     tower = "image" if kind == "clip_image_enc" else "text"
-    clip.resolve_clip_options(options)  # refuses unknown option names early
+    clip.resolve_clip_options(options)  # refuses unknown option names before reading the checkpoint
+    state_dict = g.load_state_dict(checkpoint)
     tower_params = clip_keys.import_tower_state_dict(state_dict, tower, options)
     params: dict = {}
     out_path = pathlib.Path(out)
@@ -81,8 +83,8 @@ def import_checkpoint(kind: str, checkpoint: str, out: str, options: dict | None
                 source={"checkpoint": str(checkpoint), "format": "glide-text2im"})
     return bundle.save_bundle(out, params, meta)
   model_kind = g.CHECKPOINT_KINDS[kind]
-  registry.resolve_options(model_kind, options)  # refuses unknown option names early
-  params = g.import_state_dict(state_dict, model_kind, options)
+  registry.resolve_options(model_kind, options)  # refuses unknown option names before reading the checkpoint
+  params = g.import_state_dict(g.load_state_dict(checkpoint), model_kind, options)
   meta = dict(model={"kind": model_kind, "options": options}, diffusion=DIFFUSION[kind],
               tokenizer={"type": "gpt2_bpe"}, dtype="float32",
               source={"checkpoint": str(checkpoint), "format": "glide-text2im"})
@@ -90,7 +92,10 @@ def import_checkpoint(kind: str, checkpoint: str, out: str, options: dict | None
 
 
 def run(args: argparse.Namespace) -> int:
-  options = json.loads(args.options) if args.options else {}
+  try:
+    options = json.loads(args.options) if args.options else {}
+  except json.JSONDecodeError as e:
+    raise UserError(f"--options is not JSON ({e}): {args.options!r}") from e
   if not isinstance(options, dict):
     raise SystemExit("--options must be a JSON object")
   path = import_checkpoint(args.kind, args.checkpoint, args.out, options)

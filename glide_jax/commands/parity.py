@@ -16,6 +16,8 @@ import pathlib
 
 import numpy as np
 
+from glide_jax.errors import UserError
+
 MODEL_TOLERANCE = 1e-4
 DIFFUSION_TOLERANCE = 1e-5
 
@@ -47,10 +49,11 @@ def run(args: argparse.Namespace) -> int:
 
   paths: list[pathlib.Path] = []
   for p in map(pathlib.Path, args.paths):
+    if not p.exists():
+      raise FileNotFoundError(f"{p} does not exist (give reference dumps, .npz, or directories of them)")
     paths.extend(sorted(p.glob("*.npz")) if p.is_dir() else [p])
   if not paths:
-    print("no dumps found")
-    return 2
+    raise UserError(f"no .npz dumps in {', '.join(args.paths)}")
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
   precision = jax.default_matmul_precision("highest") if dtype is None else contextlib.nullcontext()
   if dtype is None:

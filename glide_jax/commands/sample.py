@@ -16,6 +16,8 @@ import sys
 
 import numpy as np
 
+from glide_jax.errors import UserError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   src = parser.add_argument_group("model (one of)")
@@ -128,7 +130,7 @@ def run(args) -> int:
   if args.clip_guidance_scale:
     if not args.clip_bundle:
       raise SystemExit("--clip-guidance-scale needs --clip-bundle")
-    clip_model = _load_clip(args.clip_bundle, base, prompts)
+    clip_model = _load_clip(args.clip_bundle, prompts)
 
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -173,28 +175,18 @@ def run(args) -> int:
   return 0
 
 
-def _load_clip(path: str, base, prompts: list[str]):
-  """(module, params, z_text [N, D]) from a noised CLIP bundle; its text tower sees the bundle's tokens."""
+def _load_clip(path: str, prompts: list[str]):
+  """(module, params, z_text [N, D]) from a noised CLIP bundle (eval.clip_score.load_clip_bundle:
+  params in the model's layout); its text tower sees the bundle's tokenizer's tokens."""
   import jax.numpy as jnp
 
-  from glide_jax import bundle
-  from glide_jax.data import tokenizers
-  from glide_jax.diffusion import pipeline
-  from glide_jax.models import registry
+  from glide_jax.eval import clip_score
 
-  params, meta = bundle.load_bundle(pipeline.resolve_bundle_dir(path))
-  kind = registry.canonical_kind(meta["model"]["kind"])
-  if kind != "noised_clip":
-    raise SystemExit(f"--clip-bundle {path} holds a {kind!r} model, not a noised CLIP")
-  model = registry.create_model(kind, meta["model"].get("options") or {})
-  if "params" in params and len(params) == 1:
-    params = params["params"]
   try:
-    tok = tokenizers.load_tokenizer(meta.get("tokenizer") or {})
+    clip = clip_score.load_clip_bundle(path)
   except (ValueError, OSError) as e:
-    raise SystemExit(f"--clip-bundle {path}: cannot build its tokenizer ({e})") from e
-  tokens, mask = tok.encode_batch(prompts)
-  z_text = model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(mask.sum(-1), jnp.int32),
-                       method="encode_text")
-  return model, params, z_text
-
+    raise UserError(f"--clip-bundle: {e}") from e
+  tokens, mask = clip.tokenizer.encode_batch(prompts)
+  z_text = clip.model.apply({"params": clip.params}, jnp.asarray(tokens), jnp.asarray(mask.sum(-1), jnp.int32),
+                            method="encode_text")
+  return clip.model, clip.params, z_text

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from glide_jax import config_lib
 
@@ -20,20 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+  """A config error or a workdir whose checkpoint has another config (ConfigError,
+  checkpoint.ConfigMismatchError) reaches the CLI, which prints it in one line (glide_jax/errors.py)."""
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  try:
-    config = config_lib.config_from_args(args)
-  except config_lib.ConfigError as e:
-    print(f"glide-jax train: {e}", file=sys.stderr)
-    return 2
+  config = config_lib.config_from_args(args)
   from glide_jax.parallel import multihost
   multihost.initialize(args.coordinator, args.num_processes, args.process_id)
-  from glide_jax.train import checkpoint, train
-  try:
-    result = train.train(config, args.workdir, progress=not args.no_progress)
-  except checkpoint.ConfigMismatchError as e:
-    print(f"glide-jax train: {e}", file=sys.stderr)
-    return 2
+  from glide_jax.train import train
+  result = train.train(config, args.workdir, progress=not args.no_progress)
   if result["stopped"]:
     print(f"glide-jax train: stopped at step {result['step']} after a SIGTERM/preemption; checkpoint saved")
   return 0

@@ -29,11 +29,15 @@ class ClipBundle:
 
 
 def load_clip_bundle(path: str | os.PathLike) -> ClipBundle:
-  """A glide-jax bundle of kind 'noised_clip' -> ClipBundle (model, params, tokenizer)."""
+  """A glide-jax bundle of kind 'noised_clip' (or WORKDIR/bundle) -> ClipBundle (model, params,
+  tokenizer); the params in the layout of the model its options build (models/layout.py)."""
   from glide_jax import bundle
   from glide_jax.data.tokenizers import load_tokenizer
+  from glide_jax.diffusion.pipeline import resolve_bundle_dir
+  from glide_jax.models import layout
   from glide_jax.models.clip import create_clip_model
 
+  path = resolve_bundle_dir(path)
   params, meta = bundle.load_bundle(path)
   kind = meta["model"]["kind"]
   if kind not in ("noised_clip", "clip"):
@@ -42,6 +46,10 @@ def load_clip_bundle(path: str | os.PathLike) -> ClipBundle:
     raise ValueError(f"{path}: the CLIP bundle has no tokenizer in meta.json; CLIP scores need the "
                      "tokenizer the CLIP was trained with")
   model = create_clip_model(meta["model"].get("options") or {}, jnp.float32)
+  if "params" in params and len(params) == 1:
+    params = params["params"]
+  # A bundle is written per layer (the exporters unstack); a scan_layers model wants them stacked.
+  params = layout.to_layout(params, model.scan_layers)
   return ClipBundle(model, params, load_tokenizer(meta["tokenizer"]), source=str(path))
 
 

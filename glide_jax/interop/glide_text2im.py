@@ -19,6 +19,21 @@ from typing import Any
 import numpy as np
 
 from glide_jax.bundle import flatten_params, unflatten_params
+from glide_jax.errors import UserError
+
+
+class KeysMismatchError(UserError, KeyError):
+  """A state_dict or parameter tree whose keys are not the model's (a checkpoint of another kind or
+  size): names the missing and unexpected keys. A KeyError, as before, and a user error for the CLI."""
+  __str__ = Exception.__str__  # the message as written, not KeyError's repr of it
+
+
+def _keys(keys: list[str], shown: int = 8) -> str:
+  """The list as written, or its first `shown` keys and how many more."""
+  if len(keys) <= shown:
+    return str(keys)
+  return f"{keys[:shown]} and {len(keys) - shown} more"
+
 
 # Checkpoint file names of [G] download.py -> our model kinds.
 CHECKPOINT_KINDS = {"base": "text2im", "upsample": "upsample", "base_inpaint": "inpaint",
@@ -124,8 +139,8 @@ def import_state_dict(state_dict: Mapping[str, Any], kind: str,
   missing = sorted(set(by_key) - set(state_dict))
   unexpected = sorted(set(state_dict) - set(by_key))
   if missing or unexpected:
-    raise KeyError(f"state_dict does not match a {kind!r} model: missing keys {missing}, "
-                   f"unexpected keys {unexpected}")
+    raise KeysMismatchError(f"state_dict does not match a {kind!r} model: missing keys {_keys(missing)}, "
+                            f"unexpected keys {_keys(unexpected)}")
   wrong = []
   flat = {}
   for key, path in by_key.items():
@@ -155,7 +170,8 @@ def export_state_dict(params: Mapping[str, Any], kind: str,
   missing = sorted(set(shapes) - set(flat))
   unexpected = sorted(set(flat) - set(shapes))
   if missing or unexpected:
-    raise KeyError(f"params do not match a {kind!r} model: missing {missing}, unexpected {unexpected}")
+    raise KeysMismatchError(f"params do not match a {kind!r} model: missing {_keys(missing)}, "
+                            f"unexpected {_keys(unexpected)}")
   bad = [f"{p}: got {tuple(np.shape(flat[p]))}, expected {s}" for p, s in shapes.items()
          if tuple(np.shape(flat[p])) != s]
   if bad:
@@ -244,7 +260,7 @@ def inpaint_params_from_base(params: Mapping[str, Any], new_channels: int = 4) -
   flat = dict(flatten_params(params))
   key = "input_blocks_0_0/kernel"
   if key not in flat:
-    raise KeyError(f"params have no {key}; is this a U-Net parameter tree?")
+    raise KeysMismatchError(f"params have no {key}; is this a U-Net parameter tree?")
   k = np.asarray(flat[key])
   if k.shape[2] not in (3, 6):
     raise ValueError(f"{key} has {k.shape[2]} input channels; expected 3 (text2im) or 6 (upsample)")
