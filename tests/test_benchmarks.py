@@ -236,3 +236,18 @@ def test_device_check_on_the_cpu_without_tensorflow(tmp_path):
   assert dumps["above_tolerance"] == {} and 0 <= dumps["max_error"]["diffusion.npz"] < 1e-5
   assert report["attention_cudnn"]["status"] == "skipped"  # GPU only
   assert "not on the device machine" not in log  # nothing reached for what the device lacks
+
+
+def test_device_check_parity_tests_exist():
+  """The device runs PARITY_TESTS by name: a renamed or removed test must fail here, not there."""
+  import subprocess
+  import sys
+
+  from benchmarks import device_check
+  out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                        *device_check.PARITY_TESTS], capture_output=True, text=True, check=False,
+                       cwd=device_check.ROOT, timeout=300)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+  collected = [line for line in out.stdout.splitlines() if "::" in line]
+  for test in device_check.PARITY_TESTS:
+    assert any(line.startswith(test) for line in collected), test
