@@ -194,6 +194,7 @@ sys.meta_path.insert(0, _Refuse())
 """
 
 
+@pytest.mark.slow  # a dozen processes, each compiling (minutes)
 def test_device_check_on_the_cpu_without_tensorflow(tmp_path):
   """`bash benchmarks/device_check.sh --cpu`, as CI runs it, with TensorFlow, TFDS, tensorboardX and
   ftfy unimportable: every section passes and writes finite figures."""
