@@ -296,7 +296,7 @@ def reference_losses(stage_name: str, bundle: str, extra: tuple[str, ...] = ()) 
   cfg = step_lib.StepConfig(caption_dropout=train.caption_dropout_rate(config), uses_text=stage.uses_text,
                             num_timesteps=stage.diffusion.num_timesteps)
   grad_fn = jax.jit(jax.value_and_grad(stage.loss, has_aux=True))
-  sampler_state, losses, compiled = sampler.init(), [], None
+  sampler_state, losses, compiled, params0 = sampler.init(), [], None, params
   for i in range(STEPS):
     batch = {k: jnp.asarray(v) for k, v in next(it).items() if k in stage.batch_keys}
     st = state_lib.TrainState(step=jnp.int32(i), params=params, opt_state=None, ema={},
@@ -307,7 +307,6 @@ def reference_losses(stage_name: str, bundle: str, extra: tuple[str, ...] = ()) 
     if i:  # the updates so far move this step's loss by far more than the test's tolerance
       (frozen, _), _ = compiled(params0, b, k_model)
       assert abs(float(loss) - float(frozen)) > 1e-3 * abs(float(frozen)), (i, float(loss), float(frozen))
-    params0 = params0 if i else params
     params = jax.tree.map(lambda p, g: p - lr * g, params, grads)
     if "losses" in aux:
       sampler_state = sampler.update(sampler_state, b["t"], aux["losses"])
