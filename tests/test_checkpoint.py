@@ -235,3 +235,22 @@ def test_a_key_of_another_prng_impl_is_refused_by_name(tmp_path):
   finally:
     jax.config.update("jax_default_prng_impl", previous)
     ck.close()
+
+
+def test_a_checkpoint_from_before_optimizer_name_resumes_as_adamw(tmp_path):
+  # Configs saved before `optimizer.name` existed ran AdamW: resuming them with the default is no
+  # mismatch, resuming them with SGD is.
+  from glide_jax import config_lib
+
+  w = jax.numpy.arange(3.0)
+  state = state_lib.TrainState(step=jax.numpy.int32(1), params={"w": w}, opt_state={"mu": w}, ema={},
+                               skipped=jax.numpy.int32(0), sampler={"h": w})
+  old = config_lib.config_from_json(config_lib.config_to_json(cfg()))
+  with old.unlocked():
+    del old.optimizer["name"]
+  ck = ckpt_lib.Checkpointer(str(tmp_path), 1, 2, use_async=False)
+  ck.save(1, state, jax.random.key(0), {"step": 1}, old, force=True)
+  ck.check_config(cfg())
+  with pytest.raises(ckpt_lib.ConfigMismatchError, match="optimizer.name: 'adamw' != 'sgd'"):
+    ck.check_config(cfg("--config.optimizer.name=sgd"))
+  ck.close()

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 # kernel changes no parameter, and a workdir saved before the option was listed lacks it).
 RESUMABLE_KEYS = ("total_steps", "mesh", "checkpoint", "log", "sampling", "data.data_dir",
                   "data.shuffle_buffer", "init_from", "model.options.attention_impl")
+# Keys added after checkpoints were first written, with the value those checkpoints ran with.
+ADDED_KEYS = {"optimizer.name": "adamw"}
 
 
 class ConfigMismatchError(ValueError):
@@ -105,6 +107,11 @@ class Checkpointer:
   def check_config(self, config: Any, step: int | None = None) -> None:
     """Refuses to resume with a config that differs from the checkpoint's outside RESUMABLE_KEYS."""
     saved = self.saved_config(step)
+    with saved.unlocked():
+      for key, value in ADDED_KEYS.items():
+        section, name = key.split(".")
+        if section in saved and name not in saved[section]:
+          saved[section][name] = value
     keys = config_lib.diff_configs(saved, config, ignore=RESUMABLE_KEYS)
     if keys:
       lines = config_lib.describe_diff(saved, config, keys)
