@@ -135,3 +135,16 @@ def test_config_round_trip_keeps_the_program():
   again = config_lib.config_from_json(config_lib.config_to_json(config))
   a, b = program_lib.build(config), program_lib.build(again)
   assert a.fingerprint(a.lower()) == b.fingerprint(b.lower())
+
+
+def test_a_tpu_plan_leaves_the_environment_as_it_was(capsys):
+  """The compile-only TPU variables go back after a plan: a later `train` in the same process
+  (the tests' workers) must not take TPU_WORKER_HOSTNAMES for a TPU pod."""
+  import os
+  before = {k: os.environ.get(k) for k in plan_cmd._TPU_COMPILE_ONLY_ENV}
+  parser = argparse.ArgumentParser()
+  plan_cmd.add_arguments(parser)
+  args = parser.parse_args(["--config", "configs/base.py:variant=tiny", "--topology", "v5p:2x2x1",
+                            "--config.no_such_key=1"])
+  assert plan_cmd.run(args) == 2  # refused before anything compiles
+  assert {k: os.environ.get(k) for k in plan_cmd._TPU_COMPILE_ONLY_ENV} == before

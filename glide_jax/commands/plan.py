@@ -51,14 +51,31 @@ def _mesh_text(config, n_devices: int) -> str:
   return ",".join(str(sizes[a]) for a in mesh_lib.AXES)
 
 
+# libtpu reads these when the compile-only TPU client starts: it must not look for a real
+# accelerator, warn at length, or hold the exclusive lock (plans may then run side by side).
+_TPU_COMPILE_ONLY_ENV = {"TPU_ACCELERATOR_TYPE": "v5p-8", "TPU_SKIP_MDS_QUERY": "1",
+                         "TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+
+
 def run(args: argparse.Namespace) -> int:
-  if args.topology != "cpu":
-    # The compile-only TPU client must not grab a real accelerator; libtpu otherwise warns at length.
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    # Compile-only use needs no exclusive lock on the (absent) TPU; plans may then run side by side.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  """Sets the compile-only TPU environment for the plan and puts the previous one back after it,
+  so a later `train` in the same process does not take TPU_WORKER_HOSTNAMES for a TPU pod."""
+  if args.topology == "cpu":
+    return _run(args)
+  saved = {k: os.environ.get(k) for k in _TPU_COMPILE_ONLY_ENV}
+  for k, v in _TPU_COMPILE_ONLY_ENV.items():
+    os.environ.setdefault(k, v)
+  try:
+    return _run(args)
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+
+
+def _run(args: argparse.Namespace) -> int:
   import flax.linen as nn
   import jax
 
