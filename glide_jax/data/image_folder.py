@@ -166,14 +166,15 @@ def to_rgb(img) -> np.ndarray:
   return np.asarray(img.convert("RGB"))
 
 
-def load_image(path: str, min_size: int, max_size: int) -> tuple[np.ndarray | None, str | None]:
-  """(uint8 [H, W, 3], None) or (None, skip reason)."""
+def load_image(path: str | bytes, min_size: int, max_size: int) -> tuple[np.ndarray | None, str | None]:
+  """(uint8 [H, W, 3], None) or (None, skip reason); `path` may also be the file's bytes (a tar
+  member: webdataset.py)."""
   from PIL import Image, ImageOps
 
-  if os.path.getsize(path) == 0:
+  if (len(path) if isinstance(path, bytes) else os.path.getsize(path)) == 0:
     return None, "empty_file"
   try:
-    with Image.open(path) as img:
+    with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
       img.load()
       img = ImageOps.exif_transpose(img) or img
       if min(img.size) < min_size:
