@@ -80,7 +80,7 @@ def load_builder(data_cfg: Any):
   if not builder.is_prepared():
     if name.split("/")[0] == "glide_shapes":
       log.info("preparing %s in %s (procedural, offline)", name, builder.data_dir)
-      builder.download_and_prepare()
+      builder.download_and_prepare(file_format=DEFAULT_FILE_FORMAT)
     elif name.split("/")[0] == "image_folder":
       raise FileNotFoundError(f"no image_folder dataset in {builder.data_dir}; build it with "
                               "`glide-jax data build --images DIR --out DATA_DIR` and set data.data_dir")
@@ -90,8 +90,22 @@ def load_builder(data_cfg: Any):
   return builder
 
 
+# The file formats RecordSource reads, and the one `glide-jax data prepare/build` and the automatic
+# glide_shapes preparation write: an ArrayRecord split opens from its shard lengths in
+# dataset_info.json alone (each shard's footer is read on its first access), where a TFRecord split
+# needs a pass over every record header of every shard before the first read.
+FILE_FORMATS = ("array_record", "tfrecord")
+DEFAULT_FILE_FORMAT = "array_record"
+
+
 class RecordSource:
-  """Random access to the serialized examples of one prepared TFDS split (local or gfile paths)."""
+  """Random access to the serialized examples of one prepared TFDS split (local or gfile paths).
+
+  The format is the one the dataset's stored dataset_info names (`builder.info.file_format`), so
+  TFRecord datasets prepared before ArrayRecord became the default keep working. ArrayRecord: no
+  work at construction (readers open lazily per shard). TFRecord: a byte-offset index built by
+  reading every record header (`_index_tfrecord`), about 7 s per million records on local disk.
+  """
 
   def __init__(self, builder, split: str):
     import tensorflow_datasets as tfds
@@ -102,13 +116,17 @@ class RecordSource:
       raise ValueError(f"{builder.name}: no split {split!r} (have {list(builder.info.splits)}): {e}") from None
     self.split = split
     self._format = builder.info.file_format or tfds.core.FileFormat.TFRECORD
+    self.file_format = self._format.value
+    if not instructions:
+      raise ValueError(f"{builder.name}: split {split!r} selects no examples")
     if self._format == tfds.core.FileFormat.ARRAY_RECORD:
       from array_record.python import array_record_data_source
       self._array_source = array_record_data_source.ArrayRecordDataSource(instructions)
       self.num_examples = len(self._array_source)
       return
     if self._format != tfds.core.FileFormat.TFRECORD:
-      raise ValueError(f"{builder.name}: file format {self._format} is not supported (tfrecord, array_record)")
+      raise ValueError(f"{builder.name}: file format {self._format.value} is not supported "
+                       f"(supported: {', '.join(FILE_FORMATS)})")
     self._files: list[str] = []
     offsets, lengths, file_ids = [], [], []
     for fid, ins in enumerate(instructions):
