@@ -1,7 +1,8 @@
 """`glide-jax data`: build datasets and train tokenizers.
 
-  glide-jax data prepare --name glide_shapes/size64 [--data-dir D]
+  glide-jax data prepare --name glide_shapes/size64 [--data-dir D] [--file-format array_record|tfrecord]
   glide-jax data build --images DIR --out DATA_DIR [--min-size 64 --max-size 512 --val-fraction 0.05]
+      [--file-format array_record|tfrecord]
   glide-jax data train-tokenizer --dataset glide_shapes/size32 --vocab-size 256 --out tok.model
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   p.add_argument("--train-examples", type=int, default=None,
                  help="glide_shapes only: train size (use a data dir of its own for non-default sizes)")
   p.add_argument("--validation-examples", type=int, default=None, help="glide_shapes only: validation size")
+  _file_format_argument(p)
 
   b = sub.add_parser("build", help="Build the image_folder dataset from a directory of captioned images.")
   b.add_argument("--images", required=True, help="directory of images with x.txt captions or captions.jsonl/.csv")
@@ -30,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   b.add_argument("--val-fraction", type=float, default=0.05, help="fraction of files (by path hash) for validation")
   b.add_argument("--format", choices=("png", "jpeg"), default="png", help="how images are stored")
   b.add_argument("--overwrite", action="store_true", help="rebuild even if --out already holds a dataset")
+  _file_format_argument(b)
 
   t = sub.add_parser("train-tokenizer", help="Train a sentencepiece tokenizer on a dataset's captions.")
   t.add_argument("--dataset", required=True, help="TFDS name (glide_shapes/size32, image_folder, coco_captions ...)")
@@ -40,6 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   t.add_argument("--out", required=True, help="the .model file to write")
   t.add_argument("--max-captions", type=int, default=1_000_000)
   t.add_argument("--model-type", choices=("unigram", "bpe", "word", "char"), default="unigram")
+
+
+def _file_format_argument(parser: argparse.ArgumentParser) -> None:
+  from glide_jax.data.pipeline import DEFAULT_FILE_FORMAT, FILE_FORMATS
+
+  parser.add_argument("--file-format", choices=FILE_FORMATS, default=DEFAULT_FILE_FORMAT,
+                      help="record files to write: array_record (default; opened with no pass over the "
+                           "records) or tfrecord")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,9 +87,13 @@ def _prepare(args) -> int:
   elif args.train_examples or args.validation_examples:
     raise ValueError("--train-examples/--validation-examples apply to glide_shapes only")
   builder = tfds.builder(args.name, data_dir=args.data_dir, **kwargs)
-  builder.download_and_prepare()
-  print(f"{args.name}: prepared in {builder.data_dir}: "
+  existed = builder.is_prepared()
+  builder.download_and_prepare(file_format=args.file_format)  # a prepared dataset is reused as it is
+  stored = builder.info.file_format.value
+  print(f"{args.name}: {'already ' if existed else ''}prepared in {builder.data_dir} ({stored}): "
         + ", ".join(f"{k} {v.num_examples}" for k, v in builder.info.splits.items()))
+  if stored != args.file_format:
+    print(f"  kept its {stored} files; delete {builder.data_dir} and rerun to write {args.file_format}")
   return 0
 
 
@@ -87,7 +102,8 @@ def _build(args) -> int:
 
   report = image_folder.build_image_folder(args.images, args.out, min_size=args.min_size,
                                            max_size=args.max_size, val_fraction=args.val_fraction,
-                                           image_format=args.format, overwrite=args.overwrite)
+                                           image_format=args.format, overwrite=args.overwrite,
+                                           file_format=args.file_format)
   print(image_folder.format_report(report))
   print(f"dataset: {report['dataset_dir']}; report: {os.path.join(report['dataset_dir'], image_folder.REPORT_NAME)}")
   print(f"use it with data.name='image_folder', data.data_dir='{args.out}'")
@@ -95,7 +111,12 @@ def _build(args) -> int:
 
 
 def iter_captions(name: str, data_dir: str | None, split: str, caption_key: str, limit: int):
-  """Caption strings of a TFDS split (images are not decoded)."""
+  """Caption strings of a TFDS split (images are not decoded), in record order.
+
+  Read through pipeline.RecordSource, so ArrayRecord splits (which TFDS's `as_dataset` cannot
+  read) and TFRecord ones work alike.
+  """
+  import tensorflow as tf
   import tensorflow_datasets as tfds
   from tqdm import tqdm
 
@@ -103,12 +124,22 @@ def iter_captions(name: str, data_dir: str | None, split: str, caption_key: str,
 
   builder = pipeline.load_builder({"name": name, "data_dir": data_dir})
   top = caption_key.split("/")[0]
-  names = set(builder.info.features.keys())
+  features = builder.info.features
+  names = set(features.keys())
   if top not in names:
     raise KeyError(f"{name} has no feature {top!r} (features: {sorted(names)})")
   decoders = {k: tfds.decode.SkipDecoding() for k in names if k != top}
-  ds = builder.as_dataset(split=split, decoders=decoders).take(limit)
-  total = min(limit, builder.info.splits[split].num_examples)
+  source = pipeline.RecordSource(builder, split)
+  total = min(limit, source.num_examples)
+  chunk = 1024
+
+  def read(start):
+    idx = tf.range(start, tf.minimum(start + chunk, total), dtype=tf.int64)
+    return tf.ensure_shape(tf.numpy_function(source.read, [idx], tf.string, stateful=False), [None])
+
+  ds = tf.data.Dataset.range(0, total, chunk).map(read).unbatch()
+  ds = ds.map(lambda s: {top: features.deserialize_example(s, decoders=decoders)[top]},
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
   for ex in tqdm(ds.as_numpy_iterator(), total=total, desc="captions", unit="ex"):
     value = ex
     for part in caption_key.split("/"):
