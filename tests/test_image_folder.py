@@ -89,12 +89,20 @@ def folder(tmp_path_factory):
 
 
 def read_all(data_dir):
+  """Every example, through TFDS's own reader for the format (not glide_jax's RecordSource)."""
   builder = tfds.builder("image_folder", data_dir=str(data_dir))
   out = {}
   for split in builder.info.splits:
-    out[split] = [(e["file"].decode(), e["caption"].decode(), e["image"])
-                  for e in builder.as_dataset(split=split).as_numpy_iterator()]
+    if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+      rows = builder.as_data_source(split=split)  # as_dataset cannot read ArrayRecord
+    else:
+      rows = builder.as_dataset(split=split).as_numpy_iterator()
+    out[split] = [(_text(e["file"]), _text(e["caption"]), e["image"]) for e in rows]
   return out
+
+
+def _text(value):
+  return value.decode() if isinstance(value, bytes) else str(value)
 
 
 BUILD = {"min_size": 32, "max_size": 100, "val_fraction": 0.3}

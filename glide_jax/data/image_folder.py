@@ -15,7 +15,9 @@ hash of the relative path: sha256 < val_fraction -> validation, else train.
 
 The build is a pure function of the directory's contents: TFDS writes into a temporary directory
 and renames it only when complete, so an interrupted build leaves nothing under the final name, and
-rerunning gives the same dataset. The report goes to `<dataset dir>/build_report.json`.
+rerunning gives the same dataset. The report goes to `<dataset dir>/build_report.json`. The records
+are ArrayRecord by default (random access with no pass over the records when a run opens them) or
+TFRecord (`file_format='tfrecord'`); both hold the same serialized examples in the same order.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 SKIP_REASONS = ("empty_file", "undecodable", "too_small", "missing_caption", "empty_caption",
@@ -269,15 +272,26 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
 
 def build_image_folder(images_dir: str | os.PathLike, data_dir: str | os.PathLike, *,
                        min_size: int = 64, max_size: int = 512, val_fraction: float = 0.05,
-                       image_format: str = "png", overwrite: bool = False) -> dict[str, Any]:
-  """Builds (or reuses) the image_folder dataset in data_dir; returns and writes the report."""
+                       image_format: str = "png", overwrite: bool = False,
+                       file_format: str | None = None) -> dict[str, Any]:
+  """Builds (or reuses) the image_folder dataset in data_dir; returns and writes the report.
+
+  file_format: 'array_record' (default, `pipeline.DEFAULT_FILE_FORMAT`: opened with no pass over
+  the records) or 'tfrecord'. A finished build is reused in whatever format it has; the report
+  says which.
+  """
+  from glide_jax.data import pipeline
+
+  file_format = file_format or pipeline.DEFAULT_FILE_FORMAT
+  if file_format not in pipeline.FILE_FORMATS:
+    raise ValueError(f"file format {file_format!r} is not one of {', '.join(pipeline.FILE_FORMATS)}")
   root = pathlib.Path(images_dir).expanduser()
   if not root.is_dir():
     raise FileNotFoundError(f"image directory {root} does not exist" if not root.exists()
                             else f"{root} is not a directory")
-  builder = ImageFolder(images_dir=str(root), min_size=min_size, max_size=max_size,
-                        val_fraction=val_fraction, image_format=image_format,
-                        data_dir=os.fspath(pathlib.Path(data_dir).expanduser()))
+  kwargs = dict(images_dir=str(root), min_size=min_size, max_size=max_size, val_fraction=val_fraction,
+                image_format=image_format, data_dir=os.fspath(pathlib.Path(data_dir).expanduser()))
+  builder = ImageFolder(**kwargs)
   report_path = pathlib.Path(builder.data_dir) / REPORT_NAME
   if builder.is_prepared() and not overwrite:
     if report_path.is_file():
@@ -285,13 +299,18 @@ def build_image_folder(images_dir: str | os.PathLike, data_dir: str | os.PathLik
       if report.get("images_dir") != str(root.resolve()):
         raise FileExistsError(f"{builder.data_dir} already holds an image_folder built from "
                               f"{report.get('images_dir')}; use another --out or --overwrite")
+      report.setdefault("file_format", builder.info.file_format.value)
       return report
     overwrite = True  # prepared without a report (not by this function): rebuild to get one
-  mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite else None
-  config = tfds.download.DownloadConfig(download_mode=mode) if mode else None
-  builder.download_and_prepare(download_config=config)
+  if builder.is_prepared():
+    # TFDS cannot change the format of a dataset whose info it has read (and deletes the old data
+    # before saying so): remove the old build here, then prepare a fresh builder.
+    epath.Path(builder.data_dir).rmtree()
+    builder = ImageFolder(**kwargs)
+  builder.download_and_prepare(file_format=file_format)
   report = dict(builder.report)
   report["dataset_dir"] = str(builder.data_dir)
+  report["file_format"] = builder.info.file_format.value
   tmp = report_path.with_suffix(".tmp")
   tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
   os.replace(tmp, report_path)
@@ -300,8 +319,9 @@ def build_image_folder(images_dir: str | os.PathLike, data_dir: str | os.PathLik
 
 def format_report(report: dict[str, Any], max_files: int = 20) -> str:
   ex = report["examples"]
+  fmt = f"; {report['file_format']}" if report.get("file_format") else ""
   lines = [(f"image_folder: {report['kept']} of {report['image_files']} images kept "
-            f"(train {ex.get('train', 0)}, validation {ex.get('validation', 0)})")]
+            f"(train {ex.get('train', 0)}, validation {ex.get('validation', 0)}{fmt})")]
   for reason, files in report["skipped"].items():
     if files:
       shown = ", ".join(files[:max_files]) + (" ..." if len(files) > max_files else "")
