@@ -6,7 +6,7 @@
   python -m benchmarks.run sample --preset tiny --repeats 1 --steps ancestral=4,ddim=3,plms=3,dpm++=2
   python -m benchmarks.run sample --bundle runs/shapes/bundle --shapes-accuracy 200 --batch 25
 
-Ours: `glide_jax.diffusion.pipeline.generate` (text encoded once per prompt, the CFG pair in one
+Ours: `glide_jax.sampling.generate` (text encoded once per prompt, the CFG pair in one
 batch, one compiled lax.scan per sampler). Reference: glide-text2im with the same weights, the CFG
 model function of its notebook, `p_sample_loop` (ancestral, 100 steps) and `ddim_sample_loop` (DDIM);
 it has no PLMS or DPM++. Every ours/reference ratio is against the reference's ancestral sample at
@@ -40,10 +40,10 @@ def sampler_model(kind: str, options: dict, params, dtype):
   import jax.numpy as jnp
 
   from glide_jax.data import tokenizers
-  from glide_jax.diffusion import pipeline
+  from glide_jax import sampling
   from glide_jax.models import registry
   schedule = "linear" if kind == "upsample" else "squaredcos_cap_v2"
-  return pipeline.SamplerModel(
+  return sampling.SamplerModel(
       kind=kind, model=registry.create_model(kind, options, dtype=dtype),
       params=jax.tree_util.tree_map(jnp.asarray, params), meta={},
       tokenizer=tokenizers.load_tokenizer({"type": "words", "text_ctx": int(options["text_ctx"])}),
@@ -80,7 +80,7 @@ def speed(args, use_ref: bool, threads: int | None) -> None:
   import jax.numpy as jnp
   import numpy as np
 
-  from glide_jax.diffusion import pipeline
+  from glide_jax import sampling
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   steps = parse_steps(args.steps)
   options = common.model_options("text2im", args.preset)
@@ -90,7 +90,7 @@ def speed(args, use_ref: bool, threads: int | None) -> None:
   size = sm.image_size
   results = {}
   for name in args.samplers:
-    run = lambda name=name: pipeline.generate(sm, prompts, jax.random.PRNGKey(args.seed),
+    run = lambda name=name: sampling.generate(sm, prompts, jax.random.PRNGKey(args.seed),
                                               guidance_scale=args.guidance_scale, sampler=name, respacing=steps[name])
     r = common.time_fn(run, args.repeats, block=lambda x: x)
     r["compile_s"] = r["warmup_compile_s"]
@@ -141,7 +141,7 @@ def speed(args, use_ref: bool, threads: int | None) -> None:
   low = int(up_opts["image_size"]) // 4
   rng = np.random.default_rng(args.seed)
   low_res = rng.uniform(-1, 1, (args.batch, low, low, 3)).astype(np.float32)
-  run = lambda: pipeline.generate(up, prompts, jax.random.PRNGKey(args.seed), sampler=UPSAMPLE["sampler"],
+  run = lambda: sampling.generate(up, prompts, jax.random.PRNGKey(args.seed), sampler=UPSAMPLE["sampler"],
                                   respacing=UPSAMPLE["steps"], low_res=low_res, temperature=UPSAMPLE["temperature"])
   r = common.time_fn(run, args.repeats, block=lambda x: x)
   r["compile_s"] = r["warmup_compile_s"]
@@ -173,9 +173,9 @@ def shapes_accuracy(args) -> None:
   import jax
   import numpy as np
 
-  from glide_jax.diffusion import pipeline
+  from glide_jax import sampling
   from glide_jax.eval import attributes
-  sm = pipeline.load_sampler_model(args.bundle)
+  sm = sampling.load_sampler_model(args.bundle)
   steps = parse_steps(args.steps)
   rng = np.random.default_rng(args.seed)
   n = args.shapes_accuracy
@@ -188,7 +188,7 @@ def shapes_accuracy(args) -> None:
     for start in range(0, n, args.batch):
       chunk = captions[start:start + args.batch]
       t0 = time.perf_counter()
-      out = pipeline.generate(sm, chunk, jax.random.fold_in(jax.random.PRNGKey(args.seed), start),
+      out = sampling.generate(sm, chunk, jax.random.fold_in(jax.random.PRNGKey(args.seed), start),
                               guidance_scale=args.guidance_scale, sampler=name, respacing=steps[name])
       times.append(time.perf_counter() - t0)
       images.append(np.clip(np.round((out + 1) * 127.5), 0, 255).astype(np.uint8))

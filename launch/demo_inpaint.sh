@@ -49,18 +49,18 @@ import jax
 import numpy as np
 from glide_jax import config_lib, images
 from glide_jax.data import pipeline as data_pipeline
-from glide_jax.diffusion import pipeline
+from glide_jax import sampling
 from glide_jax.eval import attributes
 
 e = os.environ
 config = config_lib.load_config(e["CONFIG"], [f"--config.data.data_dir={e['DATA_DIR']}"])
-sm = pipeline.load_sampler_model(e["BUNDLE"])
+sm = sampling.load_sampler_model(e["BUNDLE"])
 n, out = int(e["N"]), pathlib.Path(e["OUT"])
 # The first n validation images with the pipeline's random masks (1 = known), seeded per example.
 batch = next(data_pipeline.make_eval_iterator(config.data, "inpaint", n, sm.image_size))
 captions = [c.decode() if isinstance(c, bytes) else str(c) for c in batch["caption"]]
 image, known = batch["image"], batch["inpaint_mask"]
-filled = pipeline.generate(sm, captions, jax.random.PRNGKey(0), inpaint_image=image, inpaint_mask=known,
+filled = sampling.generate(sm, captions, jax.random.PRNGKey(0), inpaint_image=image, inpaint_mask=known,
                            guidance_scale=float(e["GUIDANCE"]), respacing=e["STEPS"] or None)
 images.write_samples(out / "inpainted", filled)
 masked = image * known - (1 - known)  # the hole shown black

@@ -47,18 +47,18 @@ import jax
 import numpy as np
 from glide_jax import config_lib, images
 from glide_jax.data import pipeline as data_pipeline
-from glide_jax.diffusion import pipeline
+from glide_jax import sampling
 from glide_jax.eval import attributes
 
 e = os.environ
 config = config_lib.load_config(e["CONFIG"], [f"--config.data.data_dir={e['DATA_DIR']}"])
-up = pipeline.load_sampler_model(e["BUNDLE"])
+up = sampling.load_sampler_model(e["BUNDLE"])
 n, out = int(e["N"]), pathlib.Path(e["OUT"])
 # The first n validation examples, centre-cropped, with the same 8-bit area-downsampled low-res
 # input the upsampler was trained on.
 batch = next(data_pipeline.make_eval_iterator(config.data, "upsample", n, up.image_size))
 captions = [c.decode() if isinstance(c, bytes) else str(c) for c in batch["caption"]]
-big = pipeline.generate(up, captions, jax.random.PRNGKey(0), low_res=batch["low_res"],
+big = sampling.generate(up, captions, jax.random.PRNGKey(0), low_res=batch["low_res"],
                         respacing=e["STEPS"] or None)
 images.write_samples(out / "validation", big)
 factor = up.image_size // batch["low_res"].shape[1]

@@ -112,7 +112,7 @@ def test_a_bf16_bundle_samples_in_bf16_like_the_float32_bundle(tmp_path, _cache)
   import ml_dtypes
 
   from glide_jax import bundle
-  from glide_jax.diffusion import pipeline
+  from glide_jax import sampling
 
   config = ts.tiny_config("base")
   params = ts.perturbed_params(config)
@@ -122,13 +122,13 @@ def test_a_bf16_bundle_samples_in_bf16_like_the_float32_bundle(tmp_path, _cache)
   bundle.save_bundle(tmp_path / "b32", params, meta)
   bundle.save_bundle(tmp_path / "b16", jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16), params),
                      dict(meta, dtype="bfloat16"))
-  m16 = pipeline.load_sampler_model(tmp_path / "b16", dtype=jnp.bfloat16)
-  m32 = pipeline.load_sampler_model(tmp_path / "b32")
+  m16 = sampling.load_sampler_model(tmp_path / "b16", dtype=jnp.bfloat16)
+  m32 = sampling.load_sampler_model(tmp_path / "b32")
   assert m16.model.dtype == jnp.bfloat16 and m32.model.dtype == jnp.float32
   prompts, key = ["a red circle", "a big blue square"], jax.random.PRNGKey(0)
 
   def sample(sm):
-    return np.asarray(pipeline.generate(sm, prompts, key, guidance_scale=3.0, sampler="dpm++", respacing="15",
+    return np.asarray(sampling.generate(sm, prompts, key, guidance_scale=3.0, sampler="dpm++", respacing="15",
                                         progress=lambda done: None), np.float32)
   x16, x32 = sample(m16), sample(m32)
   assert x16.shape == x32.shape == (2, 8, 8, 3) and np.all(np.isfinite(x16)) and np.abs(x16).max() <= 1.0

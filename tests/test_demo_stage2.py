@@ -14,7 +14,7 @@ import glide_jax.data.shapes
 from glide_jax import bundle, config_lib, images
 from glide_jax.commands import export as export_cmd
 from glide_jax.data import pipeline as data_pipeline
-from glide_jax.diffusion import pipeline
+from glide_jax import sampling
 from glide_jax.train import stages, train
 
 pytestmark = pytest.mark.slow  # demo-size trainings (docs/testing.md)
@@ -91,13 +91,13 @@ def test_inpaint_fine_tune_from_the_base_bundle(tmp_path, data_dir, base_bundle)
       np.testing.assert_array_equal(init[name], base[name], err_msg=name)
 
   config, path = _train_and_export(spec, tmp_path / "inpaint", data_dir, *SMALL_BASE)
-  sm = pipeline.load_sampler_model(path)
+  sm = sampling.load_sampler_model(path)
   assert sm.kind == "inpaint" and sm.image_size == 32
   batch = next(data_pipeline.make_eval_iterator(config.data, "inpaint", N, sm.image_size))
   image, known = batch["image"], batch["inpaint_mask"]
   assert image.shape == (N, 32, 32, 3) and known.shape == (N, 32, 32, 1)
   assert 0 < known.mean() < 1
-  out = pipeline.generate(sm, _captions(batch), jax.random.PRNGKey(0), inpaint_image=image,
+  out = sampling.generate(sm, _captions(batch), jax.random.PRNGKey(0), inpaint_image=image,
                           inpaint_mask=known, guidance_scale=3.0)
   assert out.shape == (N, 32, 32, 3) and np.all(np.isfinite(out))
   diff = np.abs(images.to_uint8(out).astype(int) - images.to_uint8(image).astype(int))
@@ -119,12 +119,12 @@ def test_upsampler_trains_and_upsamples_validation_low_res(tmp_path, data_dir):
   # (The 32 -> 128 cascade with the base bundle is `glide-jax sample --upsample`, tested in
   # tests/test_sample_cli.py and run by QUICK=1 launch/demo_upsample.sh.)
   config, path = _train_and_export("configs/shapes_upsample.py:runlocal", tmp_path / "up", data_dir)
-  up = pipeline.load_sampler_model(path)
+  up = sampling.load_sampler_model(path)
   assert up.kind == "upsample" and up.image_size == 128
   batch = next(data_pipeline.make_eval_iterator(config.data, "upsample", N, up.image_size))
   assert batch["image"].shape == (N, 128, 128, 3) and batch["low_res"].shape == (N, 32, 32, 3)
   captions = _captions(batch)
-  big = pipeline.generate(up, captions, jax.random.PRNGKey(0), low_res=batch["low_res"])
+  big = sampling.generate(up, captions, jax.random.PRNGKey(0), low_res=batch["low_res"])
   assert big.shape == (N, 128, 128, 3) and np.all(np.isfinite(big)) and np.abs(big).max() <= 1
   images.write_grid(tmp_path / "grid.png", np.concatenate([batch["image"], big]), ncols=N)
   from PIL import Image

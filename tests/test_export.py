@@ -44,7 +44,7 @@ def test_export_writes_ema_params_and_the_sampler_loads_them(trained, tmp_path):
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(raw)))
   assert meta["model"]["kind"] == "text2im" and meta["model"]["options"]["image_size"] == 8
   assert meta["tokenizer"]["type"] == "words" and meta["source"]["params"] == "ema"
-  from glide_jax.diffusion.pipeline import load_sampler_model
+  from glide_jax.sampling import load_sampler_model
   sm = load_sampler_model(out)
   assert sm.image_size == 8 and sm.tokenizer.text_ctx == 8
 
@@ -54,7 +54,7 @@ def test_export_writes_ema_params_and_the_sampler_loads_them(trained, tmp_path):
 def test_bf16_export_holds_the_rounded_params_and_samples_like_float32(trained, tmp_path):
   import ml_dtypes
 
-  from glide_jax.diffusion import pipeline
+  from glide_jax import sampling
 
   workdir, _, result = trained
   for name, extra in (("b16", ["--bf16"]), ("b32", [])):
@@ -71,7 +71,7 @@ def test_bf16_export_holds_the_rounded_params_and_samples_like_float32(trained, 
                                   np.asarray(v).astype(ml_dtypes.bfloat16).astype(np.float32), err_msg=k)
   # Loaded and sampled: the bf16 bundle samples what the float32 one does, to bf16's precision.
   prompts, key = ["a red circle", "a big blue square"], jax.random.PRNGKey(0)
-  x16, x32 = (pipeline.generate(pipeline.load_sampler_model(tmp_path / n), prompts, key, guidance_scale=3.0,
+  x16, x32 = (sampling.generate(sampling.load_sampler_model(tmp_path / n), prompts, key, guidance_scale=3.0,
                                 progress=lambda done: None) for n in ("b16", "b32"))
   assert np.all(np.isfinite(x16))
   assert np.abs(x16 - x32).max() < 0.05, np.abs(x16 - x32).max()
@@ -79,9 +79,9 @@ def test_bf16_export_holds_the_rounded_params_and_samples_like_float32(trained, 
 
 
 def test_serialized_sampler_samples_what_generate_does(trained, tmp_path):
-  # The serialized sampler against pipeline.generate (a separate implementation), for two token
+  # The serialized sampler against sampling.generate (a separate implementation), for two token
   # rows and two guidance scales: it must change with each input exactly as generate does.
-  from glide_jax.diffusion import pipeline
+  from glide_jax import sampling
 
   workdir, config, _ = trained
   path = export_cmd.export(str(workdir), str(tmp_path / "s"), serialize=True, serialize_batch=2)
@@ -100,8 +100,8 @@ def test_serialized_sampler_samples_what_generate_does(trained, tmp_path):
     return np.asarray(exported.call(params, *tokens, ut, um, jax.random.key_data(key), jnp.float32(g)))
 
   def direct(tokens, g):
-    sm = pipeline.load_sampler_model(path, tokenizer=_FixedTokens(*tokens, tok))
-    return pipeline.generate(sm, ["a", "b"], key, guidance_scale=g, progress=lambda done: None)
+    sm = sampling.load_sampler_model(path, tokenizer=_FixedTokens(*tokens, tok))
+    return sampling.generate(sm, ["a", "b"], key, guidance_scale=g, progress=lambda done: None)
 
   s13, s23, s11 = served(first, 3.0), served(second, 3.0), served(first, 1.0)
   assert s13.shape == (2, 8, 8, 3)
@@ -112,7 +112,7 @@ def test_serialized_sampler_samples_what_generate_does(trained, tmp_path):
 
 
 class _FixedTokens:
-  """A tokenizer for `pipeline.generate` that returns given token rows (so both samplers see the same ids)."""
+  """A tokenizer for `sampling.generate` that returns given token rows (so both samplers see the same ids)."""
 
   def __init__(self, tokens, mask, tokenizer):
     self.tokens, self.mask, self.tokenizer = tokens, mask, tokenizer
@@ -128,7 +128,7 @@ class _FixedTokens:
 
 @pytest.mark.parametrize("stage", ["upsample", "inpaint"])
 def test_serialized_upsample_and_inpaint_samplers_equal_generate(stage, tmp_path, tmp_path_factory):
-  from glide_jax.diffusion import pipeline
+  from glide_jax import sampling
 
   ts.session_cache(tmp_path_factory)
   config = ts.tiny_config(stage, "--config.total_steps=1", "--config.sampling.steps=3", *ts.mesh_overrides(1, 8))
@@ -147,13 +147,13 @@ def test_serialized_upsample_and_inpaint_samplers_equal_generate(stage, tmp_path
   tokens = np.tile(np.arange(1, 9, dtype=np.int32), (2, 1))
   mask = np.arange(8)[None] < np.array([[5], [8]])
   tokens = np.where(mask, tokens, 0).astype(np.int32)
-  sm = pipeline.load_sampler_model(path, tokenizer=_FixedTokens(tokens, mask, tok))
+  sm = sampling.load_sampler_model(path, tokenizer=_FixedTokens(tokens, mask, tok))
   sm.params = jax.tree.map(jnp.asarray, params)
   key = jax.random.key(11)
   if stage == "upsample":
     assert meta["model"]["kind"] == "upsample" and spec["low_res_size"] == 4
     low_res = r.uniform(-1, 1, (2, 4, 4, 3)).astype(np.float32)  # off the 8-bit grid: both round it
-    direct = pipeline.generate(sm, ["a", "b"], key, low_res=low_res, temperature=0.997)
+    direct = sampling.generate(sm, ["a", "b"], key, low_res=low_res, temperature=0.997)
     served = exported.call(params, tokens, mask, low_res, jax.random.key_data(key), jnp.float32(0.997))
     other = exported.call(params, tokens, mask, -low_res, jax.random.key_data(key), jnp.float32(0.997))
   else:
@@ -162,7 +162,7 @@ def test_serialized_upsample_and_inpaint_samplers_equal_generate(stage, tmp_path
     known = np.zeros((2, 8, 8, 1), np.float32)
     known[:, :, :4] = 1.0  # keep the left half
     ut, um = tok.empty(2)
-    direct = pipeline.generate(sm, ["a", "b"], key, guidance_scale=3.0, inpaint_image=image, inpaint_mask=known)
+    direct = sampling.generate(sm, ["a", "b"], key, guidance_scale=3.0, inpaint_image=image, inpaint_mask=known)
     served = exported.call(params, tokens, mask, ut, um, image, known, jax.random.key_data(key), jnp.float32(3.0))
     other = exported.call(params, tokens, mask, ut, um, -image, known, jax.random.key_data(key), jnp.float32(3.0))
   assert spec["inputs"][0] == "params" and len(spec["inputs"]) == 1 + len(export_cmd.SIGNATURES[stage])

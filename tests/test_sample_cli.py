@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from glide_jax import bundle, cli, images
+from glide_jax import bundle, cli, images, sampling
 from glide_jax.data import tokenizers
-from glide_jax.diffusion import pipeline
+from glide_jax.diffusion import pipeline as pipeline_core
 from glide_jax.models import registry
 
 TINY = {"num_channels": 32, "channel_mult": "1,2", "attention_resolutions": "4", "num_res_blocks": 1, "xf_width": 32,
@@ -118,23 +118,23 @@ def test_sample_writes_pngs_in_prompt_order_and_is_reproducible(bundles, tmp_pat
   assert order == {"000000.png": "a red circle", "000001.png": "a blue square", "000002.png": "a small green triangle",
                    "000003.png": "Two red squares"}
 
-  # the command's images are the pipeline's: batch i uses fold_in(PRNGKey(seed), i)
-  sm = pipeline.load_sampler_model(bundles["base"])
-  second, _ = pipeline.cascade(sm, ["a small green triangle", "Two red squares"],
+  # the command's images are the sampling module's: batch i uses fold_in(PRNGKey(seed), i)
+  sm = sampling.load_sampler_model(bundles["base"])
+  second, _ = sampling.cascade(sm, ["a small green triangle", "Two red squares"],
                                jax.random.fold_in(jax.random.PRNGKey(7), 1),
                                base_kwargs={"guidance_scale": 3.0, "respacing": "4", "progress": NO_BAR})
   np.testing.assert_array_equal(images.to_uint8(second), np.stack(a[2:]))
 
 
 def test_cfg_scale_one_equals_the_conditional_model(bundles):
-  sm = pipeline.load_sampler_model(bundles["base"])
+  sm = sampling.load_sampler_model(bundles["base"])
   key = jax.random.PRNGKey(3)
   prompts = ["a red circle", "a blue square"]
-  plain = pipeline.generate(sm, prompts, key, guidance_scale=1.0, respacing="4", progress=NO_BAR)
+  plain = sampling.generate(sm, prompts, key, guidance_scale=1.0, respacing="4", progress=NO_BAR)
   # the CFG path (doubled batch) at scale 1 + 1e-7 must agree with the plain conditional path
-  guided = pipeline.generate(sm, prompts, key, guidance_scale=1.0 + 1e-7, respacing="4", progress=NO_BAR)
+  guided = sampling.generate(sm, prompts, key, guidance_scale=1.0 + 1e-7, respacing="4", progress=NO_BAR)
   np.testing.assert_allclose(guided, plain, atol=1e-4)
-  strong = pipeline.generate(sm, prompts, key, guidance_scale=8.0, respacing="4", progress=NO_BAR)
+  strong = sampling.generate(sm, prompts, key, guidance_scale=8.0, respacing="4", progress=NO_BAR)
   assert np.abs(strong - plain).max() > 1e-3
 
 
@@ -200,24 +200,24 @@ def test_bad_inputs_are_refused(bundles, tmp_path, capsys):
   assert "export" in capsys.readouterr().err
   with pytest.raises(SystemExit, match="upsampler"):
     cli.main(["sample", "--bundle", str(bundles["up"]), "--prompt", "x", "--out", str(tmp_path)])
-  sm = pipeline.load_sampler_model(bundles["inpaint"])
+  sm = sampling.load_sampler_model(bundles["inpaint"])
   with pytest.warns(UserWarning, match="inverted"):
-    pipeline.generate(sm, ["x"], jax.random.PRNGKey(0), respacing="4", inpaint_image=np.zeros((1, 8, 8, 3)),
+    sampling.generate(sm, ["x"], jax.random.PRNGKey(0), respacing="4", inpaint_image=np.zeros((1, 8, 8, 3)),
                       inpaint_mask=np.ones((1, 8, 8, 1)), guidance_scale=5.0, progress=NO_BAR)
 
 
 def test_compiled_sampler_is_not_shared_across_prediction_targets(bundles):
   # An epsilon and a v bundle of one architecture: each must sample with its own parameterisation,
   # whichever was compiled first (the compile cache once ignored `prediction`).
-  eps = pipeline.load_sampler_model(bundles["base"])
-  v = pipeline.load_sampler_model(bundles["base"])
+  eps = sampling.load_sampler_model(bundles["base"])
+  v = sampling.load_sampler_model(bundles["base"])
   v.diffusion_settings = dict(v.diffusion_settings, prediction="v")
   key, kw = jax.random.PRNGKey(4), {"guidance_scale": 3.0, "respacing": "4", "progress": NO_BAR}
-  pipeline._COMPILED.clear()
-  v_alone = pipeline.generate(v, ["a red circle"], key, **kw)
-  pipeline._COMPILED.clear()
-  eps_first = pipeline.generate(eps, ["a red circle"], key, **kw)
-  v_second = pipeline.generate(v, ["a red circle"], key, **kw)
+  pipeline_core._COMPILED.clear()
+  v_alone = sampling.generate(v, ["a red circle"], key, **kw)
+  pipeline_core._COMPILED.clear()
+  eps_first = sampling.generate(eps, ["a red circle"], key, **kw)
+  v_second = sampling.generate(v, ["a red circle"], key, **kw)
   assert np.abs(v_alone - eps_first).max() > 0.1
   np.testing.assert_array_equal(v_second, v_alone)
 
@@ -232,14 +232,14 @@ def test_inpainting_cascade_stages_keep_the_same_region(bundles, tmp_path, monke
   mask[:17, :23] = 255
   Image.fromarray(mask).save(tmp_path / "mask.png")
   calls = []
-  generate = pipeline.generate
+  generate = sampling.generate
 
   def recording(sm, prompts, key, **kw):
     out = generate(sm, prompts, key, **kw)
     calls.append((kw["inpaint_image"], kw["inpaint_mask"], out))
     return out
 
-  monkeypatch.setattr(pipeline, "generate", recording)
+  monkeypatch.setattr(sampling, "generate", recording)
   assert cli.main(["sample", "--bundle", str(bundles["inpaint"]), "--upsample", str(bundles["up_inpaint"]),
                    "--prompt", "a red circle", "--steps", "4", "--upsample-steps", "3", "--guidance-scale", "5",
                    "--inpaint-image", str(tmp_path / "img.png"), "--inpaint-mask", str(tmp_path / "mask.png"),

@@ -348,7 +348,7 @@ class _NoTokenizer:
 
 @pytest.mark.parametrize("saved_scanned", [False, True])
 def test_bundle_of_either_layout_loads_into_a_model_of_either_layout(tmp_path, saved_scanned):
-  from glide_jax.diffusion import pipeline
+  from glide_jax import sampling
 
   per_layer_model, _, args, _ = _models()["unet"]
   params = _random(nn.meta.unbox(_abstract(per_layer_model, *args)), seed=3)
@@ -359,7 +359,7 @@ def test_bundle_of_either_layout_loads_into_a_model_of_either_layout(tmp_path, s
   tokens, mask = tokens[:, :UNET["text_ctx"]] % UNET["n_vocab"], mask[:, :UNET["text_ctx"]]
   outs = []
   for scan in (None, False, True):
-    sm = pipeline.load_sampler_model(path, tokenizer=_NoTokenizer(), scan_layers=scan)
+    sm = sampling.load_sampler_model(path, tokenizer=_NoTokenizer(), scan_layers=scan)
     want = saved_scanned if scan is None else scan
     assert sm.model.scan_layers is want and layout.is_scanned(sm.params) is want
     outs.append(jax.jit(lambda p, m=sm.model: m.apply({"params": p}, tokens, mask, method="encode_text"))(sm.params))

@@ -20,11 +20,11 @@ params: the bundle's tree (`bundle.load_bundle`); tokens [B, L] int32 and mask [
 bundle's tokenizer, uncond_* its empty caption; key_data [2] uint32 = jax.random.key_data(key);
 guidance_scale and temperature float32 scalars; image [B, S, S, 3] in [-1, 1] with image_mask
 [B, S, S, 1] (1 = keep that pixel); low_res [B, s, s, 3] in [-1, 1], s = the config's
-data.low_res_size (rounded to 8 bits inside, as `pipeline.generate` does). Returns images
+data.low_res_size (rounded to 8 bits inside, as `sampling.generate` does). Returns images
 [B, S, S, 3] float32 in [-1, 1]. Text2im and inpaint use classifier-free guidance; the upsamplers
 none (as GLIDE samples them), with x_T scaled by `temperature` (GLIDE's 0.997). The function is
 traced for a fixed batch B (`--serialize-batch`), the config's sampler and step count;
-`sampler.json` lists the inputs with their shapes. It samples exactly what `pipeline.generate` does
+`sampler.json` lists the inputs with their shapes. It samples exactly what `sampling.generate` does
 for the same inputs and key.
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ def load_params(workdir: str, which: str, rate: float | None, step: int | None) 
 
 
 def bundle_meta(config: Any, tokenizer_spec: dict | None, dtype: str, step: int, which: str) -> dict:
-  from glide_jax.diffusion.pipeline import settings_from_config
+  from glide_jax.sampling import settings_from_config
   kind = config.model.kind
   meta = {
       "model": {"kind": kind, "options": json.loads(json.dumps(config.model.options.to_dict()))},
@@ -148,7 +148,7 @@ def sampling_function(config, params_dtype=None):
   """(fn, image size). fn(params, *inputs) -> images [B, H, W, 3], inputs named by SIGNATURES[kind]
   (`key` a typed PRNG key here; the serialized function takes its raw `key_data` instead).
 
-  It computes what `pipeline.generate` does for that kind: CFG on one doubled batch for text2im and
+  It computes what `sampling.generate` does for that kind: CFG on one doubled batch for text2im and
   inpaint; low_res rounded to the 8-bit grid; inpainting feeds `image * image_mask` and the mask to the
   model and writes the known pixels (image_mask = 1) into each predicted x0.
   """
@@ -157,7 +157,7 @@ def sampling_function(config, params_dtype=None):
   import jax.numpy as jnp
 
   from glide_jax.diffusion import guidance, samplers, schedules
-  from glide_jax.diffusion.pipeline import canonical_sampler
+  from glide_jax.sampling import canonical_sampler
   from glide_jax.models import registry
 
   kind = registry.canonical_kind(config.model.kind)

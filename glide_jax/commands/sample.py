@@ -104,16 +104,15 @@ class _Progress:
 def run(args) -> int:
   import jax
 
-  from glide_jax import images
-  from glide_jax.diffusion import pipeline
+  from glide_jax import images, sampling
 
   prompts = _prompts(args)
   if args.batch_size < 1:
     raise SystemExit("--batch-size must be >= 1")
-  base = pipeline.load_sampler_model(_source(args), tokenizer=args.tokenizer)
+  base = sampling.load_sampler_model(_source(args), tokenizer=args.tokenizer)
   if base.is_upsampler:
     raise SystemExit(f"the model given is an upsampler ({base.kind}); pass the base model, and this one as --upsample")
-  up = pipeline.load_sampler_model(args.upsample, tokenizer=args.tokenizer) if args.upsample else None
+  up = sampling.load_sampler_model(args.upsample, tokenizer=args.tokenizer) if args.upsample else None
   if up is not None and not up.is_upsampler:
     raise SystemExit(f"--upsample {args.upsample} holds a {up.kind} model, not an upsampler")
 
@@ -135,8 +134,8 @@ def run(args) -> int:
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   threshold = _threshold(args.threshold)
-  n_base = pipeline.make_diffusion(base, args.steps).num_timesteps
-  n_up = pipeline.make_diffusion(up, args.upsample_steps).num_timesteps if up is not None else 0
+  n_base = sampling.make_diffusion(base, args.steps).num_timesteps
+  n_up = sampling.make_diffusion(up, args.upsample_steps).num_timesteps if up is not None else 0
   progress = _Progress(len(list(range(0, len(prompts), args.batch_size))) * (n_base + n_up), not args.no_progress)
   if args.eta and (args.sampler or base.diffusion_settings.get("sampler")) != "ddim":
     raise SystemExit("--eta applies to --sampler ddim only")
@@ -158,7 +157,7 @@ def run(args) -> int:
     kw = {}
     if inpaint_image is not None:
       kw = {"inpaint_image": np.repeat(inpaint_image, n, 0), "inpaint_mask": np.repeat(inpaint_mask, n, 0)}
-    small, big = pipeline.cascade(base, batch, jax.random.fold_in(root, index), up,
+    small, big = sampling.cascade(base, batch, jax.random.fold_in(root, index), up,
                                   base_kwargs=base_kw, upsample_kwargs=up_kw, **kw)
     final = big if big is not None else small
     images.write_samples(out, final, start=start)

@@ -96,22 +96,22 @@ def make_generator(bundle_path: str | os.PathLike, sampler: str | None = None,
                    tokenizer: Any = None) -> tuple[GenerateFn, dict[str, Any]]:
   """A base (text2im) bundle or workdir -> generate(prompts, guidance_scale) -> uint8 [N, S, S, 3].
 
-  Sampling goes through `glide_jax.diffusion.pipeline.generate` (what `glide-jax sample` runs):
+  Sampling goes through `glide_jax.sampling.generate` (what `glide-jax sample` runs):
   classifier-free guidance on one doubled batch, the text encoded once per batch, one compilation
   per (batch shape, sampler). Batch b of every scale uses the key fold_in(PRNGKey(seed), b), so
   all scales see the same noise.
   """
   import jax
 
-  from glide_jax.diffusion import pipeline
+  from glide_jax import sampling
 
-  sm = pipeline.load_sampler_model(bundle_path, tokenizer=tokenizer)
+  sm = sampling.load_sampler_model(bundle_path, tokenizer=tokenizer)
   if sm.kind != "text2im":
     raise ValueError(f"{bundle_path}: a guidance sweep needs a base text2im bundle, this one is {sm.kind!r}")
-  sampler = pipeline.canonical_sampler(sampler or sm.diffusion_settings.get("sampler") or "ancestral")
+  sampler = sampling.canonical_sampler(sampler or sm.diffusion_settings.get("sampler") or "ancestral")
   if respacing is None:  # the bundle's respacing; a sweep never defaults to all 1000 steps
     respacing = str(sm.diffusion_settings.get("timestep_respacing") or "100")
-  diffusion = pipeline.make_diffusion(sm, respacing)
+  diffusion = sampling.make_diffusion(sm, respacing)
   root = jax.random.PRNGKey(seed)
 
   def generate(prompts: Sequence[str], guidance_scale: float) -> np.ndarray:
@@ -120,7 +120,7 @@ def make_generator(bundle_path: str | os.PathLike, sampler: str | None = None,
       batch = list(prompts[lo:lo + batch_size])
       n = len(batch)
       batch += [batch[-1]] * (batch_size - n)  # fixed batch shape: one compilation
-      x = pipeline.generate(sm, batch, jax.random.fold_in(root, b), guidance_scale=float(guidance_scale),
+      x = sampling.generate(sm, batch, jax.random.fold_in(root, b), guidance_scale=float(guidance_scale),
                             sampler=sampler, respacing=respacing)
       out.append(np.clip(np.round((np.asarray(x[:n], np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8))
     return np.concatenate(out)
