@@ -252,3 +252,22 @@ def test_device_check_parity_tests_exist():
   collected = [line for line in out.stdout.splitlines() if "::" in line]
   for test in device_check.PARITY_TESTS:
     assert any(line.startswith(test) for line in collected), test
+
+
+def test_dtype_benchmark_alternates_two_different_programs(capsys):
+  """Both dtypes run the same number of alternated rounds, and their programs differ (a dtype that
+  failed to reach the model would time float32 twice and report a ratio of about 1)."""
+  from benchmarks import dtype
+  assert dtype.main(["--preset", "tiny", "--rounds", "2", "--fast-compile"]) == 0
+  records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+  per = [r for r in records if "dtype" in r and "median_s" in r]
+  assert sorted((r["what"], r["dtype"]) for r in per) == sorted(
+      (w, d) for w in dtype.WHAT for d in dtype.DTYPES)
+  for what in dtype.WHAT:
+    f32, bf16 = (next(r for r in per if r["what"] == what and r["dtype"] == d) for d in dtype.DTYPES)
+    assert len(f32["runs_s"]) == len(bf16["runs_s"]) == 2
+    assert f32["program_fingerprint"] != bf16["program_fingerprint"], what
+  summary = records[-1]
+  assert summary["summary"] and {r["what"] for r in summary["results"]} == set(dtype.WHAT)
+  for r in summary["results"]:
+    assert r["bf16_over_f32"] == pytest.approx(r["bfloat16_s"] / r["float32_s"], rel=1e-2)
