@@ -3,6 +3,8 @@
   glide-jax data prepare --name glide_shapes/size64 [--data-dir D] [--file-format array_record|tfrecord]
   glide-jax data build --images DIR --out DATA_DIR [--min-size 64 --max-size 512 --val-fraction 0.05]
       [--file-format array_record|tfrecord]
+  glide-jax data build --webdataset 'DIR/{00000..00099}.tar' --out DATA_DIR [--caption-field caption]
+      [--workers 4] [--shard-index i --num-shards n] [--finalize] [--min-size ... as for --images]
   glide-jax data train-tokenizer --dataset glide_shapes/size32 --vocab-size 256 --out tok.model
 """
 from __future__ import annotations
@@ -25,7 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   _file_format_argument(p)
 
   b = sub.add_parser("build", help="Build the image_folder dataset from a directory of captioned images.")
-  b.add_argument("--images", required=True, help="directory of images with x.txt captions or captions.jsonl/.csv")
+  source = b.add_mutually_exclusive_group(required=True)
+  source.add_argument("--images", help="directory of images with x.txt captions or captions.jsonl/.csv")
+  source.add_argument("--webdataset", metavar="PATTERN",
+                      help="WebDataset tar shards, a brace pattern: 'DIR/{00000..00099}.tar' (docs/data.md)")
   b.add_argument("--out", required=True, help="TFDS data dir to write (use it as data.data_dir)")
   b.add_argument("--min-size", type=int, default=64, help="skip images whose short side is smaller")
   b.add_argument("--max-size", type=int, default=512, help="scale images down to this short side (0: keep)")
@@ -33,6 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   b.add_argument("--format", choices=("png", "jpeg"), default="png", help="how images are stored")
   b.add_argument("--overwrite", action="store_true", help="rebuild even if --out already holds a dataset")
   _file_format_argument(b)
+  w = b.add_argument_group("--webdataset only")
+  w.add_argument("--caption-field", default="caption", help="caption field of KEY.json (used when there is no KEY.txt)")
+  w.add_argument("--workers", type=int, default=4, help="tars converted in parallel processes (1: in this process)")
+  w.add_argument("--shard-index", type=int, default=0, help="this machine's part: tars whose position is i mod n")
+  w.add_argument("--num-shards", type=int, default=1, help="number of machines converting the pattern's tars")
+  w.add_argument("--finalize", action="store_true",
+                 help="convert nothing: write the dataset info if every tar is converted (else exit 2)")
 
   t = sub.add_parser("train-tokenizer", help="Train a sentencepiece tokenizer on a dataset's captions.")
   t.add_argument("--dataset", required=True, help="TFDS name (glide_shapes/size32, image_folder, coco_captions ...)")
@@ -100,12 +112,35 @@ def _prepare(args) -> int:
 def _build(args) -> int:
   from glide_jax.data import image_folder
 
+  if args.webdataset is not None:
+    return _build_webdataset(args)
   report = image_folder.build_image_folder(args.images, args.out, min_size=args.min_size,
                                            max_size=args.max_size, val_fraction=args.val_fraction,
                                            image_format=args.format, overwrite=args.overwrite,
                                            file_format=args.file_format)
   print(image_folder.format_report(report))
   print(f"dataset: {report['dataset_dir']}; report: {os.path.join(report['dataset_dir'], image_folder.REPORT_NAME)}")
+  print(f"use it with data.name='image_folder', data.data_dir='{args.out}'")
+  return 0
+
+
+def _build_webdataset(args) -> int:
+  from glide_jax.data import webdataset
+
+  if args.overwrite:
+    raise errors.UserError("--overwrite does not apply to --webdataset (a rerun resumes per tar); use a new --out")
+  if args.file_format != webdataset.FILE_SUFFIX:
+    raise errors.UserError(f"--webdataset writes {webdataset.FILE_SUFFIX} only, not --file-format {args.file_format}")
+  result = webdataset.build_webdataset(
+      args.webdataset, args.out, caption_field=args.caption_field, min_size=args.min_size,
+      max_size=args.max_size, val_fraction=args.val_fraction, image_format=args.format,
+      workers=args.workers, shard_index=args.shard_index, num_shards=args.num_shards,
+      finalize_only=args.finalize, progress=True)
+  print(webdataset.format_report(result))
+  if result["dataset"] is None:
+    if args.finalize:
+      raise errors.UserError(f"{len(result['pending'])} tars not converted yet, first {result['pending'][0]}")
+    return 0
   print(f"use it with data.name='image_folder', data.data_dir='{args.out}'")
   return 0
 
