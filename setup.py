@@ -20,6 +20,8 @@ INSTALL_REQUIRES = [
     "ftfy>=6",
     "safetensors>=0.4",
     "pillow>=10",
+    # expands WebDataset shard patterns (DIR/{00000..00099}.tar) as webdataset itself does.
+    "braceexpand>=0.1.7",
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
