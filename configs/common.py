@@ -142,6 +142,11 @@ def skeleton(stage: str) -> ml_collections.ConfigDict:
   c.checkpoint.every = 10_000     # [GD] save_interval
   c.checkpoint.keep = 3
   c.checkpoint["async"] = True  # orbax async save; `async` is a Python keyword, hence the item syntax
+  c.checkpoint.check_every = 10   # multi-process: agree on a SIGTERM every this many steps (a collective;
+                                  # 1 = every step); one process checks every step, jax's preemption
+                                  # sync point is asked every step
+  c.checkpoint.params_check_every = 1000  # multi-process: compare the parameter copies' checksums
+                                  # (on device) every this many steps; 0 = only at the start and end
 
   c.log = ml_collections.ConfigDict()
   c.log.every = 10                # [GD] log_interval
@@ -149,6 +154,8 @@ def skeleton(stage: str) -> ml_collections.ConfigDict:
   c.log.sample_prompts = ("a red circle on the left", "an oil painting of a corgi")
   c.log.sample_seed = 0
   c.log.tensorboard = True
+  c.log.profile_steps = (0, 0)    # (first step, count): a jax.profiler trace of those steps on process 0
+                                  # into WORKDIR/profile; count 0 = none
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.sampler = "plms"     # 'ancestral' | 'ddim' | 'plms' | 'dpm++'

@@ -1,7 +1,8 @@
 """A preemption notice saves a checkpoint at the step it names, returns normally, and a restart resumes there.
 
 On a real multi-host TPU job the notice comes from jax's preemption sync manager
-(`multihost_utils.reached_preemption_sync_point`, asked once per step with the step number); here
+(`multihost_utils.reached_preemption_sync_point`, asked after every step with the step number, by the
+loop and by orbax's save policy); here
 that function is replaced by one that answers True at step 3.
 """
 from __future__ import annotations
@@ -47,8 +48,9 @@ def test_preemption_notice_saves_at_that_step_returns_and_resume_continues(tmp_p
   it = Recording(config)
   first = train.train(config, str(tmp_path), data_iterator=it, tokenizer=ts.tokenizer(config), progress=False,
                       compiler_options=ts.FAST)
-  # Asked after every step with the number of steps done (orbax's save asks again at 3), never past 3.
-  assert asked[:3] == [1, 2, 3] and set(asked) == {1, 2, 3}
+  # Asked after every step with the number of steps done, in order (by the loop and by orbax's save
+  # policy, so a step may be asked more than once), never past 3.
+  assert list(dict.fromkeys(asked)) == [1, 2, 3] and asked == sorted(asked)
   assert first["stopped"] and first["step"] == 3 and len(first["losses"]) == 3
   assert it.served == [0, 1, 2]  # nothing read past the saved position
   ck = ckpt_lib.Checkpointer(os.path.join(tmp_path, "checkpoints"), 100, 3)

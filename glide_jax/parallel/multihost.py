@@ -8,6 +8,7 @@ collective) into an exit with a message.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -58,28 +59,94 @@ def is_main() -> bool:
   return jax.process_index() == 0
 
 
-def params_fingerprint(params: Any) -> np.ndarray:
-  """Per-leaf float64 sums of this process's copy of every fully replicated leaf: [n_leaves]."""
-  sums = []
-  for leaf in jax.tree.leaves(params):
-    if not hasattr(leaf, "sharding") or not leaf.sharding.is_fully_replicated:
+def _checksum(x: jax.Array) -> jax.Array:
+  """Two uint32 checksums of a block's bits ([2]): their wrapped sum and a position-weighted sum,
+  so one flipped bit (or -0.0 for 0.0) anywhere changes them."""
+  import jax.numpy as jnp
+  x = jnp.ravel(x)
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  else:
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    bits = jnp.ravel(jax.lax.bitcast_convert_type(x, width)).astype(jnp.uint32)
+  weights = (jnp.arange(bits.size, dtype=jnp.uint32) % 65521 + 1).astype(jnp.uint32)
+  return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
+
+
+def _named_leaves(params: Any) -> tuple[list[str], list[jax.Array]]:
+  """The leaves of `params` laid out on one mesh (NamedSharding), with their tree paths."""
+  names, leaves, mesh = [], [], None
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    sharding = getattr(leaf, "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding):
       continue
-    shard = leaf.addressable_shards[0].data
-    sums.append(np.sum(np.asarray(shard, np.float64)))
-  return np.asarray(sums, np.float64)
+    if mesh is None:
+      mesh = sharding.mesh
+    if sharding.mesh == mesh:
+      names.append(jax.tree_util.keystr(path))
+      leaves.append(leaf)
+  return names, leaves
+
+
+def params_fingerprint(params: Any) -> jax.Array:
+  """Every device's checksums of its own block of every leaf, computed on the devices:
+  [devices of the mesh, leaves, 2] uint32, row r = `mesh.devices.flat[r]`.
+
+  A shard_map over the leaves' own specs, so each device sums the copy it holds (nothing crosses
+  devices, and nothing reaches the host until the caller fetches these few numbers). Leaves not
+  laid out on the first leaf's mesh are left out."""
+  _, leaves = _named_leaves(params)
+  if not leaves:
+    return np.zeros((0, 0, 2), np.uint32)
+  return _fingerprint_fn(leaves[0].sharding.mesh, tuple(leaf.sharding.spec for leaf in leaves))(*leaves)
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint_fn(mesh: Any, specs: tuple) -> Any:
+  """The jitted per-device checksum of leaves with these specs (compiled once per layout)."""
+
+  def local(*blocks):
+    return jax.numpy.stack([_checksum(b) for b in blocks])[None]  # [1, leaves, 2] on each device
+
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs,
+                               out_specs=jax.sharding.PartitionSpec(mesh.axis_names), check_vma=False))
 
 
 def check_params_agree(params: Any, step: int) -> None:
-  """Raises if the processes' copies of the replicated parameters differ (bit for bit)."""
-  if jax.process_count() == 1:
+  """Raises if two devices (on any processes) hold different copies of the same block of a
+  parameter (bit for bit, by checksum).
+
+  The checksums are taken on the devices (`params_fingerprint`); only they, a few bytes per leaf
+  and device, are gathered to every process (`process_allgather`), so no parameter is copied to
+  the host. Every process must call it at the same step."""
+  names, leaves = _named_leaves(params)
+  if not leaves:
     return
-  from jax.experimental import multihost_utils
-  local = params_fingerprint(params)
-  every = np.asarray(multihost_utils.process_allgather(local))  # [processes, n_leaves]
-  bad = np.nonzero(np.any(every != every[0:1], axis=1))[0]
-  if bad.size:
-    raise RuntimeError(f"step {step}: parameters differ between processes {[0] + bad.tolist()} "
-                       f"(fingerprints {every[:, :4].tolist()} ...)")
+  table = params_fingerprint(params)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    table = multihost_utils.process_allgather(table, tiled=True)
+  table = np.asarray(table)  # [devices, leaves, 2]
+  devices = list(leaves[0].sharding.mesh.devices.flat)
+  row = {d.id: r for r, d in enumerate(devices)}
+  bad = []
+  for j, (name, leaf) in enumerate(zip(names, leaves)):
+    holders: dict[tuple, list[int]] = {}
+    for device, index in leaf.sharding.devices_indices_map(leaf.shape).items():
+      key = tuple((s.start, s.stop, s.step) if isinstance(s, slice) else s for s in index)
+      holders.setdefault(key, []).append(row[device.id])
+    for rows in holders.values():
+      sums = table[rows, j]
+      odd = [r for r, x in zip(rows, sums) if np.any(x != sums[0])]
+      if odd:
+        procs = sorted({devices[r].process_index for r in [rows[0]] + odd})
+        bad.append(f"{name} (device {devices[rows[0]].id} vs {[devices[r].id for r in odd]}, "
+                   f"processes {procs})")
+        break
+  if bad:
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    raise RuntimeError(f"step {step}: copies of the parameters differ between devices: "
+                       f"{', '.join(bad[:3])}{more}")
 
 
 def agree_on_flag(flag: bool) -> bool:

@@ -8,6 +8,8 @@ One checkpoint (directory `<workdir>/checkpoints/<step>`) holds five items:
   config  the config that wrote it (JSON)
 orbax writes into a temporary directory and renames it when every item is complete, so a
 process killed mid-save leaves no checkpoint under a step name; `latest_step` never sees it.
+When to save is orbax's decision (`CheckpointManager.should_save`: the interval, or jax's preemption
+sync point); the trainer forces a save only at its last step and on SIGTERM.
 Restoring takes the *current* state's shardings as targets, so a checkpoint written on one mesh
 loads onto another (more or fewer devices, other axis sizes).
 """
@@ -51,14 +53,20 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 
 
 class Checkpointer:
-  """Saves every `every` steps (async if asked), keeps the last `keep`, restores onto any mesh."""
+  """Saves when orbax's policy says so (every `every` steps, or at a preemption sync point; `force`
+  for the final step and a SIGTERM stop), keeps the last `keep`, restores onto any mesh."""
 
   def __init__(self, directory: str, every: int, keep: int, use_async: bool = True):
     self.directory = os.path.abspath(directory)
     self.every = int(every)
+    # orbax's default policy also saves at the first call of a fresh run (InitialSavePolicy): ours
+    # saves only on the interval (none for every=0) and at jax's preemption sync point.
+    policies = [ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]
+    if self.every > 0:
+      policies.insert(0, ocp.checkpoint_managers.FixedIntervalPolicy(self.every))
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(1, self.every), max_to_keep=int(keep) if keep else None,
-        enable_async_checkpointing=bool(use_async), create=True)
+        save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies),
+        max_to_keep=int(keep) if keep else None, enable_async_checkpointing=bool(use_async), create=True)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_names=("state", "ema", "rng", "data", "config"))
@@ -70,15 +78,18 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def should_save(self, step: int) -> bool:
-    return self.every > 0 and step % self.every == 0
+    """orbax's decision for `step`: on the interval or at a preemption sync point, and past the
+    latest checkpoint. Host-only (no device work); the loop asks it after every step."""
+    return bool(self.manager.should_save(step))
 
   def save(self, step: int, state: TrainState, rng: jax.Array, data_state: dict, config: Any,
            force: bool = False) -> bool:
-    """Starts a save of `state` at `step` (returns whether one was started). Async saves finish
-    in the background; `wait()` blocks until they are on disk."""
-    if not force and not self.should_save(step):
-      return False
+    """Starts a save of `state` at `step` if orbax's policy (or `force`) says so; returns whether one
+    was started. A step already saved is never saved twice. Async saves finish in the background;
+    `wait()` blocks until they are on disk."""
     if step in self.manager.all_steps():
+      return False
+    if not force and not self.should_save(step):
       return False
     main, ema = _state_items(state)
     cfg = json.loads(config_lib.config_to_json(config))
@@ -90,7 +101,7 @@ class Checkpointer:
     if ema:  # a run without EMA (the noised CLIP) has no `ema` item: orbax refuses empty trees
       items["ema"] = ocp.args.StandardSave(ema)
     args = ocp.args.Composite(**items)
-    return bool(self.manager.save(step, args=args, force=True))
+    return bool(self.manager.save(step, args=args, force=bool(force)))
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -3,10 +3,12 @@
   glide-jax train --config configs/base.py:variant=tiny --workdir /tmp/base [--config.key=value ...]
 
 Sections: multi-host start, mesh, stage and data, optimizer and sharded state, checkpoint
-restore, the compiled step, then the loop (log, check, checkpoint, preemption).
+restore, the compiled step, then the loop (log, check, checkpoint, preemption). The loop does no
+host work per step beyond dispatching it (docs/training.md, "The loop on the host").
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -25,10 +27,16 @@ from glide_jax.train import checkpoint as ckpt_lib
 from glide_jax.train import program as program_lib
 from glide_jax.train import stages
 from glide_jax.train import state as state_lib
-from glide_jax.train.logging import MetricWriter, peak_flops
+from glide_jax.train.logging import MetricWriter, StepProfiler, peak_flops, profile_range
 from glide_jax.train.program import caption_dropout_rate  # noqa: F401  (re-exported for callers)
 
 log = logging.getLogger(__name__)
+
+# train() returns the per-step losses of its run, at most the last this many (host floats, filled
+# at log steps from the fetched metrics).
+KEPT_LOSSES = 100_000
+# The pending metrics are stacked on device every this many steps (see _Pending).
+PENDING_CHUNK = 256
 
 
 class _StopSignal:
@@ -51,6 +59,77 @@ class _StopSignal:
   def _handle(self, signum, frame) -> None:
     del signum, frame
     self.requested = True
+
+
+class _StopCheck:
+  """After each step: stop? (and was it SIGTERM, which forces a save?).
+
+  jax's preemption sync point is asked every step: it is host-local (jax agrees on the step in the
+  background), and every process answers True at the same step. SIGTERM only sets a local flag:
+  one process reads it every step; several agree on it (`multihost.agree_on_flag`, a blocking
+  collective) only every `every` steps, when every process is at the same step."""
+
+  def __init__(self, signal_: _StopSignal, every: int, multi_process: bool):
+    self.signal, self.every, self.multi = signal_, max(1, int(every)), bool(multi_process)
+
+  def poll(self, step: int) -> tuple[bool, bool]:
+    notice = _preemption_notice(step)
+    if not self.multi:
+      by_signal = self.signal.requested
+    elif step % self.every == 0:
+      by_signal = multihost.agree_on_flag(self.signal.requested)
+    else:
+      by_signal = False
+    return notice or by_signal, by_signal
+
+
+def _check_intervals(config: Any) -> tuple[int, int]:
+  """(checkpoint.check_every, checkpoint.params_check_every), refused by name when out of range."""
+  check_every = int(config.checkpoint.check_every)
+  params_every = int(config.checkpoint.params_check_every)
+  if check_every < 1:
+    raise ValueError(f"checkpoint.check_every={check_every} must be >= 1 (1 = agree on a SIGTERM every step)")
+  if params_every < 0:
+    raise ValueError(f"checkpoint.params_check_every={params_every} must be >= 0 (0 = at the start and end)")
+  return check_every, params_every
+
+
+def _stack_metrics(steps: list[dict]) -> dict:
+  return jax.tree.map(lambda *xs: jax.numpy.stack(xs), *steps)
+
+
+_stack_jit = jax.jit(_stack_metrics)
+
+
+class _Pending:
+  """The metrics of the steps since the last log, still on the devices.
+
+  Every `chunk` steps they are stacked on device into one [chunk] array per metric (an async
+  dispatch, no host transfer), so however large log.every is, about 2 x chunk x (metrics) buffers
+  stay alive; `fetch()` brings them all to the host at once, in step order."""
+
+  def __init__(self, chunk: int | None = None):
+    self.chunk = int(chunk or PENDING_CHUNK)
+    self._steps: list[dict] = []
+    self._stacked: list[dict] = []
+
+  def __len__(self) -> int:
+    return len(self._steps) + sum(len(next(iter(c.values()))) for c in self._stacked)
+
+  def add(self, metrics: dict) -> None:
+    self._steps.append(metrics)
+    if len(self._steps) >= self.chunk:
+      self._stacked.append(_stack_jit(self._steps))
+      self._steps = []
+
+  def fetch(self) -> list[dict]:
+    stacked, steps = jax.device_get((self._stacked, self._steps))
+    self._stacked, self._steps = [], []
+    out = []
+    for chunk in stacked:
+      n = len(next(iter(chunk.values())))
+      out.extend({k: v[i] for k, v in chunk.items()} for i in range(n))
+    return out + list(steps)
 
 
 def _check_prediction(config: Any, src: str, src_diffusion: Any) -> None:
@@ -145,10 +224,13 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
   """Runs (or resumes) training to `config.total_steps`. Returns {'state', 'losses', 'stopped', 'step'}.
 
   `data_iterator` (host-local numpy batches with get_state/set_state) replaces the configured
-  pipeline (tests); `losses` are this run's per-step losses as floats. `compiler_options` go to
-  XLA (tests on CPU pass {'xla_backend_optimization_level': 0} to compile faster).
+  pipeline (tests); `losses` are this run's per-step losses as floats (the last KEPT_LOSSES of
+  them), fetched at log steps. `compiler_options` go to XLA (tests on CPU pass
+  {'xla_backend_optimization_level': 0} to compile faster).
   """
   # ---------------------------------------------------------------------- multi-host and logging
+  _check_intervals(config)  # refuse a bad interval or profile range before anything is built
+  profile_range(config.log.profile_steps)
   multihost.initialize()
   workdir = os.path.abspath(workdir)
   main = multihost.is_main()
@@ -218,20 +300,29 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
   peak = peak_flops(jax.devices()[0].device_kind, config.model.dtype, jax.config.jax_default_matmul_precision)
 
   # ---------------------------------------------------------------------- the loop
-  multihost.check_params_agree(state.params, int(state.step))
-  stop = _StopSignal()
-  stop.install()
-  # A dead peer blocks the others inside a collective: on multi-process runs, exit after 30 min
-  # without a finished step (GLIDE_JAX_WATCHDOG_SECONDS overrides; 0 = off).
-  default_watchdog = "1800" if jax.process_count() > 1 else "0"
-  watchdog = multihost.Watchdog(float(os.environ.get("GLIDE_JAX_WATCHDOG_SECONDS", default_watchdog) or 0))
+  # Per step the host only dispatches, waits for the previous step (block_until_ready: no transfer)
+  # and asks the stop and save questions; metrics reach the host at log steps, parameters at save,
+  # sample and parameter-check steps.
   step = int(state.step)
   total = int(config.total_steps)
   log_every = max(1, int(config.log.every))
   sample_every = int(config.log.sample_every or 0)
+  check_every, params_every = _check_intervals(config)
+  multi = jax.process_count() > 1
+  profiler = StepProfiler(os.path.join(workdir, "profile"), config.log.profile_steps, main, writer, step)
+  if multi:
+    multihost.check_params_agree(state.params, step)
+  stop = _StopSignal()
+  stop.install()
+  stops = _StopCheck(stop, check_every, multi)
+  # A dead peer blocks the others inside a collective: on multi-process runs, exit after 30 min
+  # without a finished step (GLIDE_JAX_WATCHDOG_SECONDS overrides; 0 = off).
+  default_watchdog = "1800" if multi else "0"
+  watchdog = multihost.Watchdog(float(os.environ.get("GLIDE_JAX_WATCHDOG_SECONDS", default_watchdog) or 0))
   sample_low_res = np.asarray(host_batch["low_res"]) if "low_res" in host_batch else None
-  losses: list[Any] = []
-  pending: list[dict] = []
+  losses: collections.deque[float] = collections.deque(maxlen=KEPT_LOSSES)
+  pending = _Pending()
+  previous = None  # the last dispatched step's loss: the loop waits on it after the next dispatch
   stopped = False
   t_last, wait_acc, steps_since = time.perf_counter(), data_wait, 0
   writer.progress(step, float("nan"), 0.0)
@@ -242,22 +333,25 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
         host_batch = next(data_iterator)
         batch = program.put_batch(host_batch)
         wait_acc += time.perf_counter() - t_wait
-      state, metrics = compiled(state, batch, step_rng)
+      profiler.before(step + 1, previous)
+      with profiler.annotate(step + 1):
+        state, metrics = compiled(state, batch, step_rng)
       # At most two steps in flight (this one and the previous one, which keeps the device fed):
       # without the wait the host runs ahead to the next log step, and a SIGTERM or preemption
       # notice would only be seen there, up to log.every steps later.
-      if losses:
-        losses[-1].block_until_ready()
+      if previous is not None:
+        previous.block_until_ready()
+      previous = metrics["loss"]
       batch = None
       step += 1
       steps_since += 1
       watchdog.kick()
-      losses.append(metrics["loss"])
-      pending.append(metrics)
+      pending.add(metrics)
+      profiler.after(step, previous)
 
       if step % log_every == 0 or step == total:
-        fetched = jax.device_get(pending)
-        pending = []
+        fetched = pending.fetch()
+        losses.extend(float(h["loss"]) for h in fetched)
         elapsed = time.perf_counter() - t_last
         summary = _summarize(fetched, stage.diffusion.num_timesteps)
         images_s = steps_since * batch_size / max(elapsed, 1e-9)
@@ -276,21 +370,25 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
         write_sample_grids(config, stage, tokenizer, state, step, workdir, writer, sample_low_res)
         watchdog.kick()
 
-      stop_now = multihost.agree_on_flag(stop.requested or _preemption_notice(step))
-      if ckpt.should_save(step) or step == total or stop_now:
-        ckpt.save(step, state, step_rng, data_iterator.get_state(), config, force=True)
+      stop_now, by_signal = stops.poll(step)
+      final = step == total
+      # orbax decides the periodic and preemption saves; the last step and a SIGTERM force one.
+      if final or by_signal or ckpt.should_save(step):
+        ckpt.save(step, state, step_rng, data_iterator.get_state(), config, force=final or by_signal)
+      if multi and (final or stop_now or (params_every and step % params_every == 0)):
         multihost.check_params_agree(state.params, step)
       if stop_now:
         writer.text(f"stop requested (SIGTERM or preemption): saved step {step}, exiting")
         stopped = True
         break
   finally:
+    profiler.close()
     watchdog.stop()
     stop.uninstall()
     ckpt.close()
     writer.close()
-  return {"state": state, "losses": [float(x) for x in jax.device_get(losses)], "stopped": stopped,
-          "step": step, "program_fingerprint": fingerprint}
+  return {"state": state, "losses": list(losses), "stopped": stopped, "step": step,
+          "program_fingerprint": fingerprint}
 
 
 def write_sample_grids(config: Any, stage: stages.Stage, tokenizer: Any, state: state_lib.TrainState, step: int,
