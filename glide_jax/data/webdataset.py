@@ -155,11 +155,24 @@ def _builder(out: str, image_format: str):
 
 
 def _features(out: str, image_format: str):
-  """The image_folder builder (for its PNG/JPEG encoder) and its features (serialize_example)."""
+  """The image_folder builder (for its PNG/JPEG encoder), its features and their tf.Example
+  serializer (TFDS's own, as the builder's writer uses them)."""
+  from tensorflow_datasets.core import example_serializer
+
   if image_format not in _FEATURES:
     builder = _builder(out, image_format)
-    _FEATURES[image_format] = (builder, builder.info.features)
+    features = builder.info.features
+    serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
+    _FEATURES[image_format] = (builder, features, serializer)
   return _FEATURES[image_format]
+
+
+def serialize(features, serializer, example: dict[str, Any]) -> bytes:
+  """TFDS's encode and tf.Example of an example, serialized with the feature map sorted by name:
+  the bytes TFDS writes up to the order of the map, which protobuf otherwise leaves to the process
+  (so a tar converted on another machine or in a rerun gives identical files)."""
+  proto = serializer.get_tf_example(features.encode_example(example))
+  return proto.SerializeToString(deterministic=True)
 
 
 def shard_path(version_dir: str, split: str, index: int, num_inputs: int) -> str:
@@ -188,7 +201,7 @@ def convert_shard(task: dict[str, Any]) -> dict[str, Any]:
 
   s = task["settings"]
   index, path, version_dir, state = task["index"], task["input"], task["version_dir"], task["state"]
-  builder, features = _features(task["out"], s["image_format"])
+  builder, features, serializer = _features(task["out"], s["image_format"])
   finals = {sp: shard_path(version_dir, sp, index, task["num_inputs"]) for sp in SPLITS}
   tmp_dir = os.path.join(state, "tmp")
   for final in finals.values():  # left by a run interrupted before this tar's marker was written
@@ -222,8 +235,8 @@ def convert_shard(task: dict[str, Any]) -> dict[str, Any]:
       split = image_folder.split_of(key, s["val_fraction"])
       if split not in writers:
         writers[split] = array_record_module.ArrayRecordWriter(tmps[split], "group_size:1")
-      record = features.serialize_example(
-          {"image": builder._encode(image), "caption": caption, "file": key})  # image_folder's encoder
+      record = serialize(features, serializer,  # image_folder's PNG/JPEG encoder:
+                         {"image": builder._encode(image), "caption": caption, "file": key})
       writers[split].write(record)
       examples[split] += 1
     for w in writers.values():
