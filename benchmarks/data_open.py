@@ -90,8 +90,8 @@ def write_dataset(data_dir: str, file_format: str, num_examples: int, records: l
   return out_dir
 
 
-def open_once(data_dir: str) -> dict:
-  """Runs in a child process: the timed open, after the imports."""
+def open_once(data_dir: str, distinct: int = DISTINCT) -> dict:
+  """Runs in a child process: the timed open, after the imports; checks the record read back."""
   import tensorflow_datasets as tfds
   from array_record.python import array_record_data_source  # noqa: F401  (imports are not timed)
 
@@ -107,7 +107,7 @@ def open_once(data_dir: str) -> dict:
   record = source.read([index])[0]
   t3 = time.perf_counter()
   example = builder.info.features.deserialize_example_np(record)
-  want = f"example number {index % DISTINCT}"
+  want = f"example number {index % distinct}"
   caption = example["caption"].decode() if isinstance(example["caption"], bytes) else str(example["caption"])
   if caption != want or example["image"].shape != (8, 8, 3):
     raise RuntimeError(f"record {index} reads back as {caption!r}, want {want!r}")
