@@ -62,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
   module = importlib.import_module(f"glide_jax.commands.{module_name}")
   parser = argparse.ArgumentParser(prog=f"glide-jax {name}", description=help_text)
   module.add_arguments(parser)
-  args = parser.parse_args(rest)
+  if parser.get_default("config_overrides") is not None:  # config_lib.add_config_flags was called
+    from glide_jax import config_lib
+    args = config_lib.parse_args(parser, rest)
+  else:
+    args = parser.parse_args(rest)
   action = getattr(args, "action", None) or getattr(args, "eval_command", None)  # data's and eval's
   label = f"glide-jax {name}" + (f" {action}" if isinstance(action, str) else "")
   try:

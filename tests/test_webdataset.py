@@ -272,6 +272,8 @@ def test_two_parts_form_one_dataset(corpus, reference, tmp_path, capsys):
   printed = capsys.readouterr().out
   assert "part 0 of 2: 2 tars (2 converted now" in printed and "1 tars of other parts" in printed
   assert not tfds.builder("image_folder", data_dir=str(out)).is_prepared()
+  part0_only = tmp_path / "merged"
+  shutil.copytree(out, part0_only)
   assert run_cli(base + ["--finalize"]) == 2
   assert "1 tars not converted yet, first" in capsys.readouterr().err
   assert run_cli(base + ["--shard-index", "1", "--num-shards", "2", "--workers", "1"]) == 0
@@ -284,6 +286,19 @@ def test_two_parts_form_one_dataset(corpus, reference, tmp_path, capsys):
   assert shard_files(out) == shard_files(reference[0])  # the same files as one conversion
   manifests = sorted(f for f in os.listdir(out / "image_folder" / "1.0.0" / "webdataset") if f.startswith("part-"))
   assert manifests == ["part-00000-of-00002.json", "part-00001-of-00002.json"]
+
+  # Part 1 converted into a directory of its own (a machine's local disk), then its shard files and
+  # done markers copied beside part 0's: --finalize there gives the same dataset.
+  alone = tmp_path / "alone"
+  webdataset.build_webdataset(corpus, alone, workers=1, shard_index=1, num_shards=2, **SETTINGS)
+  src, dst = alone / "image_folder" / "1.0.0", part0_only / "image_folder" / "1.0.0"
+  for f in os.listdir(src):
+    if ".array_record-" in f:
+      shutil.copy(src / f, dst / f)
+  for f in os.listdir(src / "webdataset" / "done"):
+    shutil.copy(src / "webdataset" / "done" / f, dst / "webdataset" / "done" / f)
+  assert run_cli(["data", "build", "--webdataset", corpus, "--out", str(part0_only), *FLAGS, "--finalize"]) == 0
+  assert shard_files(part0_only) == shard_files(reference[0])
 
   # A finalize that did not happen (both parts died after their last tar): --finalize writes it.
   for name in ("dataset_info.json", "features.json"):
@@ -324,3 +339,12 @@ def test_bad_patterns_and_options_are_one_line(corpus, tmp_path, capsys):
                   "--max-size", "100", "--val-fraction", "0.1"]) == 2
   err = capsys.readouterr().err.strip()
   assert "with val_fraction=0.3, not 0.1" in err and len(err.splitlines()) == 1, err
+
+
+def test_benchmark_converts_what_it_wrote(capsys):
+  from benchmarks import webdataset as bench
+
+  assert bench.main(["--tars", "2", "--samples-per-tar", "3", "--size", "40", "--max-size", "32",
+                     "--workers", "1"]) == 0
+  line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert (line["samples"], line["kept"], line["tars"]) == (6, 6, 2) and line["samples_per_s"] > 0
