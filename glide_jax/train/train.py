@@ -83,6 +83,11 @@ class _StopCheck:
     return notice or by_signal, by_signal
 
 
+def _multi_process() -> bool:
+  """Whether the loop agrees with other processes (a function, so tests can run that path in one)."""
+  return jax.process_count() > 1
+
+
 def _check_intervals(config: Any) -> tuple[int, int]:
   """(checkpoint.check_every, checkpoint.params_check_every), refused by name when out of range."""
   check_every = int(config.checkpoint.check_every)
@@ -308,7 +313,7 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
   log_every = max(1, int(config.log.every))
   sample_every = int(config.log.sample_every or 0)
   check_every, params_every = _check_intervals(config)
-  multi = jax.process_count() > 1
+  multi = _multi_process()
   profiler = StepProfiler(os.path.join(workdir, "profile"), config.log.profile_steps, main, writer, step)
   if multi:
     multihost.check_params_agree(state.params, step)
