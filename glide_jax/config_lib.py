@@ -4,13 +4,15 @@ A config file defines `get_config(arg: str | None) -> ml_collections.ConfigDict`
 `sweep(add, arg)`. `arg` is a comma-separated list of `key=value` or bare `key` (a bare key is
 True), parsed with `parse_arg` against the defaults the file declares, so a typo is an error.
 
-Overrides have the form `--config.a.b=value`; the value is parsed by the type of the field it
-replaces, and a key that the config does not have is refused with the nearest valid keys.
+Overrides have the form `--config.a.b=value` and are applied by `ml_collections.config_flags`
+(on a private absl `FlagValues`, so nothing global changes): the value is parsed by the type of the
+field it replaces (tuples as `0.9,0.99` or `"('a b', 'c')"`). A key that the config does not have,
+or a whole group, is refused first, naming the key and the nearest valid keys. `parse_args`
+takes the overrides out of a command line before argparse sees the rest.
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import difflib
 import importlib.util
@@ -18,9 +20,11 @@ import json
 import os
 import sys
 import types
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 ConfigDict = ml_collections.ConfigDict
 OVERRIDE_PREFIX = "--config."
@@ -31,60 +35,18 @@ class ConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------- arg options
-def _parse_scalar(text: str, like: Any, where: str) -> Any:
-  """Parses `text` as the type of `like` (bool, int, float, str, tuple/list or None)."""
-  if isinstance(like, bool):
-    low = text.strip().lower()
-    if low in ("1", "true", "yes", "on", "t", "y"):
-      return True
-    if low in ("0", "false", "no", "off", "f", "n"):
-      return False
-    raise ConfigError(f"{where}: expected a bool (true/false), got {text!r}")
-  if isinstance(like, int):
-    try:
-      return int(text)
-    except ValueError:
-      try:  # accept '1e6' and '2048.0' when they are whole numbers
-        value = float(text)
-      except ValueError:
-        value = None
-      if value is not None and value.is_integer():
-        return int(value)
-      raise ConfigError(f"{where}: expected an int, got {text!r}") from None
-  if isinstance(like, float):
-    try:
-      return float(text)
-    except ValueError:
-      raise ConfigError(f"{where}: expected a float, got {text!r}") from None
-  if isinstance(like, str):
+_ARG_PARSERS = {bool: flags.BooleanParser(), int: flags.IntegerParser(), float: flags.FloatParser()}
+
+
+def _parse_arg_value(text: str, like: Any, where: str) -> Any:
+  """Parses a config-file option's `text` as the type of its default (bool, int, float or str)."""
+  parser = _ARG_PARSERS.get(type(like))
+  if parser is None:
     return text
-  if isinstance(like, (tuple, list)):
-    stripped = text.strip()
-    if stripped[:1] in ("(", "["):
-      try:
-        value = ast.literal_eval(stripped)
-      except (ValueError, SyntaxError):
-        raise ConfigError(f"{where}: cannot parse {text!r} as a Python tuple") from None
-      if not isinstance(value, (tuple, list)):
-        raise ConfigError(f"{where}: expected a tuple, got {text!r}")
-      return type(like)(value)
-    if not stripped:
-      return type(like)()
-    items = [s.strip() for s in stripped.split(",")]
-    elem = like[0] if len(like) else None
-    if elem is None or isinstance(elem, (tuple, list, dict)):
-      return type(like)(_literal_or_str(s) for s in items)
-    return type(like)(_parse_scalar(s, elem, where) for s in items)
-  if like is None:
-    return _literal_or_str(text)
-  raise ConfigError(f"{where}: cannot override a field of type {type(like).__name__}")
-
-
-def _literal_or_str(text: str) -> Any:
   try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
+    return parser.parse(text)
+  except ValueError as e:
+    raise ConfigError(f"{where}: expected a {type(like).__name__}, got {text!r} ({e})") from None
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> types.SimpleNamespace:
@@ -113,7 +75,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> types.SimpleNamespace:
         raise ConfigError(f"config option {key!r} needs a value ({key}=...)")
       options[key] = True
     else:
-      options[key] = _parse_scalar(value.strip(), defaults[key], f"config option {key!r}")
+      options[key] = _parse_arg_value(value.strip(), defaults[key], f"config option {key!r}")
   return types.SimpleNamespace(**options)
 
 
@@ -205,8 +167,8 @@ def _unknown_key(key: str, config: ConfigDict) -> ConfigError:
   return ConfigError(f"unknown config key {key!r}{hint}")
 
 
-def set_by_path(config: ConfigDict, key: str, text: str) -> None:
-  """Sets `config.<key>` from the string `text`, parsed by the existing field's type."""
+def _field(config: ConfigDict, key: str) -> tuple[ConfigDict, str]:
+  """(the group holding `key`, its last name); refuses a key the config lacks, or a group."""
   parts = key.split(".")
   node = config
   for part in parts[:-1]:
@@ -216,24 +178,48 @@ def set_by_path(config: ConfigDict, key: str, text: str) -> None:
   leaf = parts[-1]
   if not isinstance(node, ConfigDict) or leaf not in node:
     raise _unknown_key(key, config)
-  current = node[leaf]
-  if isinstance(current, ConfigDict):
+  if isinstance(node[leaf], ConfigDict):
     raise ConfigError(f"config key {key!r} is a group; override its fields "
-                      f"({', '.join(sorted(current.keys()))}) one by one")
-  value = _parse_scalar(text, current, f"--config.{key}")
-  with node.unlocked():
-    node[leaf] = value
+                      f"({', '.join(sorted(node[leaf].keys()))}) one by one")
+  return node, leaf
+
+
+def _split_override(item: str) -> tuple[str, str]:
+  text = item[len(OVERRIDE_PREFIX):] if item.startswith(OVERRIDE_PREFIX) else item
+  key, eq, value = text.partition("=")
+  if not eq or not key.strip():
+    raise ConfigError(f"override {item!r} is not of the form --config.key=value")
+  return key.strip(), value
 
 
 def apply_overrides(config: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
-  """Returns a copy of `config` with each '--config.key=value' (or 'key=value') applied."""
+  """A copy of `config` with each '--config.key=value' (or 'key=value') applied, in order, by
+  `ml_collections.config_flags`; the copy is locked if `config` was."""
   config = copy.deepcopy(config)
-  for item in overrides:
-    text = item[len(OVERRIDE_PREFIX):] if item.startswith(OVERRIDE_PREFIX) else item
-    key, eq, value = text.partition("=")
-    if not eq or not key:
-      raise ConfigError(f"override {item!r} is not of the form --config.key=value")
-    set_by_path(config, key.strip(), value)
+  if not overrides:
+    return config
+  locked = config.is_locked
+  config.unlock()
+  pairs = [_split_override(item) for item in overrides]
+  fields = [_field(config, key) for key, _ in pairs]  # every key checked before anything changes
+  untyped = False
+  for node, leaf in fields:
+    if leaf in node and node[leaf] is None:
+      # A None default has no type for config_flags to parse by; the field is re-added from the
+      # override as a Python literal (or the text), as config_flags does for new attributes.
+      del node[leaf]
+      untyped = True
+  argv = ["glide-jax"] + [f"{OVERRIDE_PREFIX}{key}={value}" for key, value in pairs]
+  values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_dict("config", config, flag_values=values, lock_config=False,
+                                           accept_new_attributes=untyped, sys_argv=argv)
+  try:
+    values(argv)
+  except (flags.Error, TypeError, ValueError) as e:
+    raise ConfigError(str(e).splitlines()[0]) from None
+  config = holder.value
+  if locked:
+    config.lock()
   return config
 
 
@@ -337,29 +323,26 @@ def parse_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
-  """Adds `--config FILE.py[:arg]` and accepts any number of `--config.key=value` overrides.
-
-  The overrides land in `args.config_overrides` (a list); `config_from_args(args)` builds the
-  config. argparse cannot declare open-ended option names, so the parser's `parse_known_args`
-  is wrapped to take them out of argv first.
-  """
+  """Adds `--config FILE.py[:arg]` to a command's parser; `parse_args(parser, argv)` then also
+  takes any number of `--config.key=value` overrides (into `args.config_overrides`, a list), and
+  `config_from_args(args)` builds the config. argparse cannot declare open-ended option names,
+  so the overrides are taken out of argv before the parser sees it."""
   parser.add_argument("--config", required=required, metavar="FILE.py[:ARG]",
                       help="config file and its arg, e.g. configs/base.py:variant=small; "
                            "override fields with --config.key=value")
   parser.set_defaults(config_overrides=[])
-  original = parser.parse_known_args
 
-  def parse_known_args(args=None, namespace=None):
-    argv = list(sys.argv[1:] if args is None else args)
-    try:
-      rest, overrides = parse_overrides(argv)
-    except ConfigError as e:
-      parser.error(str(e))
-    namespace, extras = original(rest, namespace)
-    namespace.config_overrides = list(getattr(namespace, "config_overrides", []) or []) + overrides
-    return namespace, extras
 
-  parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+  """`parser.parse_args` of argv without its `--config.*` overrides, which land, in order, in
+  `args.config_overrides`."""
+  try:
+    rest, overrides = parse_overrides(argv)
+  except ConfigError as e:
+    parser.error(str(e))
+  args = parser.parse_args(rest)
+  args.config_overrides = list(args.config_overrides or []) + overrides
+  return args
 
 
 def config_from_args(args: argparse.Namespace) -> ConfigDict:
@@ -389,20 +372,19 @@ def expand_sweep(spec: str) -> list[dict[str, Any]]:
   module.sweep(add, arg)
   base = module.get_config(arg)
   for index, run in enumerate(runs):
-    for key, value in run["overrides"].items():
-      set_by_path(copy.deepcopy(base), key, format_value(value))
+    apply_overrides(base, make_override_args(run["overrides"]))
     if not run["name"]:
       run["name"] = default_run_name(run["overrides"]) or f"run{index}"
   return runs
 
 
 def format_value(value: Any) -> str:
-  """The command-line text of an override value (parsed back by `_parse_scalar`)."""
+  """The command-line text of an override value, as `apply_overrides` parses it back: numbers
+  joined by commas for a tuple of numbers, a Python literal for any other tuple."""
   if isinstance(value, bool):
     return "true" if value else "false"
   if isinstance(value, (tuple, list)):
-    if all(isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in value) and \
-       not any(isinstance(v, str) and ("," in v or not v) for v in value):
+    if value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
       return ",".join(str(v) for v in value)
     return repr(tuple(value))
   return str(value)
@@ -419,5 +401,6 @@ def default_run_name(overrides: dict[str, Any]) -> str:
 
 
 def make_override_args(overrides: dict[str, Any]) -> list[str]:
+  """{'optimizer.lr': 1e-4} -> ['--config.optimizer.lr=0.0001']."""
   return [f"{OVERRIDE_PREFIX}{k}={format_value(v)}" for k, v in overrides.items()]
 

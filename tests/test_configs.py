@@ -169,6 +169,24 @@ def test_unknown_keys_and_options_are_refused():
     c.optimizer.lrr = 1.0
 
 
+def test_overrides_go_through_config_flags():
+  c = config_lib.load_config("configs/base.py:variant=tiny", [
+      "--config.model.options.attention_impl=cudnn", "--config.ema.rates=(0.5, 0.25)",
+      "--config.log.sample_prompts=('a b', 'c, d')", "--config.batch_size=3", "--config.batch_size=5"])
+  assert c.model.options.attention_impl == "cudnn"  # a None default takes the text
+  assert c.ema.rates == (0.5, 0.25) and c.log.sample_prompts == ("a b", "c, d")
+  assert c.batch_size == 5 and c.is_locked  # the last of repeated overrides wins
+  # a None field opens the config to new attributes inside config_flags; a misspelt key is still refused
+  with pytest.raises(config_lib.ConfigError, match=r"'model.options.attention_implx'.*attention_impl"):
+    config_lib.load_config("configs/base.py:variant=tiny", ["--config.model.options.attention_impl=cudnn",
+                                                            "--config.model.options.attention_implx=1"])
+  # what a sweep writes on the command line comes back as the value it started from
+  values = {"ema.rates": (0.9, 0.99), "log.sample_prompts": ("a b", "c, d"), "ema.warmup": False,
+            "batch_size": 7, "optimizer.lr": 1e-4, "data.name": "glide_shapes/size64"}
+  back = config_lib.load_config("configs/base.py:variant=tiny", config_lib.make_override_args(values))
+  assert {k: back[k.split(".")[0]][k.split(".")[1]] if "." in k else back[k] for k in values} == values
+
+
 def test_diff_configs_names_the_differing_keys():
   a = config_lib.load_config("configs/base.py:variant=tiny")
   b = config_lib.load_config("configs/base.py:variant=tiny", ["--config.model.options.num_channels=64",
@@ -185,8 +203,8 @@ def test_command_line_flags():
   parser = argparse.ArgumentParser()
   parser.add_argument("--workdir")
   config_lib.add_config_flags(parser)
-  args = parser.parse_args(["--config", "configs/base.py:variant=tiny", "--config.batch_size=4",
-                            "--workdir", "/tmp/x", "--config.optimizer.lr", "0.5"])
+  args = config_lib.parse_args(parser, ["--config", "configs/base.py:variant=tiny", "--config.batch_size=4",
+                                        "--workdir", "/tmp/x", "--config.optimizer.lr", "0.5"])
   assert args.workdir == "/tmp/x"
   assert args.config_overrides == ["--config.batch_size=4", "--config.optimizer.lr=0.5"]
   c = config_lib.config_from_args(args)
