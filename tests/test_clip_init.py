@@ -124,7 +124,7 @@ def test_clip_stage_starts_from_the_released_pair(released, tmp_path, tmp_path_f
 
 def test_directory_bundle_and_two_tower_file_give_the_same_params(released, tmp_path):
   from glide_jax.commands import import_torch
-  from glide_jax.interop import glide_text2im
+  from glide_jax.interop import state_dicts
 
   options, towers, files, directory = released
   config = ts.tiny_config("clip", f"--config.init_from={files['image']},{files['text']}")
@@ -133,7 +133,7 @@ def test_directory_bundle_and_two_tower_file_give_the_same_params(released, tmp_
   for t in ("image", "text"):  # the import-torch bundle, one tower per call as the CLI does it
     import_torch.import_checkpoint(f"clip_{t}_enc", files[t], str(tmp_path / "bundle"), options)
   both = {f"{t}/{k}": v for t, sd in towers.items() for k, v in sd.items()}
-  two_tower = glide_text2im.save_state_dict(both, tmp_path / "both.safetensors")
+  two_tower = state_dicts.save_state_dict(both, tmp_path / "both.safetensors")
   for src in (directory, tmp_path / "bundle", two_tower):
     config = ts.tiny_config("clip", f"--config.init_from={src}")
     got = flat(train.load_init_params(config, stage))

@@ -9,6 +9,7 @@ import pytest
 
 from glide_jax import bundle
 from glide_jax.interop import glide_text2im as g
+from glide_jax.interop import state_dicts
 from glide_jax.models import registry
 
 TINY = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1", attention_resolutions="8", num_head_channels=16,
@@ -91,18 +92,18 @@ def test_load_and_save_every_format(tmp_path, base_dump):
   for name in ("sd.safetensors", "sd.pt"):
     if name.endswith(".pt"):
       pytest.importorskip("torch")
-    path = g.save_state_dict(small, tmp_path / name)
-    loaded = g.load_state_dict(path)
+    path = state_dicts.save_state_dict(small, tmp_path / name)
+    loaded = state_dicts.load_state_dict(path)
     assert set(loaded) == set(small)
     for k in small:
       np.testing.assert_array_equal(loaded[k], small[k])
   np.savez(tmp_path / "dump.npz", **{f"param/{k}": v for k, v in small.items()}, config=np.array("{}"))
-  assert set(g.load_state_dict(tmp_path / "dump.npz")) == set(small)
+  assert set(state_dicts.load_state_dict(tmp_path / "dump.npz")) == set(small)
   with pytest.raises(FileNotFoundError):
-    g.load_state_dict(tmp_path / "absent.pt")
+    state_dicts.load_state_dict(tmp_path / "absent.pt")
   (tmp_path / "x.bin2").write_bytes(b"")
   with pytest.raises(ValueError, match="unknown checkpoint format"):
-    g.load_state_dict(tmp_path / "x.bin2")
+    state_dicts.load_state_dict(tmp_path / "x.bin2")
 
 
 class Payload:
@@ -126,13 +127,13 @@ def test_pickled_objects_are_refused_never_unpickled(tmp_path):
     assert f.read(2) == b"PK"  # a real torch zip file holding a pickle
   Payload.ran = False
   with pytest.raises(ValueError, match="refused to load"):
-    g.load_state_dict(path)
+    state_dicts.load_state_dict(path)
   assert not Payload.ran
   # a plain pickle is refused as well
   plain = tmp_path / "plain.pt"
   plain.write_bytes(pickle.dumps({"weight": Payload()}))
   with pytest.raises(ValueError, match="refused to load"):
-    g.load_state_dict(plain)
+    state_dicts.load_state_dict(plain)
   assert not Payload.ran
 
 
@@ -182,7 +183,7 @@ def test_import_export_commands_round_trip(tmp_path, base_dump, capsys):
   from glide_jax import cli
 
   sd, kind, options = base_dump
-  ckpt = g.save_state_dict(sd, tmp_path / "base.safetensors")
+  ckpt = state_dicts.save_state_dict(sd, tmp_path / "base.safetensors")
   out = tmp_path / "bundle"
   rc = cli.main(["import-torch", "--kind", "base", "--checkpoint", str(ckpt), "--out", str(out),
                  "--options", json.dumps(options)])
@@ -192,7 +193,7 @@ def test_import_export_commands_round_trip(tmp_path, base_dump, capsys):
   assert meta["diffusion"]["noise_schedule"] == "squaredcos_cap_v2" and meta["diffusion"]["timestep_respacing"] == "100"
   assert meta["tokenizer"] == {"type": "gpt2_bpe"}
   assert cli.main(["export-torch", "--bundle", str(out), "--out", str(tmp_path / "back.safetensors")]) == 0
-  back = g.load_state_dict(tmp_path / "back.safetensors")
+  back = state_dicts.load_state_dict(tmp_path / "back.safetensors")
   assert set(back) == set(sd)
   for k in sd:
     np.testing.assert_array_equal(back[k], sd[k])
@@ -210,19 +211,19 @@ def test_import_clip_towers_into_one_bundle(tmp_path, reference_dir):
   options = json.loads(str(data["config"]))["options"]
   for tower, kind in (("image", "clip_image_enc"), ("text", "clip_text_enc")):
     sd = {k[len(f"param/{tower}/"):]: v for k, v in data.items() if k.startswith(f"param/{tower}/")}
-    ckpt = g.save_state_dict(sd, tmp_path / f"{kind}.safetensors")
+    ckpt = state_dicts.save_state_dict(sd, tmp_path / f"{kind}.safetensors")
     assert cli.main(["import-torch", "--kind", kind, "--checkpoint", str(ckpt), "--out", str(tmp_path / "clip"),
                      "--options", json.dumps(options)]) == 0
   params, meta = bundle.load_bundle(tmp_path / "clip")
   assert meta["model"]["kind"] == "noised_clip" and sorted(params) == ["image", "text"]
   assert cli.main(["export-torch", "--bundle", str(tmp_path / "clip"), "--tower", "image",
                    "--out", str(tmp_path / "img.safetensors")]) == 0
-  back = g.load_state_dict(tmp_path / "img.safetensors")
+  back = state_dicts.load_state_dict(tmp_path / "img.safetensors")
   want = {k[len("param/image/"):]: v for k, v in data.items() if k.startswith("param/image/")}
   assert set(back) == set(want)
   for k in want:
     np.testing.assert_array_equal(back[k], want[k])
   # both towers at once, keys prefixed 'image/' and 'text/' as in the reference dump
   assert cli.main(["export-torch", "--bundle", str(tmp_path / "clip"), "--out", str(tmp_path / "both.safetensors")]) == 0
-  both = g.load_state_dict(tmp_path / "both.safetensors")
+  both = state_dicts.load_state_dict(tmp_path / "both.safetensors")
   assert set(both) == {k[len("param/"):] for k in data if k.startswith("param/")}

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from glide_jax.interop.state_dicts import load_state_dict, to_numpy
 from glide_jax.models import layout
 
 TOWERS = ("image", "text")
@@ -92,13 +93,6 @@ def _ref_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
   return tuple(_to_ref(np.empty(shape, np.bool_), transform).shape)
 
 
-def _as_float32(value: Any) -> np.ndarray:
-  """A numpy float32 copy of an array or a (CPU) torch tensor, without importing torch."""
-  if hasattr(value, "detach"):  # torch: bfloat16 has no numpy dtype, so go through float32
-    value = value.detach().cpu().float().numpy()
-  return np.array(value, dtype=np.float32)
-
-
 def expected_shapes(options: dict) -> dict[str, dict[tuple[str, ...], tuple[int, ...]]]:
   """{tower: {path: shape}} of the model `create_clip_model(options)` builds (abstract, no compute)."""
   from glide_jax.models import clip  # lazy: keep the key mapping importable without building models
@@ -147,7 +141,7 @@ def _import_tower(state_dict: Mapping[str, Any], expected: dict, prefix: str,
       unexpected.append(prefix + key)
       continue
     path, transform = mapped
-    array = _as_float32(value)
+    array = np.array(to_numpy(value), dtype=np.float32)
     want = _ref_shape(expected[path], transform)
     if array.shape != want:
       wrong.append(f"{prefix}{key} {tuple(array.shape)} (expected {want})")
@@ -318,11 +312,9 @@ def load_clip_checkpoint(source: str, options: dict) -> dict:
     a directory             holding `clip_image_enc` and `clip_text_enc` (.pt / .pth / .safetensors / .npz);
     one file                with both towers under `image/` and `text/` key prefixes (the layout of the
                             reference dumps and of `glide-jax export-torch` without --tower).
-  Files are read by `glide_text2im.load_state_dict`: torch.load(weights_only=True) or safetensors,
+  Files are read by `state_dicts.load_state_dict`: torch.load(weights_only=True) or safetensors,
   never an unpickler. Errors name the file, and `StateDictError` every bad key with both shapes.
   """
-  from glide_jax.interop.glide_text2im import load_state_dict
-
   source = str(source)
   if os.path.isfile(source):
     paths = [source]

@@ -20,6 +20,7 @@ import numpy as np
 
 from glide_jax.bundle import flatten_params, unflatten_params
 from glide_jax.errors import UserError
+from glide_jax.interop.state_dicts import load_state_dict, save_state_dict, to_numpy  # noqa: F401 (re-exported)
 
 
 class KeysMismatchError(UserError, KeyError):
@@ -144,7 +145,7 @@ def import_state_dict(state_dict: Mapping[str, Any], kind: str,
   wrong = []
   flat = {}
   for key, path in by_key.items():
-    value = _to_numpy(state_dict[key])
+    value = to_numpy(state_dict[key])
     want = torch_shape(path, shapes[path])
     if tuple(value.shape) != want:
       wrong.append(f"{key}: got {tuple(value.shape)}, expected {want}")
@@ -177,77 +178,6 @@ def export_state_dict(params: Mapping[str, Any], kind: str,
   if bad:
     raise ValueError("params have wrong shapes: " + "; ".join(bad))
   return {torch_key(p): to_torch(p, np.asarray(v)) for p, v in flat.items()}
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-  if hasattr(value, "detach"):  # a torch tensor
-    value = value.detach().cpu()
-    if str(value.dtype) == "torch.bfloat16":
-      value = value.float()
-    return value.numpy()
-  return np.asarray(value)
-
-
-def _torch():
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError("reading or writing .pt files needs PyTorch (pip install 'glide-jax[torch]'); "
-                      "convert to .safetensors elsewhere or install torch") from e
-  return torch
-
-
-def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a state_dict from .pt/.pth (torch.load weights_only=True: never unpickles code),
-  .safetensors or .npz (keys as they are, or prefixed 'param/' as in the reference dumps)."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"checkpoint {path} does not exist")
-  suffix = path.suffix.lower()
-  if suffix == ".safetensors":
-    from safetensors.numpy import load_file
-    return dict(load_file(str(path)))
-  if suffix == ".npz":
-    with np.load(path, allow_pickle=False) as data:
-      keys = list(data.files)
-      if any(k.startswith("param/") for k in keys):
-        return {k[len("param/"):]: data[k] for k in keys if k.startswith("param/")}
-      return {k: data[k] for k in keys}
-  if suffix in (".pt", ".pth", ".bin", ".ckpt"):
-    torch = _torch()
-    try:
-      obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError for anything but tensors and containers
-      raise ValueError(f"{path}: refused to load: weights-only loading failed (the file holds more than "
-                       f"tensors, e.g. pickled Python objects, which are never unpickled): {e}") from e
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-      obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-      raise ValueError(f"{path}: expected a state_dict (a mapping of names to tensors), got {type(obj).__name__}")
-    out = {}
-    for k, v in obj.items():
-      if not hasattr(v, "detach"):
-        raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
-      out[k] = _to_numpy(v)
-    return out
-  raise ValueError(f"{path}: unknown checkpoint format {suffix!r}; use .pt, .safetensors or .npz")
-
-
-def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> pathlib.Path:
-  """Writes a state_dict as .safetensors, or .pt/.pth (needs torch)."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in state_dict.items()}
-  suffix = path.suffix.lower()
-  if suffix == ".safetensors":
-    from safetensors.numpy import save_file
-    save_file(arrays, str(path))
-  elif suffix in (".pt", ".pth"):
-    torch = _torch()
-    torch.save({k: torch.from_numpy(v.copy()) for k, v in arrays.items()}, str(path))
-  else:
-    raise ValueError(f"{path}: unknown output format {suffix!r}; use .safetensors or .pt")
-  return path
 
 
 def inpaint_params_from_base(params: Mapping[str, Any], new_channels: int = 4) -> dict[str, Any]:
