@@ -4,10 +4,10 @@ A guidance sweep samples the same prompts with the same noise at every scale, so
 per-sample results are paired: the comparison uses only the prompts where they disagree (McNemar),
 which resolves a difference of a few points far better than two independent intervals would.
 
-  wilson_interval      95 % (or any level) score interval of one accuracy k / n
+  wilson_interval      95 % (or any level) score interval of one accuracy k / n (scipy)
   wilson_intervals     the same for each of several per-sample correctness arrays
   paired_comparison    b vs a on the same samples: difference, its interval (Agresti-Min) and the
-                       exact McNemar two-sided p-value
+                       exact McNemar two-sided p-value (scipy's binomial test)
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from statistics import NormalDist
 from typing import Any
 
 import numpy as np
+from scipy import stats as scipy_stats
 
 
 def _z(confidence: float) -> float:
@@ -26,16 +27,15 @@ def _z(confidence: float) -> float:
 
 
 def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-  """Wilson score interval of a binomial proportion k / n (stays inside [0, 1], sane at k = 0 or n)."""
+  """Wilson score interval of a binomial proportion k / n (stays inside [0, 1], sane at k = 0 or n),
+  from `scipy.stats.binomtest(k, n).proportion_ci(method='wilson')`."""
   if n <= 0 or not 0 <= k <= n:
     raise ValueError(f"wilson_interval: need 0 <= k <= n and n > 0, got k={k}, n={n}")
-  z = _z(confidence)
+  _z(confidence)  # the same check of the level as the paired interval's
+  ci = scipy_stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
   p = k / n
-  denom = 1.0 + z * z / n
-  centre = (p + z * z / (2 * n)) / denom
-  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
   # It always contains p exactly; clamp so rounding (e.g. 3e-17 at k = 0) cannot say otherwise.
-  return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
+  return max(0.0, min(p, float(ci.low))), min(1.0, max(p, float(ci.high)))
 
 
 def wilson_intervals(correct: Mapping[str, np.ndarray], confidence: float = 0.95) -> dict[str, tuple[float, float]]:
@@ -44,20 +44,12 @@ def wilson_intervals(correct: Mapping[str, np.ndarray], confidence: float = 0.95
 
 
 def binomial_two_sided_p(k: int, n: int) -> float:
-  """Exact two-sided p-value of k successes in n fair coin flips: 2 P(X <= min(k, n - k)), at most 1.
-
-  Summed in log space so it stays exact-to-rounding for thousands of flips.
-  """
+  """Exact two-sided p-value of k successes in n fair coin flips (`scipy.stats.binomtest`); 1 for n = 0."""
   if n == 0:
     return 1.0
   if not 0 <= k <= n:
     raise ValueError(f"binomial_two_sided_p: need 0 <= k <= n, got k={k}, n={n}")
-  m = min(k, n - k)
-  logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2.0)
-          for i in range(m + 1)]
-  top = max(logs)
-  tail = math.exp(top) * sum(math.exp(v - top) for v in logs)
-  return min(1.0, 2.0 * tail)
+  return float(scipy_stats.binomtest(int(k), int(n), 0.5, alternative="two-sided").pvalue)
 
 
 def paired_comparison(a: Sequence[bool] | np.ndarray, b: Sequence[bool] | np.ndarray,
