@@ -55,8 +55,9 @@ _KEY_RE = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")  # webdataset's base_pl
 _FEATURES: dict[str, Any] = {}
 
 
-def expand_pattern(pattern: str) -> list[str]:
-  """The tar paths a brace pattern names, in order; every one must exist."""
+def expand_pattern(pattern: str, must_exist: bool = True) -> list[str]:
+  """The tar paths a brace pattern names, in order; every one must exist (unless must_exist=False:
+  --finalize, which reads only the done markers, may run where the tars are not)."""
   from braceexpand import UnbalancedBracesError, braceexpand
 
   if not pattern:
@@ -69,10 +70,10 @@ def expand_pattern(pattern: str) -> list[str]:
   dups = [p for p in paths if p in seen or seen.add(p)]
   if dups:
     raise ValueError(f"--webdataset {pattern!r} names {dups[0]} more than once")
-  if len(paths) == 1 and os.path.isdir(paths[0]):
+  if must_exist and len(paths) == 1 and os.path.isdir(paths[0]):
     raise IsADirectoryError(f"--webdataset {pattern!r} is a directory; name the tars, e.g. "
                             f"'{pattern.rstrip('/')}/{{00000..00099}}.tar'")
-  missing = [p for p in paths if not os.path.isfile(p)]
+  missing = [p for p in paths if must_exist and not os.path.isfile(p)]
   if missing:
     raise FileNotFoundError(f"--webdataset {pattern!r}: {len(missing)} of {len(paths)} tar files do "
                             f"not exist, first {missing[0]}")
@@ -270,9 +271,9 @@ def _read_json(path: str) -> Any:
     return json.load(f)
 
 
-def _check_plan(state: str, plan: dict[str, Any], out: str) -> None:
+def _check_plan(state: str, plan: dict[str, Any], out: str, check_settings: bool = True) -> None:
   """Writes plan.json if absent (atomically: a concurrent part cannot slip in a different one),
-  else refuses a run whose inputs or settings differ from it."""
+  else refuses a run whose inputs or (check_settings) options differ from it."""
   path = os.path.join(state, PLAN_NAME)
   tmp = f"{path}.tmp-{uuid.uuid4().hex}"
   with open(tmp, "w") as f:
@@ -291,7 +292,7 @@ def _check_plan(state: str, plan: dict[str, Any], out: str) -> None:
     raise ValueError(f"{out} holds a WebDataset conversion of other tars ({where}); give every part "
                      "the same pattern, or use another --out")
   for k, v in plan["settings"].items():
-    if have["settings"].get(k) != v:
+    if check_settings and have["settings"].get(k) != v:
       raise ValueError(f"{out} holds a WebDataset conversion with {k}={have['settings'].get(k)!r}, "
                        f"not {v!r}; give every part the same options, or use another --out")
 
@@ -360,7 +361,7 @@ def build_webdataset(pattern: str, out: str | os.PathLike, *, caption_field: str
                      num_shards: int = 1, finalize_only: bool = False, progress: bool = False) -> dict[str, Any]:
   """Converts this part's unfinished tars and finalizes when all are done; returns the part's report
   (`part`) and, once the dataset is complete, the build report (`dataset`, else None)."""
-  paths = expand_pattern(pattern)
+  paths = expand_pattern(pattern, must_exist=not finalize_only)
   indices = part_indices(len(paths), shard_index, num_shards)
   if finalize_only:  # every part's tars, none converted
     indices, shard_index, num_shards = list(range(len(paths))), 0, 1
@@ -375,15 +376,20 @@ def build_webdataset(pattern: str, out: str | os.PathLike, *, caption_field: str
   if builder.is_prepared() and not os.path.isfile(os.path.join(state, PLAN_NAME)):
     raise FileExistsError(f"{version_dir} already holds an image_folder dataset not converted from "
                           "WebDataset tars; use another --out")
-  for sub in ("done", "tmp"):
-    os.makedirs(os.path.join(state, sub), exist_ok=True)
-  _check_plan(state, {"pattern": pattern, "inputs": paths, "settings": settings}, out)
+  if not finalize_only:
+    for sub in ("done", "tmp"):
+      os.makedirs(os.path.join(state, sub), exist_ok=True)
+  elif not os.path.isfile(os.path.join(state, PLAN_NAME)):
+    raise FileNotFoundError(f"{out} holds no WebDataset conversion to finalize "
+                            f"({os.path.join(state, PLAN_NAME)} is missing)")
+  _check_plan(state, {"pattern": pattern, "inputs": paths, "settings": settings}, out,
+              check_settings=not finalize_only)
 
   todo, reused = [], []
   for i in indices:
     mp = _marker_path(state, i)
     if os.path.isfile(mp):
-      if _read_json(mp)["input_bytes"] != os.path.getsize(paths[i]):
+      if not finalize_only and _read_json(mp)["input_bytes"] != os.path.getsize(paths[i]):
         raise ValueError(f"{paths[i]} changed since it was converted into {out} (its size differs); "
                          "use another --out")
       reused.append(i)
