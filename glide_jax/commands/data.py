@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   p.add_argument("--validation-examples", type=int, default=None, help="glide_shapes only: validation size")
   _file_format_argument(p)
 
-  b = sub.add_parser("build", help="Build the image_folder dataset from a directory of captioned images.")
+  b = sub.add_parser("build", help="Build the image_folder dataset from a directory of captioned images "
+                                   "or WebDataset tar shards.")
   source = b.add_mutually_exclusive_group(required=True)
   source.add_argument("--images", help="directory of images with x.txt captions or captions.jsonl/.csv")
   source.add_argument("--webdataset", metavar="PATTERN",
