@@ -28,7 +28,11 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
+    # playwright drives the app's page in tests/test_app_browser.py with Debian's chromium
+    # (apt-get install chromium; launch/test.sh installs it when it can), not a downloaded browser.
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "gradio>=6,<7", "playwright>=1.50"],
+    # `glide-jax app`: the interactive editor in the browser (docs/app.md).
+    "app": ["gradio>=6,<7"],
     # libtpu lets `glide-jax plan` compile ahead of time for TPU topologies from a CPU machine.
     # jax 0.10.2's own [tpu] extra pins libtpu 0.0.42.*, the release `glide-jax plan` was run with.
     "tpu": ["jax[tpu]", "libtpu==0.0.42.*"],

@@ -4,4 +4,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # tpu: libtpu, so the ahead-of-time TPU compile of `glide-jax plan` is tested too (on the CPU).
 bash launch/setup_env.sh test,torch,tpu
+# The app's browser tests (tests/test_app_browser.py) drive Debian's chromium; as root, install it
+# when missing (they skip, saying why, where it cannot be installed).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium) \
+    >/dev/null || echo "launch/test.sh: could not install chromium; the browser tests will skip" >&2
+fi
 exec .venv/bin/python -m pytest -n 2 --dist loadfile -q tests "$@"

@@ -15,15 +15,18 @@ import tempfile
 import traceback
 import uuid
 
-from glide_jax.app import core
-from glide_jax.errors import UserError
-
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home, before gradio is imported
+
+import gradio as gr  # noqa: E402
+
+from glide_jax.app import core  # noqa: E402
+from glide_jax.errors import UserError  # noqa: E402
 log = logging.getLogger(__name__)
 
 CSS = """
 #editor canvas { image-rendering: pixelated; }
 #gallery img, #history img, #result img { image-rendering: pixelated; }
+#result img { width: 100%; height: 100%; object-fit: contain; }
 """
 
 
@@ -37,16 +40,12 @@ class Session:
 
 def theme():
   """Gradio's default look with system fonts, so the page loads nothing from the network."""
-  import gradio as gr
-
   return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                            font_mono=["ui-monospace", "monospace"])
 
 
 def build(models: core.Models, out_dir: str | os.PathLike | None = None):
   """The gr.Blocks page for `models`; results are written under out_dir (default: a temp directory)."""
-  import gradio as gr
-
   root = pathlib.Path(out_dir or tempfile.mkdtemp(prefix="glide-jax-app-"))
   root.mkdir(parents=True, exist_ok=True)
   base_d = core.defaults(models.base)
@@ -108,7 +107,7 @@ def build(models: core.Models, out_dir: str | os.PathLike | None = None):
     status = f"upsampled #{result.parent} to {size}x{size} px as #{result.id}"
     return (sess, status, gallery_items([result]), gallery_items(sess.store.results)) + selection(sess, result.id)
 
-  def on_select(state, evt: gr.SelectData, which: str):
+  def on_select(state, evt, which: str):
     sess = session(state)
     try:
       items = sess.store.results if which == "history" else None
@@ -118,6 +117,12 @@ def build(models: core.Models, out_dir: str | os.PathLike | None = None):
       return (sess, f"selected #{r.id} ({r.label})") + selection(sess, r.id)
     except Exception as e:  # noqa: BLE001
       return (sess, failed(e)) + no_selection
+
+  def on_select_gallery(state, evt: gr.SelectData):
+    return on_select(state, evt, "gallery")
+
+  def on_select_history(state, evt: gr.SelectData):
+    return on_select(state, evt, "history")
 
   with gr.Blocks(title="glide-jax", analytics_enabled=False) as page:
     state = gr.State(None)
@@ -146,7 +151,7 @@ def build(models: core.Models, out_dir: str | os.PathLike | None = None):
     with gr.Row():
       with gr.Column(scale=2):
         editor = gr.ImageEditor(label="Paint the region to change (brush; the eraser takes paint away)",
-                                elem_id="editor", type="numpy", image_mode="RGBA", sources=("upload",),
+                                elem_id="editor", type="numpy", image_mode="RGBA", sources=("upload",), format="png",
                                 transforms=(), layers=False, canvas_size=(core.EDITOR_SIZE, core.EDITOR_SIZE),
                                 brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed", default_size=12),
                                 eraser=gr.Eraser(default_size=12), height=420)
@@ -178,8 +183,8 @@ def build(models: core.Models, out_dir: str | os.PathLike | None = None):
     generate.click(on_generate, [state, prompt, guidance, sampler, steps, seed, batch, clip_scale], outputs)
     inpaint.click(on_inpaint, [state, editor, edit_prompt, guidance, sampler, steps, seed, batch], outputs)
     upsample.click(on_upsample, [state, up_temp, up_steps, up_sampler], outputs)
-    gallery.select(lambda s, evt: on_select(s, evt, "gallery"), [state], [state, status] + shown)
-    history.select(lambda s, evt: on_select(s, evt, "history"), [state], [state, status] + shown)
+    gallery.select(on_select_gallery, [state], [state, status] + shown)
+    history.select(on_select_history, [state], [state, status] + shown)
   page.glide_jax_root = root
   page.glide_jax_inpaint_defaults = inp_d
   return page

@@ -33,7 +33,6 @@ def run(args) -> int:
                             tokenizer=args.tokenizer)
   try:
     from glide_jax.app import ui
-    import gradio  # noqa: F401
   except ImportError as e:
     raise UserError(f"the app needs gradio ({e}); install it with pip install -e '.[app]'") from e
   page = ui.build(models, args.out)
