@@ -352,3 +352,20 @@ def test_benchmark_converts_what_it_wrote(capsys):
                      "--workers", "1"]) == 0
   line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert (line["samples"], line["kept"], line["tars"]) == (6, 6, 2) and line["samples_per_s"] > 0
+
+
+def test_gzipped_tars_read_the_same(corpus, reference, tmp_path):
+  import gzip
+
+  (tmp_path / "in").mkdir()
+  raw = pathlib.Path(os.path.dirname(corpus), "00002.tar").read_bytes()
+  (tmp_path / "in" / "00002.tar.gz").write_bytes(gzip.compress(raw))
+  webdataset.build_webdataset(str(tmp_path / "in" / "00002.tar.gz"), tmp_path / "out", workers=1, **SETTINGS)
+  ours, _ = read(tmp_path / "out")
+  theirs, _ = read(reference[0])
+  got = {(split, k): v for split, rows in ours.items() for k, v in rows.items()}
+  want = {(split, k): v for split, rows in theirs.items() for k, v in rows.items() if k.startswith("c")}
+  assert got.keys() == want.keys() and len(got) == 8
+  for k, (caption, image) in got.items():
+    assert caption == want[k][0]
+    np.testing.assert_array_equal(image, want[k][1])
