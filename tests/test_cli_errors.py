@@ -59,6 +59,7 @@ CASES = [
     ("eval sweep --bundle @CLIP --shapes-validation 2 --out @OUT", "holds a 'noised_clip' model"),
     ("eval fid --images @IMAGES --reference @IMAGES --inception-weights @NONE", "Inception weights not found"),
     ("data build --images @NONE --out @OUT", "image directory @NONE does not exist"),
+    ("data build --webdataset @NONE/{0..1}.tar --out @OUT", "2 of 2 tar files do not exist"),
     ("data prepare --name no_such_dataset", "Dataset no_such_dataset not found"),
     (f"plan --config {TINY_CONFIG} --topology v5p:2x2x1 --config.optimiser.lr=1",
      "unknown config key 'optimiser.lr'; nearest valid keys: optimizer.lr"),
