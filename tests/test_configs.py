@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import pytest
 
 from glide_jax import config_lib
+from glide_jax.constants import STAGES
 
-STAGES = ("base", "upsample", "inpaint", "clip")
 VARIANTS = ("released", "full", "small", "tiny")
 SCHEMA = {
     "stage", "seed", "total_steps", "batch_size", "microbatches", "model", "diffusion", "data",

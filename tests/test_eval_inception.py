@@ -18,6 +18,7 @@ import torch.nn as tnn
 import torch.nn.functional as F
 
 from glide_jax.eval import inception as inc
+from glide_jax.models import layers
 
 # --- an independent PyTorch reference -----------------------------------------------------------
 
@@ -213,7 +214,7 @@ def test_resize_matches_pytorch_interpolate():
   for size in (299, 20):  # up- and down-sampling
     want = F.interpolate(torch.from_numpy(x), size=(size, size), mode="bilinear",
                          align_corners=False).numpy().transpose(0, 2, 3, 1)
-    got = np.asarray(inc.resize_bilinear(jnp.asarray(x.transpose(0, 2, 3, 1)), size))
+    got = np.asarray(layers.resize_bilinear(jnp.asarray(x.transpose(0, 2, 3, 1)), size, size))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -10,12 +10,12 @@ import pytest
 
 import train_support as ts
 from glide_jax import config_lib
+from glide_jax.constants import STAGES
 from glide_jax.commands import plan as plan_cmd
 from glide_jax.train import program as program_lib
 from glide_jax.train import train as train_lib
 
 MESH = ts.mesh_overrides(2, 4)
-STAGES = ("base", "upsample", "inpaint", "clip")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -9,7 +9,7 @@ import pytest
 
 from glide_jax.bundle import unflatten_params
 from glide_jax.interop import glide_text2im as g
-from glide_jax.models import registry, unet
+from glide_jax.models import layers, registry, unet
 
 DUMPS = ["base", "upsample", "inpaint", "upsample_inpaint"]
 BF16_TOLERANCE = 5e-2  # max|bf16 - ref| / max|ref| on a dump; measured 2.0e-2 (base), 2.3e-2 (upsample_inpaint)
@@ -221,7 +221,7 @@ def test_bilinear_upsampling_matches_torch(src, dst):
   torch = pytest.importorskip("torch")
   x = np.random.default_rng(0).standard_normal((2, 3) + src).astype(np.float32)
   want = torch.nn.functional.interpolate(torch.from_numpy(x), dst, mode="bilinear", align_corners=False).numpy()
-  got = np.asarray(unet.upsample_bilinear(jnp.asarray(x.transpose(0, 2, 3, 1)), *dst)).transpose(0, 3, 1, 2)
+  got = np.asarray(layers.resize_bilinear(jnp.asarray(x.transpose(0, 2, 3, 1)), *dst)).transpose(0, 3, 1, 2)
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glide_jax.models import layers
+
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008
@@ -167,31 +169,6 @@ class InceptionE(nn.Module):
     return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
-def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """[out, in] bilinear interpolation weights, half-pixel centres, no anti-aliasing, edge clamp
-
-  (the weights PyTorch's `interpolate(mode='bilinear', align_corners=False)` applies per axis).
-  """
-  scale = in_size / out_size
-  src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
-  i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-  i1 = np.minimum(i0 + 1, in_size - 1)
-  frac = src - i0
-  m = np.zeros((out_size, in_size), np.float64)
-  np.add.at(m, (np.arange(out_size), i0), 1.0 - frac)
-  np.add.at(m, (np.arange(out_size), i1), frac)
-  return m.astype(np.float32)
-
-
-def resize_bilinear(x: jax.Array, size: int = INPUT_SIZE) -> jax.Array:
-  """x: [B, H, W, C] -> [B, size, size, C] (PyTorch bilinear, align_corners=False)."""
-  mh = jnp.asarray(resize_matrix(x.shape[1], size))
-  mw = jnp.asarray(resize_matrix(x.shape[2], size))
-  hp = jax.lax.Precision.HIGHEST
-  x = jnp.einsum("oh,bhwc->bowc", mh, x, precision=hp)
-  return jnp.einsum("pw,bowc->bopc", mw, x, precision=hp)
-
-
 class FIDInceptionV3(nn.Module):
   """The FID Inception-v3 up to its 2048-d pool3 features.
 
@@ -204,7 +181,7 @@ class FIDInceptionV3(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(jnp.float32)
     if self.resize:
-      x = resize_bilinear(x, INPUT_SIZE)
+      x = layers.resize_bilinear(x, INPUT_SIZE, INPUT_SIZE)
     x = 2.0 * x - 1.0
     x = BasicConv2d(32, (3, 3), stride=2, name="Conv2d_1a_3x3")(x)
     x = BasicConv2d(32, (3, 3), name="Conv2d_2a_3x3")(x)

@@ -235,7 +235,7 @@ class FeatureExtractor(nn.Module):
     return f(x).astype(jnp.float32)
 
 
-class ImageEncoder(nn.Module):
+class CLIPImageEncoder(nn.Module):
   """image [B, H, W, 3] in [-1, 1], timesteps [B] int -> z_image [B, n_embd] (unnormalised)."""
   image_size: int = 64
   patch_size: int = 4
@@ -269,7 +269,7 @@ class ImageEncoder(nn.Module):
     return FeatureExtractor(self.n_embd, self.dtype, name="output")(h[:, 0])
 
 
-class TextEncoder(nn.Module):
+class CLIPTextEncoder(nn.Module):
   """tokens [B, L] int (L <= max_text_len), text_len [B] int -> z_text [B, n_embd] (unnormalised).
 
   Layout (`SimpleTokenizer.padded_tokens_and_len`): [SOT] + tokens + [EOT], zero-padded;
@@ -330,10 +330,10 @@ class NoisedCLIP(nn.Module):
   attention_impl: str | None = None  # layers.attention's implementation, in both towers
 
   def setup(self):
-    self.image = ImageEncoder(self.image_size, self.patch_size, self.image_width, self.image_heads,
+    self.image = CLIPImageEncoder(self.image_size, self.patch_size, self.image_width, self.image_heads,
                               self.image_blocks, self.n_embd, self.n_timestep, self.dtype, self.remat_policy,
                               self.scan_layers, self.attention_impl)
-    self.text = TextEncoder(self.n_vocab, self.max_text_len, self.text_width, self.text_heads,
+    self.text = CLIPTextEncoder(self.n_vocab, self.max_text_len, self.text_width, self.text_heads,
                             self.text_blocks, self.n_embd, self.dtype, self.remat_policy, self.scan_layers,
                             self.attention_impl)
 
@@ -424,6 +424,6 @@ def count_params(tree: Any) -> int:
 
 
 __all__: list[str] = [
-    "CLIP_PRESETS", "ImageEncoder", "NoisedCLIP", "TextEncoder", "clip_score", "contrastive_loss",
+    "CLIPImageEncoder", "CLIPTextEncoder", "CLIP_PRESETS", "NoisedCLIP", "clip_score", "contrastive_loss",
     "count_params", "create_clip_model", "guidance_grad", "normalise", "resolve_clip_options",
 ]

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import numpy as np
 
 Dtype = Any
 _default_kernel_init = nn.initializers.lecun_normal()
@@ -41,6 +42,30 @@ def with_names(init, names: Sequence[str | None]):
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Logical sharding constraint on an activation; a no-op outside a mesh context."""
   return nn.with_logical_constraint(x, tuple(names))
+
+
+def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] weights of 1-D linear resampling with half-pixel centres, no anti-aliasing, edge
+  clamp: what PyTorch's `interpolate(mode='bilinear', align_corners=False)` applies per axis."""
+  src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+  src = np.maximum(src, 0.0)  # PyTorch clamps negative source coordinates to 0
+  i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+  i1 = np.minimum(i0 + 1, n_in - 1)
+  w1 = src - i0
+  m = np.zeros((n_out, n_in), np.float64)
+  np.add.at(m, (np.arange(n_out), i0), 1.0 - w1)
+  np.add.at(m, (np.arange(n_out), i1), w1)
+  return m.astype(np.float32)
+
+
+def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
+  """x: [B, h, w, C] -> [B, height, width, C] float32, = torch F.interpolate(bilinear,
+  align_corners=False), up or down. Separable: two small matrix products (fusion friendly, the same
+  weights as PyTorch). Used by the upsampler for its low-res input and by the FID Inception."""
+  mh = jnp.asarray(bilinear_matrix(x.shape[1], height))
+  mw = jnp.asarray(bilinear_matrix(x.shape[2], width))
+  x = x.astype(jnp.float32)
+  return jnp.einsum("oh,bhwc,pw->bopc", mh, x, mw, precision=jax.lax.Precision.HIGHEST)
 
 
 class Dense(nn.Module):

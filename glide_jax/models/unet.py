@@ -100,31 +100,6 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: int = 10000) -> jax.A
   return emb
 
 
-def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """[n_out, n_in] weights of 1-D linear resampling with half-pixel centres (align_corners=False)."""
-  src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-  src = np.maximum(src, 0.0)  # PyTorch clamps negative source coordinates to 0
-  i0 = np.floor(src).astype(np.int64)
-  i0 = np.minimum(i0, n_in - 1)
-  i1 = np.minimum(i0 + 1, n_in - 1)
-  w1 = src - i0
-  m = np.zeros((n_out, n_in), np.float64)
-  np.add.at(m, (np.arange(n_out), i0), 1.0 - w1)
-  np.add.at(m, (np.arange(n_out), i1), w1)
-  return m.astype(np.float32)
-
-
-def upsample_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
-  """x: [B, h, w, C] -> [B, height, width, C], = torch F.interpolate(bilinear, align_corners=False).
-
-  Separable: two small matrix products (fusion friendly, exact same weights as PyTorch).
-  """
-  mh = jnp.asarray(_bilinear_matrix(x.shape[1], height))
-  mw = jnp.asarray(_bilinear_matrix(x.shape[2], width))
-  x = x.astype(jnp.float32)
-  return jnp.einsum("oh,bhwc,pw->bopc", mh, x, mw, precision=jax.lax.Precision.HIGHEST)
-
-
 def upsample_nearest(x: jax.Array) -> jax.Array:
   """[B, H, W, C] -> [B, 2H, 2W, C]."""
   b, h, w, c = x.shape
@@ -318,7 +293,7 @@ class UNet(nn.Module):
     if self.kind in ("upsample", "upsample_inpaint"):
       if low_res is None:
         raise ValueError(f"a {self.kind} model needs low_res [B, h, w, 3]")
-      parts.append(upsample_bilinear(low_res, x.shape[1], x.shape[2]))
+      parts.append(layers.resize_bilinear(low_res, x.shape[1], x.shape[2]))
     return jnp.concatenate([p.astype(jnp.float32) for p in parts], axis=-1)
 
   @nn.compact

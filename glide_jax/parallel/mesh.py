@@ -80,10 +80,5 @@ def make_mesh(mesh_cfg: Any = None, devices: Sequence[jax.Device] | None = None)
   return Mesh(grid, AXES, axis_types=auto)
 
 
-def batch_size_per_shard(mesh: Mesh) -> int:
-  """How many shards the batch axis is split into."""
-  return math.prod(mesh.shape[a] for a in BATCH_AXES)
-
-
 def describe(mesh: Mesh) -> str:
   return " x ".join(f"{a}={mesh.shape[a]}" for a in AXES) + f" ({mesh.size} devices)"

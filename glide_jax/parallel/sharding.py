@@ -15,7 +15,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -186,13 +185,3 @@ def constrain_batch(batch: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
   """Inside jit: pins every batch leaf to the batch sharding."""
   return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
       x, NamedSharding(mesh, batch_spec(x.ndim, mesh, rules))), batch)
-
-
-def summarize(shardings: Any, abstract: Any) -> str:
-  """One line per leaf: path, shape, spec (for logging and `glide-jax plan`)."""
-  lines = []
-  flat_s = jax.tree_util.tree_flatten_with_path(shardings)[0]
-  flat_a = jax.tree.leaves(abstract)
-  for (path, s), a in zip(flat_s, flat_a):
-    lines.append(f"{_path_str(path)} {tuple(jnp.shape(a))} {s.spec}")
-  return "\n".join(lines)

@@ -20,12 +20,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from glide_jax.constants import STAGES
 from glide_jax.diffusion import gaussian
 from glide_jax.diffusion.losses import training_losses
 from glide_jax.diffusion.schedules import Diffusion, diffusion_from_settings
 from glide_jax.models import registry
 
-STAGES = ("base", "upsample", "inpaint", "clip")
 STAGE_KINDS = {"base": ("text2im",), "upsample": ("upsample",), "inpaint": ("inpaint", "upsample_inpaint"),
                "clip": ("noised_clip",)}
 
