@@ -12,6 +12,9 @@ INSTALL_REQUIRES = [
     "scipy>=1.11",
     "tensorflow-cpu>=2.18",
     "tensorflow-datasets>=4.9.7",
+    # prepared data is written and read as ArrayRecord (random access with no pass over the
+    # records); tensorflow-datasets requires it on Linux only (macOS arm64 wheels exist too).
+    "array_record>=0.5",
     # tensorflow-datasets imports it at builder construction but does not declare it.
     "importlib_resources>=6",
     "sentencepiece>=0.2",

@@ -1,7 +1,8 @@
 """Datasets, tokenizers and the input pipeline (docs/data.md).
 
 Importing this package registers the TFDS builders `glide_shapes` and `image_folder`, so
-`tfds.load("glide_shapes/size64", split="validation")` works after `import glide_jax.data`.
+`tfds.data_source("glide_shapes/size64", split="validation")` works after `import glide_jax.data`
+(prepared data is ArrayRecord by default; `tfds.load` reads TFRecord ones only).
 TensorFlow itself is imported only when a builder prepares or a pipeline is built. Without TFDS
 installed (an accelerator machine with jax alone) nothing is registered and the rest, the
 tokenizers among it, imports as usual.

@@ -33,7 +33,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 SKIP_REASONS = ("empty_file", "undecodable", "too_small", "missing_caption", "empty_caption",
@@ -305,7 +304,7 @@ def build_image_folder(images_dir: str | os.PathLike, data_dir: str | os.PathLik
   if builder.is_prepared():
     # TFDS cannot change the format of a dataset whose info it has read (and deletes the old data
     # before saying so): remove the old build here, then prepare a fresh builder.
-    epath.Path(builder.data_dir).rmtree()
+    tfds.core.Path(builder.data_dir).rmtree()
     builder = ImageFolder(**kwargs)
   builder.download_and_prepare(file_format=file_format)
   report = dict(builder.report)

@@ -10,6 +10,10 @@ The spec's default train size is 1,000,000; the registered configs use sizes tha
 few minutes on a laptop (see `DEFAULT_COUNTS`). Other sizes: `GlideShapes(config="size64",
 train_examples=N, validation_examples=M, data_dir=...)` - put them in their own data_dir, since
 TFDS keys prepared data by name/config/version only.
+
+`glide-jax data prepare` and the pipeline's preparation on first use write ArrayRecord
+(`pipeline.DEFAULT_FILE_FORMAT`); `GlideShapes(...).download_and_prepare()` called directly keeps
+TFDS's default, TFRecord, unless given `file_format=`. Both are read the same way.
 """
 from __future__ import annotations
 
