@@ -288,8 +288,8 @@ def build_image_folder(images_dir: str | os.PathLike, data_dir: str | os.PathLik
   if not root.is_dir():
     raise FileNotFoundError(f"image directory {root} does not exist" if not root.exists()
                             else f"{root} is not a directory")
-  kwargs = dict(images_dir=str(root), min_size=min_size, max_size=max_size, val_fraction=val_fraction,
-                image_format=image_format, data_dir=os.fspath(pathlib.Path(data_dir).expanduser()))
+  kwargs = {"images_dir": str(root), "min_size": min_size, "max_size": max_size, "val_fraction": val_fraction,
+            "image_format": image_format, "data_dir": os.fspath(pathlib.Path(data_dir).expanduser())}
   builder = ImageFolder(**kwargs)
   report_path = pathlib.Path(builder.data_dir) / REPORT_NAME
   if builder.is_prepared() and not overwrite:
