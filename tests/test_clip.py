@@ -256,7 +256,7 @@ def test_parameter_counts(preset):
   wi, wt = o["n_head_image"] * o["n_head_state_image"], o["n_head_text"] * o["n_head_state_text"]
   assert image == _closed_form_tower_params(wi, o["n_xf_blocks_image"], o["n_embd"], timesteps=1000, n_patch=16, patch=4)
   assert text == _closed_form_tower_params(wt, o["n_xf_blocks_text"], o["n_embd"], vocab=65536, ctx=77)
-  if preset == "clip":  # GLIDE_REFERENCE.md section 3.4, counted on the PyTorch model
+  if preset == "clip":  # docs/reference.md, section 3, counted on the PyTorch model
     assert (image, text) == (86_443_776, 71_679_488)
   else:  # the figures stated in docs/clip.md
     assert (image, text) == (304_411_648, 136_027_392)

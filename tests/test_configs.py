@@ -92,7 +92,7 @@ def test_trainer_accepts_the_config(spec):
     assert c.sampling.sampler in ("ancestral", "ddim", "plms", "dpm++")
 
 
-# released sizes: GLIDE_REFERENCE.md §3 (verified against glide-text2im); full: [P] §4.1.
+# released sizes: docs/reference.md, sections 2 and 3 (counted on glide-text2im); full: [P] 4.1.
 EXPECTED_PARAMS = {
     "configs/base.py:variant=released": 385_030_726,
     "configs/upsample.py:variant=released": 398_361_286,

@@ -46,7 +46,7 @@ def test_parity_detects_a_wrong_array(dump):
 
 
 def test_respacing_sets_match_glide(dump):
-  # GLIDE_REFERENCE §4: the published sets.
+  # docs/reference.md, section 4: the published sets.
   fast27 = sorted(schedules.space_timesteps(1000, "fast27"))
   assert fast27[:3] == [0, 22, 44] and fast27[-6:] == [500, 599, 600, 799, 800, 997] and len(fast27) == 27
   hundred = sorted(schedules.space_timesteps(1000, "100"))  # stride 999/99, rounded half to even

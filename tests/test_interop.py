@@ -1,4 +1,4 @@
-"""glide-text2im checkpoints <-> glide-jax params: by name, exact, with clear errors (PITFALLS 6, 11, 20)."""
+"""glide-text2im checkpoints <-> glide-jax params: by name, exact, with clear errors (docs/pitfalls.md, 6, 11 and 20)."""
 import json
 import pickle
 

@@ -4,7 +4,7 @@ import pytest
 
 from glide_jax.models import registry
 
-# GLIDE_REFERENCE.md 3 (counted on the PyTorch reference models).
+# docs/reference.md, section 2 (counted on the PyTorch reference models).
 RELEASED = {"base": 385_030_726, "upsample": 398_361_286, "base-inpaint": 385_037_638,
             "upsample-inpaint": 398_368_198}
 # Ours, documented in docs/models.md; the paper says "3.5B" and "1.5B" ([P] 4.1).

@@ -158,7 +158,7 @@ def test_dynamic_thresholding_keeps_high_guidance_sampling_bounded():
   d = schedules.create_diffusion(1000, "squaredcos_cap_v2", "20")
   m = exact_model(d)
   loud = lambda x, t: m(x, t) * jnp.array([20.0] * 3 + [1.0] * 3)
-  for name in ("plms", "dpm++"):  # the high-order ones (PITFALLS 19)
+  for name in ("plms", "dpm++"):  # the high-order ones (docs/pitfalls.md, 19)
     x = samplers.sample(loud, d, (64, 2, 2, 3), jax.random.PRNGKey(0), sampler=name, threshold=("dynamic", 0.99))
     assert np.isfinite(np.asarray(x)).all() and float(jnp.abs(x).max()) <= 1.0 + 1e-3, name
 

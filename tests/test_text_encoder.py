@@ -1,4 +1,4 @@
-"""GLIDE's text transformer: a numpy re-implementation, and the reference's quirks (PITFALLS 4, 5)."""
+"""GLIDE's text transformer: a numpy re-implementation, and the reference's quirks (docs/pitfalls.md, 4 and 5)."""
 import functools
 import math
 
@@ -32,7 +32,7 @@ def _layer_norm(x, p):
 
 
 def _numpy_encoder(params, tokens, mask, final_ln=True):
-  """Written from GLIDE_REFERENCE.md 1 with plain numpy, float64."""
+  """Written from docs/reference.md, section 1, with plain numpy, float64."""
   p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
   x = p["token_embedding"]["embedding"][tokens] + p["positional_embedding"][None]
   x = np.where(mask[..., None], x, p["padding_embedding"][None])

@@ -236,7 +236,7 @@ def test_nearest_upsample_and_average_pool_match_torch():
 
 
 def test_layout_of_the_released_models():
-  """GLIDE_REFERENCE.md 2: base 22 attention blocks at 32/16/8 px with 6/9/12 heads; upsampler 16."""
+  """docs/reference.md, section 2: base 22 attention blocks at 32/16/8 px with 6/9/12 heads; upsampler 16."""
   for kind, n_attn, n_in in (("text2im", 22, 16), ("upsample", 16, 18)):
     m = registry.create_model(kind)
     lay = m.layout()

@@ -1,4 +1,4 @@
-"""Gaussian diffusion arithmetic: pure functions of a `Diffusion` and arrays (GLIDE_REFERENCE.md §4).
+"""Gaussian diffusion arithmetic: pure functions of a `Diffusion` and arrays (docs/reference.md, section 4).
 
 Shapes: images `x`, `x_start`, `noise`: [B, H, W, C] (any trailing shape works); `t`: [B] int
 indices into the (respaced) diffusion's T' steps; `model_output`: [..., 2C] = [prediction | v], the

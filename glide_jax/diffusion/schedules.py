@@ -1,4 +1,4 @@
-"""Noise schedules, timestep respacing and the diffusion buffers (GLIDE_REFERENCE.md §4).
+"""Noise schedules, timestep respacing and the diffusion buffers (docs/reference.md, section 4).
 
 Everything here is computed once, in float64 numpy, exactly as [G]/[GD] do; the buffers are then
 cast to the diffusion's storage dtype (float32 by default, like the reference's
