@@ -173,6 +173,21 @@ def test_no_import_cycles():
   assert not fixed, f"KNOWN_CYCLES lists cycles that are gone; remove them: {fixed}"
 
 
+def test_docs_table_is_the_layers_checked_here():
+  """The table in docs/architecture.md names the same groups, layer by layer, as LAYERS."""
+  import re
+
+  table = {}
+  for line in (ROOT / "docs" / "architecture.md").read_text().splitlines():
+    m = re.match(r"\| (\d+) [^|]+\| ([^|]+) \|", line)
+    if m:
+      names = re.findall(r"`([\w/.]+)`", m.group(2))
+      table[int(m.group(1))] = {"glide_jax." + n.removesuffix("/").removesuffix(".py").replace("/", ".")
+                                for n in names}
+  want = {rank: set(groups) - {"glide_jax"} for rank, groups in enumerate(LAYERS)}
+  assert table == want
+
+
 def test_checker_sees_function_level_relative_and_upward_imports(tmp_path, monkeypatch):
   # The reader itself, on a made-up package: a function-level relative import from the core up to
   # the CLI is found as a violation, and two modules importing each other as a cycle.
