@@ -8,6 +8,8 @@ INSTALL_REQUIRES = [
     "orbax-checkpoint>=0.11",
     "chex>=0.1.89",
     "ml-collections>=1.0",
+    # config overrides are parsed by ml_collections.config_flags, on an absl FlagValues of their own.
+    "absl-py>=1.4",
     "numpy>=1.26",
     "scipy>=1.11",
     "tensorflow-cpu>=2.18",
