@@ -28,6 +28,8 @@ INSTALL_REQUIRES = [
     # expands WebDataset shard patterns (DIR/{00000..00099}.tar) as webdataset itself does.
     "braceexpand>=0.1.7",
     "tqdm>=4.66",
+    # one process prepares glide_shapes while the others wait (glide_jax/data/pipeline.py).
+    "filelock>=3.12",
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
 ]

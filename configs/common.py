@@ -110,6 +110,7 @@ def skeleton(stage: str) -> ml_collections.ConfigDict:
   c.data.masks.min_known = 0.3    # fraction of the image left known, lower and upper bound
   c.data.masks.max_known = 0.9
   c.data.shuffle_buffer = 10_000
+  c.data.prepare_timeout = 3600.0  # s another process may take to prepare glide_shapes (multi-process)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"      # 'adamw' | 'sgd' (plain gradient descent: scale-sensitive, for tests)

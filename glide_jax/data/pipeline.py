@@ -63,8 +63,17 @@ def _as_dict(cfg: Any) -> dict:
 
 # ----------------------------------------------------------------------------- datasets
 
+# How long a process waits for another to prepare a procedural dataset (data.prepare_timeout).
+DEFAULT_PREPARE_TIMEOUT = 3600.0
+
+
 def load_builder(data_cfg: Any):
-  """The TFDS builder named by data.name (prepares glide_shapes on first use; it is procedural)."""
+  """The TFDS builder named by data.name; glide_shapes (procedural) is prepared on first use, once.
+
+  In a multi-process run (or two runs sharing a data dir) one process prepares, under a file lock
+  next to the dataset's directory, while the others wait up to data.prepare_timeout seconds
+  (`prepare_once`). Other datasets must be prepared beforehand: a clear error names the command.
+  """
   import tensorflow_datasets as tfds
 
   import glide_jax.data  # noqa: F401  (registers glide_shapes and image_folder)
@@ -79,8 +88,8 @@ def load_builder(data_cfg: Any):
     raise ValueError(f"data.name={name!r} is not a registered TFDS dataset: {e}") from None
   if not builder.is_prepared():
     if name.split("/")[0] == "glide_shapes":
-      log.info("preparing %s in %s (procedural, offline)", name, builder.data_dir)
-      builder.download_and_prepare(file_format=DEFAULT_FILE_FORMAT)
+      timeout = float(cfg_get(data_cfg, "prepare_timeout", DEFAULT_PREPARE_TIMEOUT))
+      builder = prepare_once(name, data_dir, builder, timeout)
     elif name.split("/")[0] == "image_folder":
       raise FileNotFoundError(f"no image_folder dataset in {builder.data_dir}; build it with "
                               "`glide-jax data build --images DIR --out DATA_DIR` and set data.data_dir")
@@ -88,6 +97,93 @@ def load_builder(data_cfg: Any):
       raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir}; "
                               f"prepare it first (`tfds build {name}`) or fix data.data_dir")
   return builder
+
+
+def _process_index() -> int:
+  """This process's index once jax.distributed runs (multihost.initialize), else 0."""
+  import jax
+  return jax.process_index() if jax.distributed.is_initialized() else 0
+
+
+def prepare_once(name: str, data_dir: str | None, builder, timeout: float):
+  """Prepares `builder` unless another process is doing so; returns a builder of the prepared data.
+
+  A local or network file system (NFS, Lustre with flock): whoever takes the lock
+  `<dir>/.<version>.prepare.lock` first prepares (TFDS writes a temporary directory and renames
+  it), the others block on the lock and then read the result; so on a data dir local to each host,
+  each host prepares its own copy once. A bucket (gs://...) or a file system without flock: process
+  0 prepares and the others poll for the finished dataset. Either wait ends after `timeout` seconds
+  with an error naming the directory and the command that prepares it.
+  """
+  import time
+
+  import filelock
+  import tensorflow_datasets as tfds
+
+  from glide_jax import errors
+
+  target = os.fspath(builder.data_dir)
+  root = data_dir or os.fspath(builder.data_dir_root)
+  command = _prepare_command(name, root)
+
+  def prepare(b):
+    log.info("process %d: preparing %s in %s (procedural, offline)", _process_index(), name, target)
+    b.download_and_prepare(file_format=DEFAULT_FILE_FORMAT)
+    return b
+
+  def too_long(what: str, hint: str = "") -> errors.UserError:
+    return errors.UserError(f"waited {timeout:g} s (data.prepare_timeout) for {what} to prepare {name} in "
+                            f"{target}; prepare it before the run with `{command}`, or raise "
+                            f"data.prepare_timeout{hint}")
+
+  parent, version = os.path.split(target.rstrip("/"))
+  lock_path = os.path.join(parent, f".{version}.prepare.lock")
+  if "://" not in target:
+    os.makedirs(parent, exist_ok=True)
+    lock = filelock.FileLock(lock_path)
+    try:
+      try:
+        lock.acquire(timeout=0)
+      except filelock.Timeout:
+        log.info("process %d: waiting for %s to be prepared in %s by another process (lock %s, up to %.0f s)",
+                 _process_index(), name, target, lock.lock_file, timeout)
+        try:
+          lock.acquire(timeout=timeout)
+        except filelock.Timeout:
+          raise too_long(f"the process holding {lock_path}", " (a file system that only emulates locks "
+                         "may have left the file behind a crashed process: then remove it)") from None
+    except (NotImplementedError, OSError) as e:  # no flock here (Lustre -o noflock, some FUSE mounts)
+      log.info("no file lock in %s (%s): process 0 prepares %s", parent, e, name)
+    else:
+      try:
+        fresh = tfds.builder(name, data_dir=data_dir)  # another process may have prepared it meanwhile
+        return fresh if fresh.is_prepared() else prepare(fresh)
+      finally:
+        lock.release()
+  if _process_index() == 0:
+    return prepare(builder)
+  log.info("process %d: waiting for %s to be prepared in %s by process 0 (up to %.0f s)", _process_index(),
+           name, target, timeout)
+  deadline = time.monotonic() + timeout
+  while True:
+    fresh = tfds.builder(name, data_dir=data_dir)
+    if fresh.is_prepared():
+      return fresh
+    if time.monotonic() > deadline:
+      raise too_long("process 0")
+    time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+
+
+def _prepare_command(name: str, data_dir: str) -> str:
+  """The `glide-jax data prepare` command line that prepares data.name `name` in `data_dir`."""
+  import tensorflow_datasets as tfds
+
+  dataset, kwargs = tfds.core.naming.parse_builder_name_kwargs(name)
+  parts = [f"glide-jax data prepare --name {dataset.name}/{kwargs.get('config', 'size32')}"]
+  for key in ("train_examples", "validation_examples"):
+    if key in kwargs:
+      parts.append(f"--{key.replace('_', '-')} {kwargs[key]}")
+  return " ".join(parts + [f"--data-dir {data_dir}"])
 
 
 # The file formats RecordSource reads, and the one `glide-jax data prepare/build` and the automatic

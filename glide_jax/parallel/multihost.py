@@ -1,13 +1,18 @@
 """Multi-host start-up and checks.
 
-`initialize()` starts `jax.distributed` when there is more than one process: automatically on TPU
-(and other cluster environments jax detects), from flags or the environment elsewhere:
+`initialize()` starts `jax.distributed` when the environment announces more than one process:
+our own variables (launch/local.py, or the `train` flags), which win,
   GLIDE_JAX_COORDINATOR=host:port  GLIDE_JAX_NUM_PROCESSES=N  GLIDE_JAX_PROCESS_ID=i
-On CPU the collectives go through gloo. A watchdog turns a hang (a dead peer blocks every
-collective) into an exit with a message.
+or a launcher jax detects by itself: SLURM (srun), Open MPI (mpirun), a TPU pod or multislice,
+a Kubernetes Indexed Job/JobSet (`detect_cluster` reads the variables the way jax's cluster
+classes do). A run that announces several processes but ends with `jax.process_count() == 1` is
+refused (MultiHostError), so processes never train alone on the same data unnoticed;
+GLIDE_JAX_NUM_PROCESSES=1 runs one process on purpose. On CPU the collectives go through gloo.
+A watchdog turns a hang (a dead peer blocks every collective) into an exit with a message.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -19,39 +24,199 @@ from typing import Any
 import jax
 import numpy as np
 
+from glide_jax import errors
+
 log = logging.getLogger(__name__)
 
 _initialized = False
 
+# The variables each cluster launcher sets, in the order jax's auto-detection tries the clusters
+# (jax/_src/clusters: Open MPI, SLURM, mpi4py (opt-in), GKE TPU, GCE TPU, Kubernetes).
+_SLURM_JAX = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+_SINGLE_HINT = "set GLIDE_JAX_NUM_PROCESSES=1 to run a single process on purpose"
+
+
+class MultiHostError(errors.UserError):
+  """The environment announces several processes but they did not join one jax.distributed run
+  (a UserError: the CLI prints it in one line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+  """What the environment says about this process's job (`detect_cluster`).
+
+  kind: 'single', 'explicit' (GLIDE_JAX_* or flags), 'ompi', 'slurm', 'mpi' (PMI_*: MPICH, Intel
+  MPI), 'tpu', 'kubernetes'. num_processes: the count the launcher announces (None: only jax can
+  tell, from the TPU metadata or the Kubernetes API). method: jax's cluster_detection_method
+  (None: its default order). jax_detects: whether jax's auto-detection will find this cluster;
+  missing: the variables (or package) it lacks. seen: the variables this was decided from.
+  """
+  kind: str
+  num_processes: int | None = None
+  process_id: int | None = None
+  coordinator: str | None = None
+  method: str | None = None
+  jax_detects: bool = True
+  missing: tuple[str, ...] = ()
+  seen: tuple[tuple[str, str], ...] = ()
+
+  @property
+  def multi(self) -> bool:
+    """Whether to start jax.distributed: more than one process announced, or a count only jax knows."""
+    return self.kind != "single" and (self.num_processes is None or self.num_processes > 1)
+
+  def describe(self) -> str:
+    return " ".join(f"{k}={v}" for k, v in self.seen) or "nothing"
+
+
+def _int(environ, key: str) -> int | None:
+  value = environ.get(key, "").strip()
+  try:
+    return int(value) if value else None
+  except ValueError:
+    raise ValueError(f"environment variable {key}={value!r} is not an integer") from None
+
+
+def _seen(environ, *keys: str) -> tuple[tuple[str, str], ...]:
+  return tuple((k, environ[k]) for k in keys if k in environ)
+
+
+def detect_cluster(environ=None, *, on_tpu_vm: bool = False, have_mpi4py: bool = False,
+                   have_kubernetes: bool = False) -> Cluster:
+  """The job this process belongs to, from its environment alone (a pure function).
+
+  Our explicit variables win; then the first launcher whose variables are set, in jax's order.
+  `on_tpu_vm` (jax found TPU chips), `have_mpi4py` and `have_kubernetes` (importable) are what
+  jax's own detection of GCE TPU VMs, PMI-only MPI and Kubernetes needs besides the environment.
+  """
+  env = os.environ if environ is None else environ
+  # ---- ours: GLIDE_JAX_COORDINATOR/NUM_PROCESSES/PROCESS_ID (launch/local.py, flags of `train`)
+  if any(k in env for k in ("GLIDE_JAX_COORDINATOR", "GLIDE_JAX_NUM_PROCESSES", "GLIDE_JAX_PROCESS_ID")):
+    seen = _seen(env, "GLIDE_JAX_COORDINATOR", "GLIDE_JAX_NUM_PROCESSES", "GLIDE_JAX_PROCESS_ID")
+    n, i = _int(env, "GLIDE_JAX_NUM_PROCESSES"), _int(env, "GLIDE_JAX_PROCESS_ID")
+    coordinator = env.get("GLIDE_JAX_COORDINATOR") or None
+    if coordinator is None and n in (None, 1):
+      return Cluster("single", 1, 0, seen=seen)  # GLIDE_JAX_NUM_PROCESSES=1: one process on purpose
+    if coordinator is None or n is None or i is None:
+      raise ValueError(f"{' '.join(f'{k}={v}' for k, v in seen)}: a multi-process run needs all three of "
+                       "GLIDE_JAX_COORDINATOR=host:port, GLIDE_JAX_NUM_PROCESSES and GLIDE_JAX_PROCESS_ID")
+    if not 0 <= i < n:
+      raise ValueError(f"GLIDE_JAX_PROCESS_ID={i} is not in [0, GLIDE_JAX_NUM_PROCESSES={n})")
+    return Cluster("explicit", n, i, coordinator, seen=seen)
+  # ---- Open MPI (mpirun): jax reads the launcher's URI, set by Open MPI 4 and older
+  if "OMPI_COMM_WORLD_SIZE" in env:
+    seen = _seen(env, "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK",
+                 "OMPI_MCA_orte_hnp_uri")
+    n, i = _int(env, "OMPI_COMM_WORLD_SIZE"), _int(env, "OMPI_COMM_WORLD_RANK")
+    if "OMPI_MCA_orte_hnp_uri" in env:
+      return Cluster("ompi", n, i, seen=seen)
+    return Cluster("ompi", n, i, method="mpi4py" if have_mpi4py else None, jax_detects=have_mpi4py,
+                   missing=() if have_mpi4py else ("OMPI_MCA_orte_hnp_uri (Open MPI 5 does not set it)",
+                                                   "or the mpi4py package"), seen=seen)
+  # ---- SLURM (srun): a step's task count and this task's rank
+  if "SLURM_NTASKS" in env and "SLURM_PROCID" in env:
+    seen = _seen(env, *_SLURM_JAX, "SLURM_STEP_NUM_NODES", "SLURM_STEP_NUM_TASKS")
+    missing = tuple(k for k in _SLURM_JAX if k not in env)
+    if missing:
+      missing += ("(start the command with srun, one task per GPU)",)
+    return Cluster("slurm", _int(env, "SLURM_NTASKS"), _int(env, "SLURM_PROCID"), jax_detects=not missing,
+                   missing=missing, seen=seen)
+  # ---- MPICH, Intel MPI, srun --mpi=pmi2 without SLURM's task variables: only mpi4py finds the root
+  if "PMI_SIZE" in env:
+    seen = _seen(env, "PMI_SIZE", "PMI_RANK")
+    return Cluster("mpi", _int(env, "PMI_SIZE"), _int(env, "PMI_RANK"), method="mpi4py" if have_mpi4py else None,
+                   jax_detects=have_mpi4py, missing=() if have_mpi4py else ("the mpi4py package",), seen=seen)
+  # ---- TPU: GKE sets the workers (jax/_src/clusters/cloud_tpu_cluster.py), a GCE TPU VM serves them
+  # from its metadata, multislice adds MEGASCALE_*
+  hosts_var = next((k for k in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES") if env.get(k)), None)
+  if hosts_var or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    seen = _seen(env, hosts_var or "", "TPU_WORKER_ID", "MEGASCALE_COORDINATOR_ADDRESS", "MEGASCALE_NUM_SLICES",
+                 "MEGASCALE_SLICE_ID")
+    slices = _int(env, "MEGASCALE_NUM_SLICES") or 1
+    n = i = None
+    if hosts_var:
+      per_slice = len(env[hosts_var].split(","))
+      n = per_slice * slices
+      if _int(env, "TPU_WORKER_ID") is not None:
+        i = _int(env, "TPU_WORKER_ID") + (_int(env, "MEGASCALE_SLICE_ID") or 0) * per_slice
+    return Cluster("tpu", n, i, jax_detects=on_tpu_vm and bool(hosts_var),
+                   missing=() if on_tpu_vm else ("TPU chips on this machine",), seen=seen)
+  if on_tpu_vm:
+    return Cluster("tpu", None, None, seen=(("TPU VM", "metadata"),))  # jax asks the metadata server
+  # ---- Kubernetes Indexed Job / JobSet (GPU hosts): the count comes from the Kubernetes API
+  if "KUBERNETES_SERVICE_HOST" in env and "JOB_COMPLETION_INDEX" in env:
+    seen = _seen(env, "JOB_COMPLETION_INDEX", "JOBSET_NAME", "HOSTNAME")
+    i = _int(env, "JOB_COMPLETION_INDEX")
+    return Cluster("kubernetes", None, i, jax_detects=have_kubernetes,
+                   missing=() if have_kubernetes else ("the kubernetes package (pip install 'jax[k8s]')",),
+                   seen=seen)
+  return Cluster("single", 1, 0)
+
+
+def _importable(module: str) -> bool:
+  import importlib.util
+  return importlib.util.find_spec(module) is not None
+
+
+def _refusal(cluster: Cluster, why: str) -> MultiHostError:
+  count = "several" if cluster.num_processes is None else str(cluster.num_processes)
+  return MultiHostError(f"{cluster.describe()} announce {count} {cluster.kind} processes but {why}; each "
+                        "would train alone on the same data. Start every process with the same launcher, "
+                        "or set GLIDE_JAX_COORDINATOR=host:port, GLIDE_JAX_NUM_PROCESSES and "
+                        f"GLIDE_JAX_PROCESS_ID ({_SINGLE_HINT})")
+
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, heartbeat_timeout_seconds: int = 60) -> bool:
-  """Starts jax.distributed if this is a multi-process run; returns whether it did."""
+  """Starts jax.distributed if this is a multi-process run; returns whether it did.
+
+  Arguments (the `train` flags) override GLIDE_JAX_*; without either, the cluster launcher's
+  variables decide (`detect_cluster`). A run whose launcher announces several processes but that
+  ends with one process (or another count) raises MultiHostError. Calling it again is a no-op.
+  """
   global _initialized
-  if _initialized:
+  if _initialized or jax.distributed.is_initialized():
+    _initialized = True
     return True
-  coordinator = coordinator or os.environ.get("GLIDE_JAX_COORDINATOR") or None
-  env_n = os.environ.get("GLIDE_JAX_NUM_PROCESSES")
-  env_i = os.environ.get("GLIDE_JAX_PROCESS_ID")
-  num_processes = num_processes if num_processes is not None else (int(env_n) if env_n else None)
-  process_id = process_id if process_id is not None else (int(env_i) if env_i else None)
-  on_tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
-  if coordinator is None and not on_tpu_pod:
+  env = dict(os.environ)
+  for key, value in (("GLIDE_JAX_COORDINATOR", coordinator), ("GLIDE_JAX_NUM_PROCESSES", num_processes),
+                     ("GLIDE_JAX_PROCESS_ID", process_id)):
+    if value is not None:
+      env[key] = str(value)
+  from jax._src import cloud_tpu_init  # jax's own "TPU chips and libtpu present" flag
+  cluster = detect_cluster(env, on_tpu_vm=bool(cloud_tpu_init.running_in_cloud_tpu_vm),
+                           have_mpi4py=_importable("mpi4py"), have_kubernetes=_importable("kubernetes"))
+  if not cluster.multi:
     return False  # a single process
-  if coordinator is not None and (num_processes is None or process_id is None):
-    raise ValueError("a coordinator address needs the number of processes and this process's id "
-                     "(GLIDE_JAX_NUM_PROCESSES, GLIDE_JAX_PROCESS_ID)")
+  if cluster.kind == "kubernetes" and not cluster.jax_detects and not cluster.process_id:
+    # Index 0 of an Indexed Job cannot tell a one-pod job from a larger one without the API.
+    log.warning("%s: a Kubernetes Indexed Job, but jax cannot read its size without %s; running as one "
+                "process", cluster.describe(), ", ".join(cluster.missing))
+    return False
+  if not cluster.jax_detects:
+    raise _refusal(cluster, "jax cannot start them here (missing " + ", ".join(cluster.missing) + ")")
   platforms = os.environ.get("JAX_PLATFORMS", "")
-  if coordinator is not None and (platforms == "" or "cpu" in platforms):
+  if platforms == "" or "cpu" in platforms:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if coordinator is None:
-    jax.distributed.initialize()  # TPU: everything is discovered
-  else:
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+  try:
+    if cluster.kind == "explicit":
+      jax.distributed.initialize(coordinator_address=cluster.coordinator, num_processes=cluster.num_processes,
+                                 process_id=cluster.process_id,
+                                 heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+    else:
+      jax.distributed.initialize(cluster_detection_method=cluster.method,
+                                 heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+  except ValueError as e:  # jax found no cluster after all (e.g. a GCE TPU VM without its metadata)
+    if cluster.kind == "tpu" and cluster.num_processes is None and not cluster.process_id:
+      log.info("TPU VM: jax.distributed found no TPU pod (%s); running as one process", e)
+      return False
+    raise _refusal(cluster, f"jax.distributed could not start them ({e})") from e
+  count = jax.process_count()
+  if cluster.num_processes is not None and count != cluster.num_processes:
+    raise _refusal(cluster, f"jax.process_count()=={count}")  # e.g. 1: this process started alone
   _initialized = True
-  log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
-           jax.process_count(), jax.local_device_count(), jax.device_count())
+  log.info("jax.distributed (%s): process %d of %d, %d local / %d global devices", cluster.kind,
+           jax.process_index(), count, jax.local_device_count(), jax.device_count())
   return True
 
 

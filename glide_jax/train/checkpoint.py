@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 # Config keys that may differ between the run that saved and the run that resumes (the attention
 # kernel changes no parameter, and a workdir saved before the option was listed lacks it).
 RESUMABLE_KEYS = ("total_steps", "mesh", "checkpoint", "log", "sampling", "data.data_dir",
-                  "data.shuffle_buffer", "init_from", "model.options.attention_impl")
+                  "data.shuffle_buffer", "data.prepare_timeout", "init_from",
+                  "model.options.attention_impl")
 # Keys added after checkpoints were first written, with the value those checkpoints ran with.
 ADDED_KEYS = {"optimizer.name": "adamw"}
 
