@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-torch": ("import_torch", "Convert a glide-text2im PyTorch checkpoint to glide-jax params."),
     "export-torch": ("export_torch", "Convert glide-jax params to a glide-text2im state_dict."),
     "parity": ("parity", "Check our models and diffusion against reference dumps (.npz)."),
+    "app": ("app", "An interactive editor in the browser: generate, mask and inpaint, upsample."),
 }
 
 

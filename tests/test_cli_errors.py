@@ -72,6 +72,8 @@ CASES = [
     ("export-torch --bundle @CLIP --tower image --out @OUT/x.safetensors", "has no 'image' tower"),
     ("parity @NONE", "@NONE does not exist"),
     ("parity @BASE", "no .npz dumps in @BASE"),
+    ("app --bundle @NONE", "--bundle @NONE: @NONE is neither a glide-jax bundle"),
+    ("app --bundle @BASE --clip-bundle @BASE", "--clip-bundle @BASE: @BASE: bundle holds a 'text2im' model, not a noised CLIP"),
 ]
 
 
