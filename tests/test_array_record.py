@@ -149,14 +149,16 @@ class TinyCaptioned(tfds.core.GeneratorBasedBuilder):
 
   def _info(self):
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 3)), "caption": tfds.features.Text()}))
+        "image": tfds.features.Image(shape=(None, None, 3)), "caption": tfds.features.Text(),
+        "captions": tfds.features.Sequence({"text": tfds.features.Text(), "id": np.int64})}))
 
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples()}
 
   def _generate_examples(self):
     for i in range(12):
-      yield i, {"image": np.full((6, 4 + i, 3), i, np.uint8), "caption": f"picture {i}"}
+      yield i, {"image": np.full((6, 4 + i, 3), i, np.uint8), "caption": f"picture {i}",
+                "captions": [{"text": f"picture {i}, caption {j}", "id": j} for j in range(i % 3)]}
 
 
 def test_prepare_command_file_format(tmp_path, capsys):
@@ -169,6 +171,8 @@ def test_prepare_command_file_format(tmp_path, capsys):
     assert builder.info.file_format.value == fmt
     captions = sorted(data_cmd.iter_captions("tiny_captioned", str(d), "train", "caption", 100))
     assert captions == sorted(f"picture {i}" for i in range(12))
+    nested = sorted(data_cmd.iter_captions("tiny_captioned", str(d), "train", "captions/text", 100))
+    assert nested == sorted(f"picture {i}, caption {j}" for i in range(12) for j in range(i % 3))
   # A prepared dataset is reused in its own format, and the command says so.
   assert cli.main(base + ["--data-dir", str(tmp_path / "tfrecord")]) == 0
   out = capsys.readouterr().out

@@ -147,13 +147,15 @@ def _build_webdataset(args) -> int:
 
 
 def iter_captions(name: str, data_dir: str | None, split: str, caption_key: str, limit: int):
-  """Caption strings of a TFDS split (images are not decoded), in record order.
+  """Caption strings of a TFDS split, in record order.
 
   Read through pipeline.RecordSource, so ArrayRecord splits (which TFDS's `as_dataset` cannot
-  read) and TFRecord ones work alike.
+  read) and TFRecord ones work alike; each record is parsed with TFDS's NumPy example parser for
+  the caption feature alone (nothing else is parsed or decoded: about 40 us a record here, where a
+  full TensorFlow deserialize per record took 3 ms).
   """
-  import tensorflow as tf
-  import tensorflow_datasets as tfds
+  import numpy as np
+  from tensorflow_datasets.core import example_parser
   from tqdm import tqdm
 
   from glide_jax.data import pipeline
@@ -164,24 +166,21 @@ def iter_captions(name: str, data_dir: str | None, split: str, caption_key: str,
   names = set(features.keys())
   if top not in names:
     raise KeyError(f"{name} has no feature {top!r} (features: {sorted(names)})")
-  decoders = {k: tfds.decode.SkipDecoding() for k in names if k != top}
+  feature = features[top]
+  parser = example_parser.ExampleParserNp({top: feature.get_serialized_info()})
   source = pipeline.RecordSource(builder, split)
   total = min(limit, source.num_examples)
   chunk = 1024
-
-  def read(start):
-    idx = tf.range(start, tf.minimum(start + chunk, total), dtype=tf.int64)
-    return tf.ensure_shape(tf.numpy_function(source.read, [idx], tf.string, stateful=False), [None])
-
-  ds = tf.data.Dataset.range(0, total, chunk).map(read).unbatch()
-  ds = ds.map(lambda s: {top: features.deserialize_example(s, decoders=decoders)[top]},
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
-  for ex in tqdm(ds.as_numpy_iterator(), total=total, desc="captions", unit="ex"):
-    value = ex
-    for part in caption_key.split("/"):
-      value = value[part]
-    for c in ([value] if isinstance(value, bytes) else list(value)):
-      yield c.decode("utf-8", "replace")
+  with tqdm(total=total, desc="captions", unit="ex") as bar:
+    for start in range(0, total, chunk):
+      records = source.read(np.arange(start, min(start + chunk, total)))
+      for record in records:
+        value = {top: feature.decode_example_np(parser.parse_example(record)[top])}
+        for part in caption_key.split("/"):
+          value = value[part]
+        for c in ([value] if isinstance(value, (bytes, str)) else list(value)):
+          yield c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c)
+      bar.update(len(records))
 
 
 def _train_tokenizer(args) -> int:
