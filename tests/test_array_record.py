@@ -254,3 +254,19 @@ def test_host_demand_is_the_plans_bound_per_host():
   from glide_jax import plan
   assert (d["chips"], d["hosts"], d["peak_flops"]) == (32, 8, plan.CHIPS["v5p"].peak_flops)
   assert d["images_per_s_per_host"] == pytest.approx(4 * d["peak_flops"] / (3 * d["forward_flops"]), rel=1e-9)
+
+
+@pytest.mark.slow
+def test_pipeline_benchmark_prints_the_per_host_ratio(tmp_path, capsys):
+  """benchmarks/data.py end to end at a tiny size: one pipeline process, its rate, the demand, the ratio."""
+  from benchmarks import data as data_bench
+  assert data_bench.main(["--data-dir", str(tmp_path), "--train-examples", "128", "--seconds", "1", "--cores", "1",
+                          "--pipelines", "64px base", "--batch", "16"]) == 0
+  out = capsys.readouterr().out
+  summary = json.loads(out.strip().splitlines()[-1])
+  (row,) = summary["results"]
+  (demand,) = summary["demand"]
+  assert row["file_format"] == "array_record" and row["images"] > 0
+  assert demand["config"] == "configs/base.py:variant=released" and demand["hosts"] == 8
+  assert row["ratio"] == pytest.approx(row["images_per_s"] / demand["images_per_s_per_host"])
+  assert "images/s per host process" in out and "ratio" in out
