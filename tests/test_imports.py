@@ -51,6 +51,7 @@ CORE = (_modules("glide_jax.models") + _modules("glide_jax.diffusion") + _module
         + _modules("glide_jax.interop") + _modules("glide_jax.eval")
         + _modules("glide_jax.train", exclude=("train", "checkpoint"))
         + ["glide_jax", "glide_jax.plan", "glide_jax.hardware", "glide_jax.bundle", "glide_jax.images",
+           "glide_jax.sampling", "glide_jax.constants",
            "glide_jax.cpu_flags", "glide_jax.compile_cache", "glide_jax.data", "glide_jax.data.tokenizers",
            "glide_jax.data.pipeline", "benchmarks.common", "benchmarks.forward", "benchmarks.train_step",
            "benchmarks.sample", "benchmarks.run", "benchmarks.device_check"])
