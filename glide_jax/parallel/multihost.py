@@ -117,8 +117,6 @@ def detect_cluster(environ=None, *, on_tpu_vm: bool = False, have_mpi4py: bool =
   if "SLURM_NTASKS" in env and "SLURM_PROCID" in env:
     seen = _seen(env, *_SLURM_JAX, "SLURM_STEP_NUM_NODES", "SLURM_STEP_NUM_TASKS")
     missing = tuple(k for k in _SLURM_JAX if k not in env)
-    if missing:
-      missing += ("(start the command with srun, one task per GPU)",)
     return Cluster("slurm", _int(env, "SLURM_NTASKS"), _int(env, "SLURM_PROCID"), jax_detects=not missing,
                    missing=missing, seen=seen)
   # ---- MPICH, Intel MPI, srun --mpi=pmi2 without SLURM's task variables: only mpi4py finds the root
@@ -194,7 +192,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                 "process", cluster.describe(), ", ".join(cluster.missing))
     return False
   if not cluster.jax_detects:
-    raise _refusal(cluster, "jax cannot start them here (missing " + ", ".join(cluster.missing) + ")")
+    srun = ": start the command with srun" if cluster.kind == "slurm" else ""
+    raise _refusal(cluster, f"jax cannot start them here (missing {', '.join(cluster.missing)}{srun})")
   platforms = os.environ.get("JAX_PLATFORMS", "")
   if platforms == "" or "cpu" in platforms:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
