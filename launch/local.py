@@ -13,6 +13,8 @@ Each process gets, in its environment:
 and the strings {process_id}, {num_processes}, {coordinator} in the command are replaced, for
 programs that take them as flags. Output lines are prefixed with `[i]`. If one process exits
 non-zero, the others are terminated and this script exits with that code; a timeout does the same.
+`glide-jax train` processes prepare a missing glide_shapes once between them (a file lock in the
+data dir, glide_jax/data/pipeline.py), so a fresh data dir needs no preparation step first.
 """
 from __future__ import annotations
 
