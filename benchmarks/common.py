@@ -11,10 +11,11 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+from glide_jax import hardware
 
 # A tiny model with the released architecture's structure, for tests of the harness. The reference
 # tokenizer fixes n_vocab at 50257, so the tiny model keeps it (it is only an embedding table).
@@ -175,7 +176,7 @@ def compile_timed(jitted, *args, options: dict[str, Any] | None = None) -> tuple
   t0 = time.perf_counter()
   compiled = jitted.lower(*args).compile(compiler_options=options)
   seconds = time.perf_counter() - t0
-  return compiled, seconds, _flops(compiled)
+  return compiled, seconds, hardware.compiled_flops(compiled)
 
 
 def compile_program_timed(program, options: dict[str, Any] | None = None) -> tuple[Any, float, float | None, str]:
@@ -185,18 +186,7 @@ def compile_program_timed(program, options: dict[str, Any] | None = None) -> tup
   fingerprint = program.fingerprint(lowered)
   compiled = lowered.compile(compiler_options=options)
   seconds = time.perf_counter() - t0
-  return compiled, seconds, _flops(compiled), fingerprint
-
-
-def _flops(compiled) -> float | None:
-  try:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list):
-      cost = cost[0]
-    return float(cost.get("flops", 0.0)) or None
-  except Exception as e:  # noqa: BLE001 - not every backend reports costs; the timing stays valid
-    print(f"no cost analysis: {e}", file=sys.stderr)
-    return None
+  return compiled, seconds, hardware.compiled_flops(compiled), fingerprint
 
 
 def utilisation(flops: float | None, seconds: float, dtype: str) -> dict[str, Any]:

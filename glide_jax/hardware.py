@@ -102,3 +102,21 @@ def peak_flops(device_kind: str, dtype: Any = "bfloat16", precision: Any = None)
   if chip.tf32_flops is None:  # a TPU
     return chip.bf16_flops if level == "default" else None
   return chip.fp32_flops if level == "highest" else chip.tf32_flops
+
+
+def compiled_cost(compiled: Any) -> dict[str, float]:
+  """XLA's cost analysis of a compiled executable: {'flops': ..., 'bytes accessed': ...} per device
+  (a while loop's body counted once); {} where the backend reports none. Used by the trainer's
+  MFU, `glide-jax plan` and the benchmarks, so all three count the same way."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - some backends and jaxlib versions raise instead of returning None
+    return {}
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  return {k: float(v) for k, v in (cost or {}).items() if isinstance(v, (int, float))}
+
+
+def compiled_flops(compiled: Any) -> float | None:
+  """The FLOPs per device of one call of `compiled`, or None when unknown (or zero)."""
+  return compiled_cost(compiled).get("flops") or None

@@ -199,10 +199,7 @@ def _memory(compiled: Any, result: Result) -> None:
 
 
 def _cost(compiled: Any, result: Result) -> None:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
-    cost = cost[0] if cost else {}
-  cost = cost or {}
+  cost = hardware.compiled_cost(compiled)
   result.flops_per_device = float(cost.get("flops", 0.0))
   result.bytes_accessed_per_device = float(cost.get("bytes accessed", 0.0))
 

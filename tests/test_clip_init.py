@@ -13,7 +13,7 @@ import pytest
 import train_support as ts
 
 from glide_jax.interop import clip_keys
-from glide_jax.train import stages, timesteps, train
+from glide_jax.train import init_from, stages, timesteps, train
 from glide_jax.train import state as state_lib
 from glide_jax.train import step as step_lib
 
@@ -129,14 +129,14 @@ def test_directory_bundle_and_two_tower_file_give_the_same_params(released, tmp_
   options, towers, files, directory = released
   config = ts.tiny_config("clip", f"--config.init_from={files['image']},{files['text']}")
   stage = stages.make_stage(config)
-  from_pair = flat(train.load_init_params(config, stage))
+  from_pair = flat(init_from.load_init_params(config, stage))
   for t in ("image", "text"):  # the import-torch bundle, one tower per call as the CLI does it
     import_torch.import_checkpoint(f"clip_{t}_enc", files[t], str(tmp_path / "bundle"), options)
   both = {f"{t}/{k}": v for t, sd in towers.items() for k, v in sd.items()}
   two_tower = state_dicts.save_state_dict(both, tmp_path / "both.safetensors")
   for src in (directory, tmp_path / "bundle", two_tower):
     config = ts.tiny_config("clip", f"--config.init_from={src}")
-    got = flat(train.load_init_params(config, stage))
+    got = flat(init_from.load_init_params(config, stage))
     assert sorted(got) == sorted(from_pair), src
     for k in got:
       np.testing.assert_array_equal(got[k], from_pair[k], err_msg=f"{src}: {k}")
@@ -149,12 +149,12 @@ def test_a_half_imported_bundle_is_refused(released, tmp_path):
   import_torch.import_checkpoint("clip_image_enc", files["image"], str(tmp_path / "b"), options)
   config = ts.tiny_config("clip", f"--config.init_from={tmp_path / 'b'}")
   with pytest.raises(ValueError, match=r"towers \['image'\]"):
-    train.load_init_params(config, stages.make_stage(config))
+    init_from.load_init_params(config, stages.make_stage(config))
 
 
 def _load(src):
   config = ts.tiny_config("clip", f"--config.init_from={src}")
-  return train.load_init_params(config, stages.make_stage(config))
+  return init_from.load_init_params(config, stages.make_stage(config))
 
 
 def test_bad_inputs_are_named(released, tmp_path):

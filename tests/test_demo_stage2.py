@@ -11,11 +11,10 @@ import pytest
 import train_support as ts
 
 import glide_jax.data.shapes
-from glide_jax import bundle, config_lib, images
+from glide_jax import bundle, config_lib, images, sampling
 from glide_jax.commands import export as export_cmd
 from glide_jax.data import pipeline as data_pipeline
-from glide_jax import sampling
-from glide_jax.train import stages, train
+from glide_jax.train import init_from, stages, train
 
 pytestmark = pytest.mark.slow  # demo-size trainings (docs/testing.md)
 
@@ -79,7 +78,7 @@ def test_inpaint_fine_tune_from_the_base_bundle(tmp_path, data_dir, base_bundle)
   spec = f"configs/shapes_inpaint.py:runlocal,init_from={base_bundle}"
   # Initialisation: the base weights, with zeros for the 4 new input channels (image*mask, mask).
   config = config_lib.load_config(spec, [f"--config.data.data_dir={data_dir}", *SMALL_BASE])
-  init = bundle.flatten_params(train.load_init_params(config, stages.make_stage(config)))
+  init = bundle.flatten_params(init_from.load_init_params(config, stages.make_stage(config)))
   base = bundle.flatten_params(bundle.load_bundle(base_bundle)[0])
   key = "input_blocks_0_0/kernel"
   assert np.shape(base[key])[2] == 3 and np.shape(init[key])[2] == 7
@@ -112,7 +111,7 @@ def test_init_from_refuses_a_different_prediction_target(data_dir, base_bundle):
                                   [f"--config.data.data_dir={data_dir}", *SMALL_BASE,
                                    "--config.diffusion.prediction=epsilon"])
   with pytest.raises(ValueError, match=r"predicts 'v'.*diffusion.prediction='epsilon'"):
-    train.load_init_params(config, stages.make_stage(config))
+    init_from.load_init_params(config, stages.make_stage(config))
 
 
 def test_upsampler_trains_and_upsamples_validation_low_res(tmp_path, data_dir):

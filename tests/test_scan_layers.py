@@ -16,9 +16,10 @@ import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
 import train_support as ts
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
 from glide_jax import bundle
 from glide_jax.interop import clip_keys
 from glide_jax.interop import glide_text2im as g
@@ -371,7 +372,7 @@ def test_bundle_of_either_layout_loads_into_a_model_of_either_layout(tmp_path, s
 @pytest.mark.parametrize("stage", ["base", "clip"])
 @pytest.mark.parametrize("source_scanned", [False, True])
 def test_init_from_a_bundle_of_the_other_layout(tmp_path, stage, source_scanned):
-  from glide_jax.train import stages, train
+  from glide_jax.train import init_from, stages
 
   blocks = ("--config.model.options.xf_layers=2",) if stage == "base" else ()
   source = ts.tiny_config(stage, *blocks, f"--config.model.options.scan_layers={source_scanned}")
@@ -382,7 +383,7 @@ def test_init_from_a_bundle_of_the_other_layout(tmp_path, stage, source_scanned)
   config = ts.tiny_config(stage, *blocks, f"--config.model.options.scan_layers={not source_scanned}",
                           f"--config.init_from={path}")
   target = stages.make_stage(config)
-  loaded = train.load_init_params(config, target)
+  loaded = init_from.load_init_params(config, target)
   want = nn.meta.unbox(jax.eval_shape(target.init, jax.random.key(0)))
   assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(want)
   assert layout.is_scanned(loaded) is (not source_scanned)

@@ -16,7 +16,7 @@ from glide_jax.data.tokenizers import Tokenizer
 from glide_jax.models import layers
 from glide_jax.parallel import mesh as mesh_lib
 from glide_jax.parallel import sharding as shard_lib
-from glide_jax.train import optim, stages, timesteps, train
+from glide_jax.train import init_from, optim, stages, timesteps, train
 from glide_jax.train import state as state_lib
 from glide_jax.train import step as step_lib
 
@@ -381,7 +381,7 @@ def test_inpaint_starts_from_a_base_model_with_zero_new_input_channels(source, t
     sd = glide_text2im.export_state_dict(base_params, "text2im", dict(base_cfg.model.options))
     path = glide_text2im.save_state_dict(sd, tmp_path / "base.safetensors")
   config = ts.tiny_config("inpaint", f"--config.init_from={path}")
-  params = train.load_init_params(config, stages.make_stage(config))
+  params = init_from.load_init_params(config, stages.make_stage(config))
   k_base = base_params["input_blocks_0_0"]["kernel"]
   k = params["input_blocks_0_0"]["kernel"]
   assert k_base.shape[2] == 3 and k.shape[2] == 7

@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_params(workdir: str, which: str, rate: float | None, step: int | None) -> tuple[Any, int]:
   """Host numpy params from the workdir's checkpoint: trained ('raw') or an EMA copy."""
-  from glide_jax.train.train import restore_workdir_item
+  from glide_jax.train.checkpoint import restore_workdir_item
 
   restored, step = restore_workdir_item(workdir, "ema" if which == "ema" else "state", step)
   if which == "raw":
@@ -157,8 +157,8 @@ def sampling_function(config, params_dtype=None):
   import jax.numpy as jnp
 
   from glide_jax.diffusion import guidance, samplers, schedules
-  from glide_jax.sampling import canonical_sampler
   from glide_jax.models import registry
+  from glide_jax.sampling import canonical_sampler
 
   kind = registry.canonical_kind(config.model.kind)
   if kind not in SIGNATURES:

@@ -21,7 +21,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -165,3 +164,29 @@ class Checkpointer:
     key = jax.random.wrap_key_data(key_data)
     rng = jax.jit(lambda k: k, out_shardings=rng_sh)(key)
     return state, rng, dict(r["data"] or {})
+
+
+# ----------------------------------------------------------------------------- reading a workdir
+
+def restore_workdir_item(workdir: str, item: str, step: int | None = None) -> tuple[Any, int]:
+  """Host numpy copy of one checkpoint item ('state' or 'ema') of a workdir, and its step."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  with ocp.CheckpointManager(directory, item_names=("state", "ema", "rng", "data", "config"),
+                             options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    meta = mngr.item_metadata(step)[item]
+    tree = meta.tree if hasattr(meta, "tree") else meta
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    restored = mngr.restore(step, args=ocp.args.Composite(**{
+        item: ocp.args.PyTreeRestore(restore_args=restore_args)}))[item]
+  return restored, step
+
+
+def load_workdir_params(workdir: str, which: str = "ema", step: int | None = None) -> tuple[Any, ...] | Any:
+  """Host numpy params of a workdir's latest checkpoint: `which` = 'params' or 'ema' (first rate)."""
+  restored, _ = restore_workdir_item(workdir, "ema" if which == "ema" else "state", step)
+  if which == "ema":
+    return restored[next(iter(restored))]
+  return restored["params"]

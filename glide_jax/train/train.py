@@ -9,7 +9,6 @@ host work per step beyond dispatching it (docs/training.md, "The loop on the hos
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import signal
@@ -20,14 +19,19 @@ from typing import Any
 import jax
 import numpy as np
 
-from glide_jax import config_lib
+from glide_jax import config_lib, hardware
 from glide_jax.parallel import mesh as mesh_lib
 from glide_jax.parallel import multihost
 from glide_jax.train import checkpoint as ckpt_lib
+from glide_jax.train import init_from, stages
 from glide_jax.train import program as program_lib
-from glide_jax.train import stages
 from glide_jax.train import state as state_lib
-from glide_jax.train.logging import MetricWriter, StepProfiler, peak_flops, profile_range
+from glide_jax.train.logging import (
+  MetricWriter,
+  StepProfiler,
+  peak_flops,
+  profile_range,
+)
 from glide_jax.train.program import caption_dropout_rate  # noqa: F401  (re-exported for callers)
 
 log = logging.getLogger(__name__)
@@ -137,92 +141,6 @@ class _Pending:
     return out + list(steps)
 
 
-def _check_prediction(config: Any, src: str, src_diffusion: Any) -> None:
-  """Fine-tuning an epsilon model as a v model (or back) would silently start from nonsense.
-  `src_diffusion`: the source workdir's config `diffusion` section or its bundle's meta['diffusion']."""
-  from glide_jax.diffusion.schedules import prediction_of
-  ours, src_prediction = prediction_of(config.diffusion), prediction_of(src_diffusion)
-  if config.stage != "clip" and src_prediction != ours:
-    raise ValueError(f"init_from={src} predicts {src_prediction!r} but this config has "
-                     f"diffusion.prediction={ours!r}; set --config.diffusion.prediction={src_prediction}")
-
-
-def load_init_params(config: Any, stage: stages.Stage) -> Any | None:
-  """`init_from`: a training workdir, a bundle, or a glide-text2im .pt / .safetensors -> host params.
-
-  A text2im or upsample tree given to an inpaint stage is grown with zero input channels. The clip
-  stage also takes the released pair 'clip_image_enc.pt,clip_text_enc.pt', a directory holding both,
-  or one two-tower file (`clip_keys.load_clip_checkpoint`).
-  """
-  src = str(config.init_from or "")
-  if not src:
-    return None
-  if os.path.isdir(os.path.join(src, "checkpoints")):
-    params = load_workdir_params(src, which="params")
-    cfg_path = os.path.join(src, "config.json")
-    if os.path.isfile(cfg_path):
-      with open(cfg_path) as f:
-        _check_prediction(config, src, config_lib.config_from_json(f.read()).diffusion)
-  elif os.path.isfile(os.path.join(src, "meta.json")):
-    from glide_jax.bundle import load_bundle
-    params, meta = load_bundle(src)
-    _check_prediction(config, src, meta.get("diffusion") or {})
-    if stage.kind == "noised_clip" and sorted(params) != ["image", "text"]:
-      # import-torch writes one tower per call; a half-imported bundle would fail later, less clearly
-      raise ValueError(f"init_from bundle {src} holds the towers {sorted(params)}; the clip stage needs "
-                       "'image' and 'text' (import the other with glide-jax import-torch --out into it)")
-  elif stage.kind == "noised_clip":
-    from glide_jax.interop import clip_keys
-    params = clip_keys.load_clip_checkpoint(src, dict(config.model.options))
-  elif os.path.isfile(src):
-    from glide_jax.interop import glide_text2im
-    sd = glide_text2im.load_state_dict(src)
-    source_kind = stage.kind
-    if stage.kind in ("inpaint", "upsample_inpaint"):
-      in_ch = next((np.shape(v)[1] for k, v in sd.items() if k == "input_blocks.0.0.weight"), None)
-      if in_ch in (3, 6):  # a base / upsample checkpoint fine-tuned into an inpainting model
-        source_kind = "text2im" if stage.kind == "inpaint" else "upsample"
-    opts = dict(config.model.options)
-    params = glide_text2im.import_state_dict(sd, source_kind, opts)
-  else:
-    raise FileNotFoundError(f"init_from={src!r} is neither a workdir with checkpoints/, a bundle, nor a file")
-  if stage.kind in ("inpaint", "upsample_inpaint"):
-    k = params.get("input_blocks_0_0", {}).get("kernel")
-    if k is not None and np.shape(k)[2] in (3, 6):
-      from glide_jax.interop.glide_text2im import inpaint_params_from_base
-      params = inpaint_params_from_base(params)
-  # A per-layer source into a scan_layers model, or back: the text blocks to the model's layout.
-  from glide_jax.models import layout
-  params = layout.to_layout(params, bool(getattr(stage.model, "scan_layers", False)))
-  return jax.tree.map(np.asarray, params)
-
-
-def restore_workdir_item(workdir: str, item: str, step: int | None = None) -> tuple[Any, int]:
-  """Host numpy copy of one checkpoint item ('state' or 'ema') of a workdir, and its step."""
-  import orbax.checkpoint as ocp
-
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  with ocp.CheckpointManager(directory, item_names=("state", "ema", "rng", "data", "config"),
-                             options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no complete checkpoint in {directory}")
-    meta = mngr.item_metadata(step)[item]
-    tree = meta.tree if hasattr(meta, "tree") else meta
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    restored = mngr.restore(step, args=ocp.args.Composite(**{
-        item: ocp.args.PyTreeRestore(restore_args=restore_args)}))[item]
-  return restored, step
-
-
-def load_workdir_params(workdir: str, which: str = "ema", step: int | None = None) -> tuple[Any, ...] | Any:
-  """Host numpy params of a workdir's latest checkpoint: `which` = 'params' or 'ema' (first rate)."""
-  restored, _ = restore_workdir_item(workdir, "ema" if which == "ema" else "state", step)
-  if which == "ema":
-    return restored[next(iter(restored))]
-  return restored["params"]
-
-
 def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, tokenizer: Any = None,
           progress: bool = True, mesh: Any = None,
           compiler_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -273,7 +191,7 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
   if resume_step is None:
     # (No logical_axis_rules context here: unboxing under it would constrain conv kernels whose
     # two spatial axes share the name 'kernel'; our own rule resolution handles that.)
-    state = program.init_state(init_rng, params=load_init_params(config, stage),
+    state = program.init_state(init_rng, params=init_from.load_init_params(config, stage),
                                compiler_options=compiler_options)
 
   # ---------------------------------------------------------------------- resume
@@ -294,7 +212,7 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
   fingerprint = program.fingerprint(lowered)
   compiled = lowered.compile(compiler_options=compiler_options)
   mem = compiled.memory_analysis()
-  flops = _flops(compiled)
+  flops = hardware.compiled_flops(compiled)
   writer.text(f"compiled the train step in {time.perf_counter() - t0:.1f}s; memory per device: "
               f"{_format_memory(mem)}; {flops / 1e9 if flops else float('nan'):.3f} GFLOP per step")
   writer.text(f"program_fingerprint {fingerprint}")
@@ -471,22 +389,9 @@ def _summarize(history: list[dict], num_timesteps: int) -> dict[str, float]:
   return out
 
 
-def _flops(compiled) -> float | None:
-  try:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list):
-      cost = cost[0]
-    return float(cost.get("flops", 0.0)) or None
-  except Exception:
-    return None
-
-
 def _format_memory(mem) -> str:
   if mem is None:
     return "unavailable"
   fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
   return ", ".join(f"{f.replace('_size_in_bytes', '')} {getattr(mem, f, 0) / 2**20:.1f} MiB" for f in fields)
 
-
-def dump_config(config: Any) -> str:
-  return json.dumps(json.loads(config_lib.config_to_json(config)), indent=2)
