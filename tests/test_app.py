@@ -6,9 +6,9 @@ import shlex
 
 import numpy as np
 import pytest
+from app_support import make_bundles
 from PIL import Image
 
-from app_support import make_bundles
 from glide_jax import cli
 from glide_jax.app import core
 from glide_jax.diffusion import pipeline

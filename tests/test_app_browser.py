@@ -69,7 +69,7 @@ def _wait_status(pg, prefix: str, before: str | None = None) -> str:
 
 
 def _click(pg, selector: str, prefix: str) -> str:
-  """Clicks and waits for the status line to change (the test never expects one message twice in a row)."""
+  """Clicks and waits for the answer (every answer changes the status line: it ends in a count)."""
   before = _status(pg)
   pg.click(selector)
   pg.wait_for_function("b => document.querySelector('#status textarea').value !== b", arg=before, timeout=TIMEOUT_MS)
@@ -80,8 +80,12 @@ def _click(pg, selector: str, prefix: str) -> str:
 
 def _paint(pg, rows: list[float], x_from: float, x_to: float):
   """Brush strokes across the editor's canvas, in fractions of the shown image's box around its centre."""
-  pg.click("#editor button[aria-label=Brush]")
-  pg.wait_for_timeout(500)  # the tool's options open; strokes before that are lost
+  pg.wait_for_timeout(1500)  # the editor draws a newly selected image a moment after the status says so
+  brush = pg.locator("#editor button[aria-label=Brush]")
+  # clicking the active brush opens its options over the canvas, which then takes the strokes
+  if "highlight" not in (brush.get_attribute("class") or ""):
+    brush.click()
+  pg.wait_for_timeout(300)
   box = pg.locator("#editor canvas").first.bounding_box()
   cx, cy, half = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, 120
   for r in rows:
@@ -130,10 +134,16 @@ def test_generate_inpaint_upsample_download(served, browser, tmp_path):
   # Inpaint with nothing painted is refused; then paint the upper left and inpaint
   pg.fill("#edit-prompt textarea", "a blue square")
   assert "keeps every pixel" in _click(pg, "#inpaint", "the mask keeps every pixel")
-  _paint(pg, [-0.8, -0.6, -0.4, -0.2], -0.8, -0.1)
-  t0 = time.time()
-  status = _click(pg, "#inpaint", "inpainted 2 image(s) #3-#4")
-  inpaint_s = time.time() - t0
+  for attempt in range(3):
+    # strokes made while the editor is still drawing a new image are lost (headless Chromium on a
+    # loaded machine); the page then says nothing was painted, and the test paints again
+    _paint(pg, [-0.8, -0.6, -0.4, -0.2], -0.8, -0.1)
+    t0 = time.time()
+    status = _click(pg, "#inpaint", "")
+    inpaint_s = time.time() - t0
+    if not status.startswith("the mask keeps every pixel"):
+      break
+  assert status.startswith("inpainted 2 image(s) #3-#4"), (attempt, status)
   mask = np.asarray(Image.open(next(session.glob("batch*-inpaint-mask.png")))) > 127
   assert 0 < (~mask).sum() and not (~mask)[SIZE // 2 + 1:].any() and not (~mask)[:, SIZE // 2 + 1:].any(), mask
   for rid in (3, 4):
@@ -170,6 +180,8 @@ def test_generate_inpaint_upsample_download(served, browser, tmp_path):
     _paint(pg, [0.3, 0.5], 0.2, 0.7)
     pathlib.Path(SCREENSHOT).parent.mkdir(parents=True, exist_ok=True)
     pg.screenshot(path=SCREENSHOT, full_page=True)
+    with Image.open(SCREENSHOT) as shot:  # 128 colours keep the docs' PNG small
+      shot.convert("RGB").quantize(colors=128).save(SCREENSHOT, optimize=True)
   hosts = {r.split("/")[2] for r in requests if r.startswith("http")}
   assert hosts == {urls["full"].split("/")[2]}, hosts
   print(f"browser: generate {generate_s:.1f} s, inpaint {inpaint_s:.1f} s, upsample {upsample_s:.1f} s")

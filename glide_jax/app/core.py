@@ -347,7 +347,7 @@ def editor_inputs(value: Any, size: int, source: np.ndarray | None = None) -> tu
     image = rgb
   else:
     image = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BICUBIC))
-    note = f"the image ({w}x{h} px) was resized to the model's {size}x{size} px; "
+    note = f"the image ({w}x{h} px) was resized to the model's {size}x{size} px"
   # a model pixel covers the screen pixels [y*h/S, (y+1)*h/S) x [x*w/S, (x+1)*w/S)
   ys, xs = (np.arange(size + 1) * h) // size, (np.arange(size + 1) * w) // size
   row_any = np.logical_or.reduceat(painted, ys[:-1], axis=0) if h >= size else painted[(np.arange(size) * h) // size]

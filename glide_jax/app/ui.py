@@ -12,15 +12,17 @@ import logging
 import os
 import pathlib
 import tempfile
+import time
 import traceback
 import uuid
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home, before gradio is imported
 
-import gradio as gr  # noqa: E402
+import gradio as gr
 
-from glide_jax.app import core  # noqa: E402
-from glide_jax.errors import UserError  # noqa: E402
+from glide_jax.app import core
+from glide_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 CSS = """
@@ -36,6 +38,13 @@ class Session:
   def __init__(self, root: pathlib.Path):
     self.store = core.Store(root / uuid.uuid4().hex[:12])
     self.selected: int | None = None
+    self.events = 0
+
+  def say(self, message: str) -> str:
+    """The status line: the message, then the time and a count, so a repeated message still shows
+    that the click was answered."""
+    self.events += 1
+    return f"{message} [{time.strftime('%H:%M:%S')}, {self.events}]"
 
 
 def theme():
@@ -73,39 +82,39 @@ def build(models: core.Models, out_dir: str | os.PathLike | None = None):
     log.error("app: %s", traceback.format_exc())
     return f"internal error ({type(e).__name__}: {e}); the server's log has the traceback"
 
-  def on_generate(state, prompt, guidance, sampler, steps, seed, batch, clip_scale, progress=gr.Progress()):
+  def on_generate(state, prompt, guidance, sampler, steps, seed, batch, clip_scale, progress=gr.Progress()):  # noqa: B008 - gradio injects it
     sess = session(state)
     try:
       results = core.generate(models, sess.store, prompt, guidance, sampler, steps, seed, batch, clip_scale,
                               progress=progress)
     except Exception as e:  # noqa: BLE001 - every failure is a status message
-      return (sess, failed(e), gr.skip(), gr.skip()) + no_selection
+      return (sess, sess.say(failed(e)), gr.skip(), gr.skip()) + no_selection
     status = f"generated {len(results)} image(s) #{results[0].id}-#{results[-1].id} for {results[0].batch.settings['prompt']!r}"
-    return (sess, status, gallery_items(results), gallery_items(sess.store.results)) + selection(sess, results[0].id)
+    return (sess, sess.say(status), gallery_items(results), gallery_items(sess.store.results)) + selection(sess, results[0].id)
 
-  def on_inpaint(state, value, caption, guidance, sampler, steps, seed, batch, progress=gr.Progress()):
+  def on_inpaint(state, value, caption, guidance, sampler, steps, seed, batch, progress=gr.Progress()):  # noqa: B008 - gradio injects it
     sess = session(state)
     try:
       source = sess.store.get(sess.selected) if sess.selected is not None else None
       results, note = core.inpaint(models, sess.store, value, caption, guidance, sampler, steps, seed, batch,
                                    source=source, progress=progress)
     except Exception as e:  # noqa: BLE001
-      return (sess, failed(e), gr.skip(), gr.skip()) + no_selection
+      return (sess, sess.say(failed(e)), gr.skip(), gr.skip()) + no_selection
     kept = results[0].batch.settings["known_fraction"]
-    status = (f"{note}inpainted {len(results)} image(s) #{results[0].id}-#{results[-1].id}: {kept:.0%} of the "
-              f"pixels kept, the rest drawn for {results[0].batch.settings['prompt']!r}")
-    return (sess, status, gallery_items(results), gallery_items(sess.store.results)) + selection(sess, results[0].id)
+    status = (f"inpainted {len(results)} image(s) #{results[0].id}-#{results[-1].id}: {kept:.0%} of the "
+              f"pixels kept, the rest drawn for {results[0].batch.settings['prompt']!r}" + (f"; {note}" if note else ""))
+    return (sess, sess.say(status), gallery_items(results), gallery_items(sess.store.results)) + selection(sess, results[0].id)
 
-  def on_upsample(state, temperature, steps, sampler, progress=gr.Progress()):
+  def on_upsample(state, temperature, steps, sampler, progress=gr.Progress()):  # noqa: B008 - gradio injects it
     sess = session(state)
     try:
       result = core.upsample(models, sess.store, sess.store.get(sess.selected), temperature, steps, sampler,
                              progress=progress)
     except Exception as e:  # noqa: BLE001
-      return (sess, failed(e), gr.skip(), gr.skip()) + no_selection
+      return (sess, sess.say(failed(e)), gr.skip(), gr.skip()) + no_selection
     size = result.image.shape[0]
     status = f"upsampled #{result.parent} to {size}x{size} px as #{result.id}"
-    return (sess, status, gallery_items([result]), gallery_items(sess.store.results)) + selection(sess, result.id)
+    return (sess, sess.say(status), gallery_items([result]), gallery_items(sess.store.results)) + selection(sess, result.id)
 
   def on_select(state, evt, which: str):
     sess = session(state)
@@ -114,9 +123,9 @@ def build(models: core.Models, out_dir: str | os.PathLike | None = None):
       if items is None:  # the gallery shows the latest batch: the last results added
         items = sess.store.results[-_latest_count(sess.store):]
       r = items[evt.index]
-      return (sess, f"selected #{r.id} ({r.label})") + selection(sess, r.id)
+      return (sess, sess.say(f"selected #{r.id} ({r.label})")) + selection(sess, r.id)
     except Exception as e:  # noqa: BLE001
-      return (sess, failed(e)) + no_selection
+      return (sess, sess.say(failed(e))) + no_selection
 
   def on_select_gallery(state, evt: gr.SelectData):
     return on_select(state, evt, "gallery")
