@@ -203,3 +203,19 @@ def test_the_command_refuses_a_wrong_bundle_path_in_one_line(tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith(f"glide-jax app: --bundle {tmp_path / 'none'}: ") and "neither" in err[0]
 
+
+
+def test_inpaint_pastes_the_known_pixels_whatever_the_sampler_returns(models, tmp_path, monkeypatch):
+  """A stand-in sampler that ignores the known region: the page still shows the source's bytes there
+  (the shipped samplers happen to keep them already, so this is what guards the paste)."""
+  from glide_jax import images, sampling
+
+  noise = np.random.default_rng(4).uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
+  monkeypatch.setattr(sampling, "cascade", lambda *a, **k: (noise, None))
+  source = np.random.default_rng(5).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+  value = _painted(core.editor_value(source), slice(0, 64), slice(0, 256))  # rows 0-1
+  results, _ = core.inpaint(models, core.Store(tmp_path / "s"), value, "x", 3.0, "ancestral", "4", 0, 2)
+  for i, r in enumerate(results):
+    np.testing.assert_array_equal(r.image[2:], source[2:])
+    np.testing.assert_array_equal(r.image[:2], images.to_uint8(noise[i])[:2])
+    np.testing.assert_array_equal(r.batch.raw[i], images.to_uint8(noise[i]))

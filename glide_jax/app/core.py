@@ -323,8 +323,9 @@ def editor_inputs(value: Any, size: int, source: np.ndarray | None = None) -> tu
 
   The painted (brushed, not erased) pixels of any layer are the region to generate; a model pixel is
   generated if any of the screen pixels it covers is painted. The background is the image to edit:
-  when it is `source` zoomed by nearest neighbour (what `editor_value` shows), `source` itself, so
-  the known pixels are the selected result's bytes; an uploaded image is resized to S (bicubic)."""
+  when it is `source` (or any S x S image) zoomed by nearest neighbour (what `editor_value` shows),
+  that image itself, so the known pixels are the selected result's bytes; any other image is resized
+  to S (bicubic)."""
   from PIL import Image
 
   if not isinstance(value, dict) or value.get("background") is None:
@@ -341,6 +342,9 @@ def editor_inputs(value: Any, size: int, source: np.ndarray | None = None) -> tu
       raise AppError(f"a mask layer is {layer.shape[1]}x{layer.shape[0]} px, the image {w}x{h}: paint on the image")
     painted |= (layer[..., 3] > 0) if layer.ndim == 3 and layer.shape[-1] == 4 else (layer.reshape(h, w, -1).max(-1) > 0)
   note = ""
+  if h == w and h % size == 0:
+    # `source` zoomed, or any image zoomed by whole pixels: its own pixels, not a resampling
+    source = rgb[::h // size, ::h // size] if source is None else np.asarray(source, np.uint8)
   if source is not None and h == w and h % size == 0 and np.array_equal(rgb, zoom(source, h // size)):
     image = np.asarray(source, np.uint8)
   elif (h, w) == (size, size):
