@@ -24,8 +24,9 @@ if not os.path.exists(CHROMIUM):
   pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's package (apt-get install -y chromium; "
               "launch/test.sh does as root)", allow_module_level=True)
 
-from app_support import make_bundles  # noqa: E402
-from glide_jax.app import core, ui  # noqa: E402
+from app_support import make_bundles
+
+from glide_jax.app import core, ui
 
 pytestmark = pytest.mark.slow
 
