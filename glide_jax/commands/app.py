@@ -37,5 +37,8 @@ def run(args) -> int:
     raise UserError(f"the app needs gradio ({e}); install it with pip install -e '.[app]'") from e
   page = ui.build(models, args.out)
   print(f"glide-jax app: results go to {page.glide_jax_root}; open http://{args.host}:{args.port}")
-  ui.launch(page, args.host, args.port, block=True)
+  try:
+    ui.launch(page, args.host, args.port, block=True)
+  except OSError as e:  # the port is taken, the address is not this machine's
+    raise UserError(f"cannot serve on {args.host}:{args.port}: {e}") from e
   return 0
