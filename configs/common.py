@@ -123,6 +123,7 @@ def skeleton(stage: str) -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = 0    # [GD] has no warmup
   c.optimizer.decay = "constant"  # 'constant' | 'linear' | 'cosine'
   c.optimizer.decay_steps = 0     # steps of the decay after warmup (needed by linear/cosine)
+  c.optimizer.final_lr_frac = 0.0  # the decay ends at lr * final_lr_frac
 
   c.ema = ml_collections.ConfigDict()
   c.ema.rates = (0.9999,)         # [ADM] App. I

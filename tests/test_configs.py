@@ -20,7 +20,7 @@ SECTIONS = {
     "data": {"name", "data_dir", "split", "image_key", "caption_key", "tokenizer", "caption_dropout",
              "low_res_size", "masks", "shuffle_buffer"},
     "optimizer": {"lr", "b1", "b2", "eps", "weight_decay", "grad_clip_norm", "warmup_steps", "decay",
-                  "decay_steps"},
+                  "decay_steps", "final_lr_frac", "name"},
     "ema": {"rates", "warmup"},
     "checkpoint": {"every", "keep", "async"},
     "log": {"every", "sample_every", "sample_prompts", "sample_seed", "tensorboard"},
@@ -218,3 +218,28 @@ def test_parse_arg_types():
   assert (ns.variant, ns.runlocal, ns.steps) == ("tiny", True, 30)
   with pytest.raises(config_lib.ConfigError, match="needs a value"):
     config_lib.parse_arg("variant", variant="released")
+
+
+@pytest.mark.parametrize("section", ["optimizer", "mesh"])
+def test_library_defaults_are_the_configs_declared_keys_and_values(section):
+  """optim.DEFAULTS / mesh.DEFAULTS (what the library reads) and configs/common.py (what a config
+  may set) declare the same keys; optimizer defaults agree in value too (mesh.data is -1 there)."""
+  from glide_jax.parallel import mesh as mesh_lib
+  from glide_jax.train import optim
+  defaults = {"optimizer": optim.DEFAULTS, "mesh": mesh_lib.DEFAULTS}[section]
+  from configs import common
+  declared = common.skeleton("base")[section].to_dict()
+  assert set(declared) == set(defaults)
+  if section == "optimizer":
+    assert {k: declared[k] for k in defaults} == defaults
+
+
+def test_a_misspelt_key_in_a_section_given_to_the_library_is_refused():
+  from glide_jax.parallel import mesh as mesh_lib
+  from glide_jax.train import optim
+  with pytest.raises(KeyError, match=r"optimizer\.warmup_step\b.*optimizer takes .*warmup_steps"):
+    optim.make_optimizer({"lr": 1e-3, "warmup_step": 10})
+  with pytest.raises(KeyError, match=r"mesh\.fsdb"):
+    mesh_lib.resolve_axis_sizes({"data": -1, "fsdb": 2}, 8)
+  # None takes the default, as the configs' `None = unset` convention has it
+  assert mesh_lib.resolve_axis_sizes({"data": -1, "fsdp": None}, 8) == {"replica": 1, "data": 8, "fsdp": 1, "tensor": 1}

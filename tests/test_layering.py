@@ -22,7 +22,7 @@ PACKAGE = ROOT / "glide_jax"
 LAYERS: tuple[tuple[str, ...], ...] = (
     # foundation: imports nothing of ours
     ("glide_jax", "glide_jax.errors", "glide_jax.hardware", "glide_jax.cpu_flags",
-     "glide_jax.compile_cache", "glide_jax.config_lib", "glide_jax.constants"),
+     "glide_jax.compile_cache", "glide_jax.config_lib", "glide_jax.constants", "glide_jax.settings"),
     # the numerical core: networks, and diffusion as pure functions of arrays
     ("glide_jax.models", "glide_jax.diffusion"),
     # data in and out of the core: datasets and tokenizers, device meshes, bundles, image files

@@ -6,29 +6,24 @@ a slice (ICI). On a single slice (or CPU/GPU) the mesh is simply `jax.make_mesh`
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from glide_jax import settings
+
 AXES: tuple[str, ...] = ("replica", "data", "fsdp", "tensor")
-# The batch is split over every axis except `tensor`, outermost first.
-BATCH_AXES: tuple[str, ...] = ("replica", "data", "fsdp")
-
-
-def _get(cfg: Any, key: str, default: Any) -> Any:
-  if cfg is None:
-    return default
-  if isinstance(cfg, Mapping):
-    return cfg.get(key, default)
-  return getattr(cfg, key, default) if hasattr(cfg, key) else default
+# The `mesh` section's keys: sizes inside a slice (one may be -1) and across slices (DCN).
+DEFAULTS = {**{a: 1 for a in AXES}, **{f"dcn_{a}": 1 for a in AXES}}
 
 
 def resolve_axis_sizes(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
   """Config sizes (one may be -1 = "the rest") -> concrete sizes whose product is `num_devices`."""
-  sizes = {a: int(_get(mesh_cfg, a, 1)) for a in AXES}
+  m = settings.section(mesh_cfg, DEFAULTS, "mesh")
+  sizes = {a: int(getattr(m, a)) for a in AXES}
   free = [a for a, s in sizes.items() if s == -1]
   if len(free) > 1:
     raise ValueError(f"mesh: at most one axis may be -1, got {free} in {sizes}")
@@ -54,7 +49,8 @@ def make_mesh(mesh_cfg: Any = None, devices: Sequence[jax.Device] | None = None)
   (normally just `replica`) cross the slow network.
   """
   devices = list(jax.devices() if devices is None else devices)
-  dcn = {a: int(_get(mesh_cfg, f"dcn_{a}", 1) or 1) for a in AXES}
+  m = settings.section(mesh_cfg, DEFAULTS, "mesh")
+  dcn = {a: int(getattr(m, f"dcn_{a}")) for a in AXES}
   num_dcn = math.prod(dcn.values())
   if len(devices) % num_dcn:
     raise ValueError(f"mesh: dcn sizes {dcn} (product {num_dcn}) do not divide {len(devices)} devices")

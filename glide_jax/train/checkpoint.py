@@ -35,7 +35,7 @@ RESUMABLE_KEYS = ("total_steps", "mesh", "checkpoint", "log", "sampling", "data.
                   "data.shuffle_buffer", "data.prepare_timeout", "init_from",
                   "model.options.attention_impl")
 # Keys added after checkpoints were first written, with the value those checkpoints ran with.
-ADDED_KEYS = {"optimizer.name": "adamw"}
+ADDED_KEYS = {"optimizer.name": "adamw", "optimizer.final_lr_frac": 0.0}
 
 
 class ConfigMismatchError(ValueError):

@@ -11,18 +11,23 @@ from typing import Any
 
 import optax
 
+from glide_jax import settings
 
-def _get(cfg: Any, key: str, default: Any) -> Any:
-  return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+# The `optimizer` section's keys and defaults (configs/common.py declares the same; a test checks).
+DEFAULTS = {"name": "adamw", "lr": 1e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
+            "grad_clip_norm": 0.0, "warmup_steps": 0, "decay": "constant", "decay_steps": 0,
+            "final_lr_frac": 0.0}
+
+
+def _section(opt_cfg: Any):
+  return settings.section(opt_cfg, DEFAULTS, "optimizer")
 
 
 def learning_rate_schedule(opt_cfg: Any) -> optax.Schedule:
   """lr(step): 0 -> lr linearly over `warmup_steps`, then constant or cosine to `lr * final_lr_frac`."""
-  lr = float(_get(opt_cfg, "lr", 1e-4))
-  warmup = int(_get(opt_cfg, "warmup_steps", 0) or 0)
-  decay = str(_get(opt_cfg, "decay", "constant") or "constant")
-  decay_steps = int(_get(opt_cfg, "decay_steps", 0) or 0)
-  final = float(_get(opt_cfg, "final_lr_frac", 0.0) or 0.0)
+  o = _section(opt_cfg)
+  lr, warmup, decay = float(o.lr), int(o.warmup_steps), str(o.decay)
+  decay_steps, final = int(o.decay_steps), float(o.final_lr_frac)
   if decay == "constant":
     after = optax.constant_schedule(lr)
   elif decay == "cosine":
@@ -45,18 +50,17 @@ OPTIMIZERS = ("adamw", "sgd")
 
 def make_optimizer(opt_cfg: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns (tx, schedule). Optimizer state is float32 like the parameters."""
+  o = _section(opt_cfg)
   schedule = learning_rate_schedule(opt_cfg)
-  name = str(_get(opt_cfg, "name", "adamw") or "adamw")
-  weight_decay = float(_get(opt_cfg, "weight_decay", 0.0) or 0.0)
+  name, weight_decay = str(o.name), float(o.weight_decay)
   if name == "adamw":
-    core = optax.adamw(schedule, b1=float(_get(opt_cfg, "b1", 0.9)), b2=float(_get(opt_cfg, "b2", 0.999)),
-                       eps=float(_get(opt_cfg, "eps", 1e-8)), weight_decay=weight_decay)
+    core = optax.adamw(schedule, b1=float(o.b1), b2=float(o.b2), eps=float(o.eps), weight_decay=weight_decay)
   elif name == "sgd":
     core = optax.sgd(schedule)
     if weight_decay:
       core = optax.chain(optax.add_decayed_weights(weight_decay), core)
   else:
     raise ValueError(f"unknown optimizer.name {name!r}; choose from {', '.join(OPTIMIZERS)}")
-  clip = float(_get(opt_cfg, "grad_clip_norm", 0.0) or 0.0)
+  clip = float(o.grad_clip_norm)
   tx = optax.chain(optax.clip_by_global_norm(clip), core) if clip > 0 else core
   return tx, schedule
