@@ -17,6 +17,7 @@ import copy
 import difflib
 import importlib.util
 import json
+import keyword
 import os
 import sys
 import types
@@ -202,6 +203,18 @@ def apply_overrides(config: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
   config.unlock()
   pairs = [_split_override(item) for item in overrides]
   fields = [_field(config, key) for key, _ in pairs]  # every key checked before anything changes
+  # config_flags cannot address a field named by a Python keyword (`checkpoint.async`): those are
+  # parsed here by the type of their current value (bool, int, float or str) and set directly.
+  direct = [i for i, (key, _) in enumerate(pairs) if any(keyword.iskeyword(p) for p in key.split("."))]
+  for i in direct:
+    (key, value), (node, leaf) = pairs[i], fields[i]
+    node[leaf] = _parse_arg_value(value, node[leaf], f"--config.{key}")
+  pairs = [pr for i, pr in enumerate(pairs) if i not in direct]
+  fields = [f for i, f in enumerate(fields) if i not in direct]
+  if not pairs:
+    if locked:
+      config.lock()
+    return config
   untyped = False
   for node, leaf in fields:
     if leaf in node and node[leaf] is None:

@@ -243,3 +243,14 @@ def test_a_misspelt_key_in_a_section_given_to_the_library_is_refused():
     mesh_lib.resolve_axis_sizes({"data": -1, "fsdb": 2}, 8)
   # None takes the default, as the configs' `None = unset` convention has it
   assert mesh_lib.resolve_axis_sizes({"data": -1, "fsdp": None}, 8) == {"replica": 1, "data": 8, "fsdp": 1, "tensor": 1}
+
+
+def test_a_field_named_by_a_python_keyword_takes_an_override():
+  """`checkpoint.async` is a keyword, which config_flags cannot address; it is still overridable."""
+  base = config_lib.load_config("configs/base.py:variant=tiny")
+  assert base.checkpoint["async"] is True
+  config = config_lib.load_config("configs/base.py:variant=tiny",
+                                  ["--config.checkpoint.async=false", "--config.checkpoint.every=7"])
+  assert config.checkpoint["async"] is False and config.checkpoint.every == 7
+  with pytest.raises(config_lib.ConfigError, match=r"--config\.checkpoint\.async: expected a bool"):
+    config_lib.load_config("configs/base.py:variant=tiny", ["--config.checkpoint.async=maybe"])
