@@ -11,7 +11,7 @@ about 1.35 s per step inside the trainer) with a 3-layer, 256-wide text transfor
 closed shapes vocabulary. Channel counts are multiples of 32 because GroupNorm uses 32 groups.
 The learning rate decays to zero at step 1500 (about 36 minutes on that machine): at 750 steps
 (`:steps=750`, 20 minutes) colour and position follow the caption as well, but shape is right in
-60 % of guided samples against 87-95 % after 1500 (README, runs K and L).
+60 % of guided samples against 87-95 % after 1500 (docs/experiments.md).
 """
 from __future__ import annotations
 
@@ -34,11 +34,11 @@ MODEL = dict(
     text_ctx=24, xf_width=256, xf_layers=3, xf_heads=4, xf_final_ln=True, xf_padding=True,
     n_vocab=256,
     # Ours, not GLIDE's: without it the features carry no position at high noise, where the layout
-    # is decided, and the model ignored "on the left" (position at chance; README, runs A and D).
+    # is decided, and the model ignored "on the left" (position at chance; docs/experiments.md, "Position").
     input_pos_emb=True,
     # torch's nn.Embedding default, not CLIP's 0.02: with 0.02 the text encoder never told "left",
     # "right", "bottom" and "center" apart (its pooled outputs 0.1 % apart) and the model drew only
-    # "at the top" right; at 1.0 all five words steer the layout (README, runs J and K).
+    # "at the top" right; at 1.0 all five words steer the layout (docs/experiments.md).
     xf_token_init_std=1.0)
 
 

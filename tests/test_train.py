@@ -167,7 +167,7 @@ def test_caption_dropout_rate_within_binomial_bounds_and_equals_empty_caption():
   np.testing.assert_array_equal(np.asarray(out["tokens"])[dropped], sampler_empty_tokens)
   np.testing.assert_array_equal(np.asarray(out["mask"])[dropped], sampler_empty_mask)
   np.testing.assert_array_equal(np.asarray(out["tokens"])[~dropped], tokens[~dropped])
-  # Defaults: 20% for base and inpaint, none for the upsampler (PITFALLS 2).
+  # Defaults: 20% for base and inpaint, none for the upsampler (docs/pitfalls.md, 2).
   assert train.caption_dropout_rate(ts.tiny_config("base")) == pytest.approx(0.2)
   assert train.caption_dropout_rate(ts.tiny_config("inpaint")) == pytest.approx(0.2)
   assert train.caption_dropout_rate(ts.tiny_config("upsample")) == 0.0
