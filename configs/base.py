@@ -58,7 +58,6 @@ def get_config(arg: str | None = None):
     c.ema.warmup = True
     c.data.name = "glide_shapes/size32"  # the pipeline resizes to the 16 px model
     c.data.tokenizer.type = "words"  # the closed shapes vocabulary
-    c.data.shuffle_buffer = 256
     c.checkpoint.every = 50
     c.log.every = 10
     c.log.sample_every = 0

@@ -75,7 +75,6 @@ def get_config(arg: str | None = None):
     c.optimizer.update(lr=1e-3, warmup_steps=10, decay_steps=90)
     c.data.name = "glide_shapes/size32"  # the pipeline resizes to the 16 px model
     c.data.tokenizer.type = "words"
-    c.data.shuffle_buffer = 256
     c.checkpoint.every = 50
     c.log.sample_every = 0
     c.log.tensorboard = False

@@ -109,7 +109,10 @@ def skeleton(stage: str) -> ml_collections.ConfigDict:
   c.data.masks.kind = "none"      # inpainting masks: 'none' | 'random' (boxes, ellipses, strokes)
   c.data.masks.min_known = 0.3    # fraction of the image left known, lower and upper bound
   c.data.masks.max_known = 0.9
-  c.data.shuffle_buffer = 10_000
+  c.data.low_res_blur = 0.0        # training: Gaussian blur sigma (px) of the low-res input; 0 = none
+  c.data.low_res_noise = 0.0       # training: std of Gaussian noise added to the low-res input
+  c.data.random_crop = True        # training: random square crops (evaluation: centre crops)
+  c.data.num_threads = 0           # tf.data private thread pool size; 0 = tf.data's default
   c.data.prepare_timeout = 3600.0  # s another process may take to prepare glide_shapes (multi-process)
 
   c.optimizer = ml_collections.ConfigDict()
@@ -172,7 +175,6 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> None:
   """Shrinks a config to a few steps on this machine (big_vision's `runlocal`)."""
   c.total_steps = 4
   c.batch_size = min(c.batch_size, 8)
-  c.data.shuffle_buffer = 64
   c.log.every = 1
   c.log.sample_every = 0
   c.log.tensorboard = False

@@ -47,7 +47,6 @@ def short_cpu_run(c, *, lr: float, warmup_steps: int, text_ctx: int, runlocal: b
   decay to `c.total_steps`, bias-corrected EMA, one data-parallel mesh, and `runlocal` last."""
   c.data.tokenizer.type = "words"  # the closed shapes vocabulary (< 32 words)
   c.data.tokenizer.text_ctx = text_ctx
-  c.data.shuffle_buffer = 2048
   c.optimizer.update(lr=lr, warmup_steps=warmup_steps, grad_clip_norm=1.0, decay="cosine",
                      decay_steps=c.total_steps - warmup_steps)
   # EMA with warmup (bias correction) so the EMA weights are usable after a few hundred steps.

@@ -59,7 +59,6 @@ def get_config(arg: str | None = None):
     c.ema.warmup = True
     c.data.name = "glide_shapes/size32"  # the pipeline resizes to the 16 px model
     c.data.tokenizer.type = "words"
-    c.data.shuffle_buffer = 256
     c.checkpoint.every = 50
     c.log.sample_every = 0
     c.log.sample_prompts = SHAPES_PROMPTS

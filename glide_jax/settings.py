@@ -17,6 +17,8 @@ def section(cfg: Any, defaults: Mapping[str, Any], name: str) -> types.SimpleNam
   """`cfg` (ConfigDict, dict or None) over `defaults`; a None value takes the default."""
   if cfg is None:
     given: dict[str, Any] = {}
+  elif isinstance(cfg, types.SimpleNamespace):  # already read: idempotent
+    given = vars(cfg)
   elif hasattr(cfg, "to_dict"):
     given = cfg.to_dict()
   elif isinstance(cfg, Mapping):

@@ -18,7 +18,8 @@ SECTIONS = {
     "model": {"kind", "options", "dtype", "remat_policy"},
     "diffusion": {"steps", "noise_schedule", "schedule_sampler"},
     "data": {"name", "data_dir", "split", "image_key", "caption_key", "tokenizer", "caption_dropout",
-             "low_res_size", "masks", "shuffle_buffer"},
+             "low_res_size", "masks", "prepare_timeout", "low_res_blur", "low_res_noise", "random_crop",
+             "num_threads"},
     "optimizer": {"lr", "b1", "b2", "eps", "weight_decay", "grad_clip_norm", "warmup_steps", "decay",
                   "decay_steps", "final_lr_frac", "name"},
     "ema": {"rates", "warmup"},
@@ -220,13 +221,14 @@ def test_parse_arg_types():
     config_lib.parse_arg("variant", variant="released")
 
 
-@pytest.mark.parametrize("section", ["optimizer", "mesh"])
+@pytest.mark.parametrize("section", ["optimizer", "mesh", "data"])
 def test_library_defaults_are_the_configs_declared_keys_and_values(section):
   """optim.DEFAULTS / mesh.DEFAULTS (what the library reads) and configs/common.py (what a config
   may set) declare the same keys; optimizer defaults agree in value too (mesh.data is -1 there)."""
+  from glide_jax.data import pipeline
   from glide_jax.parallel import mesh as mesh_lib
   from glide_jax.train import optim
-  defaults = {"optimizer": optim.DEFAULTS, "mesh": mesh_lib.DEFAULTS}[section]
+  defaults = {"optimizer": optim.DEFAULTS, "mesh": mesh_lib.DEFAULTS, "data": pipeline.DATA_DEFAULTS}[section]
   from configs import common
   declared = common.skeleton("base")[section].to_dict()
   assert set(declared) == set(defaults)

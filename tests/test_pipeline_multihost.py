@@ -20,15 +20,17 @@ WORKER = textwrap.dedent("""
     from glide_jax.parallel import multihost
     multihost.initialize()
     from jax.experimental import multihost_utils
-    from jax.sharding import Mesh, PartitionSpec as P
+    from jax.sharding import Mesh
     from glide_jax.data import pipeline
+    from glide_jax.parallel import sharding
     cfg = {"name": "glide_shapes/size32", "data_dir": sys.argv[1], "split": "train",
            "tokenizer": {"type": "words", "text_ctx": 8}}
     it = pipeline.make_train_iterator(cfg, "base", 8, 32, seed=4)  # process index/count from jax
     mesh = Mesh(np.array(jax.devices()).reshape(4), ("data",))
     steps = []
     for _ in range(2 * 32 // 8):  # two epochs of 32 examples
-      g = pipeline.to_global_batch(next(it), mesh, P("data"))
+      host = next(it)
+      g = sharding.host_local_to_global({k: host[k] for k in ("image", "tokens", "index")}, mesh)
       assert g["image"].shape == (8, 32, 32, 3) and g["tokens"].shape == (8, 8)
       index = multihost_utils.process_allgather(g["index"], tiled=True)
       image = multihost_utils.process_allgather(g["image"], tiled=True)

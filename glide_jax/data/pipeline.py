@@ -12,8 +12,8 @@ low-res blur/noise) is keyed by (seed, epoch, example index), so a resumed run s
 Reading. Examples are fetched by index from the prepared TFDS files (`RecordSource`: a byte-offset
 index over TFRecord shards, or ArrayRecord's own random access), a local batch at a time, then
 decoded, resized, cropped and augmented in parallel tf.data maps (AUTOTUNE, deterministic order),
-tokenised a batch at a time, and prefetched; `prefetch_to_mesh` makes global jax.Arrays ahead of
-the train step.
+tokenised a batch at a time, and prefetched; the train program (`Program.put_batch`) makes global
+jax.Arrays of them for the train step.
 
 Batch keys (docs/architecture.md "Batches"): image [B, H, W, 3] float32 in [-1, 1]; tokens [B, L]
 int32; mask [B, L] bool; low_res [B, h, w, 3] (when data.low_res_size > 0, and for the upsample
@@ -22,7 +22,6 @@ stage); inpaint_mask [B, H, W, 1] float32, 1 = known (inpaint); colour/shape/siz
 """
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import threading
@@ -31,40 +30,36 @@ from typing import Any
 
 import numpy as np
 
+from glide_jax import settings
+from glide_jax.constants import STAGES
 from glide_jax.data import tokenizers as tokenizers_lib
 
 log = logging.getLogger(__name__)
 
-STAGES = ("base", "upsample", "inpaint", "clip")
 ATTRIBUTE_KEYS = ("colour", "shape", "size", "position")
 _INFINITE_STEPS = 2 ** 62
 
 
 # ----------------------------------------------------------------------------- config access
 
-def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-  """Reads a key from a dict or ml_collections ConfigDict; missing or None gives `default`."""
-  if cfg is None:
-    return default
-  try:
-    value = cfg[key]
-  except (KeyError, AttributeError, TypeError):
-    value = getattr(cfg, key, None) if not isinstance(cfg, Mapping) else None
-  return default if value is None else value
+# The `data` section's keys and defaults (configs/common.py declares the same; a test checks).
+# Read through `data_section`, so a misspelt key is refused by name instead of taking a default.
+DATA_DEFAULTS = {
+    "name": "glide_shapes/size32", "data_dir": "", "split": "train", "image_key": "image",
+    "caption_key": "caption", "tokenizer": None, "caption_dropout": 0.2, "low_res_size": 0,
+    "low_res_blur": 0.0, "low_res_noise": 0.0, "random_crop": True, "masks": None,
+    "num_threads": 0, "prepare_timeout": 3600.0}
 
 
-def _as_dict(cfg: Any) -> dict:
-  if cfg is None:
-    return {}
-  if hasattr(cfg, "to_dict"):
-    return cfg.to_dict()
-  return dict(cfg)
+def data_section(data_cfg: Any):
+  """The config's `data` (ConfigDict, dict or None) as attributes over DATA_DEFAULTS."""
+  return settings.section(data_cfg, DATA_DEFAULTS, "data")
 
 
 # ----------------------------------------------------------------------------- datasets
 
 # How long a process waits for another to prepare a procedural dataset (data.prepare_timeout).
-DEFAULT_PREPARE_TIMEOUT = 3600.0
+DEFAULT_PREPARE_TIMEOUT = DATA_DEFAULTS["prepare_timeout"]
 
 
 def load_builder(data_cfg: Any):
@@ -78,8 +73,9 @@ def load_builder(data_cfg: Any):
 
   import glide_jax.data  # noqa: F401  (registers glide_shapes and image_folder)
 
-  name = cfg_get(data_cfg, "name", "glide_shapes/size32")
-  data_dir = cfg_get(data_cfg, "data_dir") or None
+  data_cfg = data_section(data_cfg)
+  name = str(data_cfg.name)
+  data_dir = data_cfg.data_dir or None
   if data_dir:
     data_dir = os.path.expanduser(data_dir)
   try:
@@ -88,7 +84,7 @@ def load_builder(data_cfg: Any):
     raise ValueError(f"data.name={name!r} is not a registered TFDS dataset: {e}") from None
   if not builder.is_prepared():
     if name.split("/")[0] == "glide_shapes":
-      timeout = float(cfg_get(data_cfg, "prepare_timeout", DEFAULT_PREPARE_TIMEOUT))
+      timeout = float(data_cfg.prepare_timeout)
       builder = prepare_once(name, data_dir, builder, timeout)
     elif name.split("/")[0] == "image_folder":
       raise FileNotFoundError(f"no image_folder dataset in {builder.data_dir}; build it with "
@@ -420,17 +416,18 @@ class _Spec:
     self.image_size = int(image_size)
     self.train = train
     self.seed = int(seed)
-    self.image_key = cfg_get(data_cfg, "image_key", "image")
-    self.caption_key = cfg_get(data_cfg, "caption_key", "caption")
-    self.random_crop = bool(cfg_get(data_cfg, "random_crop", True)) and train
+    data_cfg = data_section(data_cfg)
+    self.image_key = str(data_cfg.image_key)
+    self.caption_key = str(data_cfg.caption_key)
+    self.random_crop = bool(data_cfg.random_crop) and train
     # Low-res conditioning whenever data.low_res_size > 0 (upsample, and upsample-inpaint).
-    self.low_res_size = int(cfg_get(data_cfg, "low_res_size", 0))
+    self.low_res_size = int(data_cfg.low_res_size)
     if stage == "upsample" and self.low_res_size <= 0:
       self.low_res_size = self.image_size // 4
-    self.low_res_blur = float(cfg_get(data_cfg, "low_res_blur", 0.0)) if train else 0.0
-    self.low_res_noise = float(cfg_get(data_cfg, "low_res_noise", 0.0)) if train else 0.0
+    self.low_res_blur = float(data_cfg.low_res_blur) if train else 0.0
+    self.low_res_noise = float(data_cfg.low_res_noise) if train else 0.0
     from glide_jax.data import masks
-    self.masks = masks.MaskConfig.from_config(_as_dict(cfg_get(data_cfg, "masks", None)))
+    self.masks = masks.MaskConfig.from_config(dict(data_cfg.masks or {}))
     top = {k.split("/")[0] for k in (self.image_key, self.caption_key)}
     names = set(features.keys())
     for key in top:
@@ -510,8 +507,8 @@ def _set_options(ds, data_cfg):
 
   options = tf.data.Options()
   options.deterministic = True
-  threads = cfg_get(data_cfg, "num_threads", None)
-  if threads:
+  threads = int(data_section(data_cfg).num_threads)
+  if threads > 0:
     options.threading.private_threadpool_size = int(threads)
   options.autotune.enabled = True
   return ds.with_options(options)
@@ -623,7 +620,8 @@ def _make(data_cfg, stage, image_size, tokenizer, seed, split, train):
 
 def tokenizer_from_config(data_cfg) -> tokenizers_lib.Tokenizer:
   """data.tokenizer {type, path | files, text_ctx} -> a Tokenizer."""
-  tok = _as_dict(cfg_get(data_cfg, "tokenizer", None))
+  tokenizer = data_section(data_cfg).tokenizer
+  tok = tokenizer.to_dict() if hasattr(tokenizer, "to_dict") else dict(tokenizer or {})
   if not tok or not tok.get("type"):
     raise ValueError("data.tokenizer needs a type ('sentencepiece' or 'gpt2_bpe') and a path")
   return tokenizers_lib.load_tokenizer(tok)
@@ -640,7 +638,8 @@ def make_train_iterator(data_cfg: Any, stage: str, global_batch_size: int, image
   tokenizer spec dict, or None (built from data.tokenizer). Each batch has
   global_batch_size / process_count rows.
   """
-  split = cfg_get(data_cfg, "split", "train")
+  data_cfg = data_section(data_cfg)
+  split = str(data_cfg.split)
   source, features, spec, tokenizer = _make(data_cfg, stage, image_size, tokenizer, seed, split, True)
   pi, pc = _processes(process_index, process_count)
   return TrainIterator(source, features, spec, tokenizer, global_batch_size, pi, pc, data_cfg,
@@ -659,6 +658,7 @@ def make_eval_iterator(data_cfg: Any, stage: str, global_batch_size: int, image_
   """
   import tensorflow as tf
 
+  data_cfg = data_section(data_cfg)
   source, features, spec, tokenizer = _make(data_cfg, stage, image_size, tokenizer, seed, split, False)
   pi, pc = _processes(process_index, process_count)
   if global_batch_size % pc:
@@ -682,62 +682,3 @@ def make_eval_iterator(data_cfg: Any, stage: str, global_batch_size: int, image_
     if not keep_captions:
       batch.pop("caption", None)
     yield batch
-
-
-# ----------------------------------------------------------------------------- global arrays
-
-def to_global_batch(batch: Mapping[str, np.ndarray], mesh, partition_spec=None) -> dict:
-  """Host-local numpy batch -> dict of global jax.Arrays sharded over the batch axis.
-
-  partition_spec: a PartitionSpec for the leading (batch) axis, e.g. P(('replica', 'data',
-  'fsdp')), or a dict key -> PartitionSpec; default shards the batch over every mesh axis.
-  Non-numeric entries (captions) are left as host-local numpy arrays.
-  """
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec
-
-  if partition_spec is None:
-    partition_spec = PartitionSpec(tuple(mesh.axis_names))
-  out = {}
-  for key, value in batch.items():
-    value = np.asarray(value)
-    if value.dtype == object or value.dtype.kind in "SU":
-      out[key] = value
-      continue
-    spec = partition_spec[key] if isinstance(partition_spec, Mapping) else partition_spec
-    out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), value)
-  return out
-
-
-class MeshPrefetchIterator:
-  """Turns host batches into global jax.Arrays `size` steps ahead, keeping the state exact.
-
-  `get_state()` is the state after the last batch handed out (not after the ones in flight).
-  """
-
-  def __init__(self, iterator: TrainIterator, mesh, partition_spec=None, size: int = 2):
-    self._it, self._mesh, self._spec, self._size = iterator, mesh, partition_spec, size
-    self._queue: collections.deque = collections.deque()
-    self._state = iterator.get_state()
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict:
-    while len(self._queue) < self._size + 1:
-      batch = next(self._it)
-      self._queue.append((to_global_batch(batch, self._mesh, self._spec), self._it.get_state()))
-    batch, self._state = self._queue.popleft()
-    return batch
-
-  def get_state(self) -> dict:
-    return dict(self._state)
-
-  def set_state(self, state: Mapping[str, Any]) -> None:
-    self._queue.clear()
-    self._it.set_state(state)
-    self._state = self._it.get_state()
-
-
-def prefetch_to_mesh(iterator: TrainIterator, mesh, partition_spec=None, size: int = 2):
-  return MeshPrefetchIterator(iterator, mesh, partition_spec, size)

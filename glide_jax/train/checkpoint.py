@@ -30,12 +30,14 @@ from glide_jax.train.state import TrainState
 log = logging.getLogger(__name__)
 
 # Config keys that may differ between the run that saved and the run that resumes (the attention
-# kernel changes no parameter, and a workdir saved before the option was listed lacks it).
+# kernel changes no parameter, and a workdir saved before the option was listed lacks it;
+# data.shuffle_buffer was never read and is gone, but older checkpoints' configs hold it).
 RESUMABLE_KEYS = ("total_steps", "mesh", "checkpoint", "log", "sampling", "data.data_dir",
-                  "data.shuffle_buffer", "data.prepare_timeout", "init_from",
+                  "data.shuffle_buffer", "data.prepare_timeout", "data.num_threads", "init_from",
                   "model.options.attention_impl")
 # Keys added after checkpoints were first written, with the value those checkpoints ran with.
-ADDED_KEYS = {"optimizer.name": "adamw", "optimizer.final_lr_frac": 0.0}
+ADDED_KEYS = {"optimizer.name": "adamw", "optimizer.final_lr_frac": 0.0, "data.low_res_blur": 0.0,
+              "data.low_res_noise": 0.0, "data.random_crop": True, "data.num_threads": 0}
 
 
 class ConfigMismatchError(ValueError):
