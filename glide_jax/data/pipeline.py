@@ -195,7 +195,11 @@ class RecordSource:
 
   The format is the one the dataset's stored dataset_info names (`builder.info.file_format`), so
   TFRecord datasets prepared before ArrayRecord became the default keep working. ArrayRecord: no
-  work at construction (readers open lazily per shard). TFRecord: a byte-offset index built by
+  work at construction (a reader opens per shard and thread on first use, `_open_array_record`);
+  a read is one C++ call per shard touched, with no Python thread pool (ArrayRecordDataSource
+  waits on Python futures inside the tf.data numpy_function, which deadlocked when an iterator was
+  deleted while such a read was in flight: the deleting thread holds the GIL the futures need).
+  TFRecord: a byte-offset index built by
   reading every record header (`_index_tfrecord`): about 2 s per million records from the page
   cache here (benchmarks/data_open.py), far more over gs://.
   """
@@ -212,11 +216,18 @@ class RecordSource:
     self.file_format = self._format.value
     if not instructions:
       raise ValueError(f"{builder.name}: split {split!r} selects no examples")
+    self._local = threading.local()
     if self._format == tfds.core.FileFormat.ARRAY_RECORD:
-      from array_record.python import array_record_data_source
-      self._array_source = array_record_data_source.ArrayRecordDataSource(instructions)
-      self.num_examples = len(self._array_source)
+      # Record k of the split: shard i = searchsorted(ends, k, 'right'), position skip_i + k - start_i.
+      self._files = [ins.filename for ins in instructions]
+      self._skips = np.asarray([ins.skip for ins in instructions], np.int64)
+      takes = np.asarray([ins.take for ins in instructions], np.int64)
+      self._ends = np.cumsum(takes)
+      self._starts = self._ends - takes
+      self.num_examples = int(self._ends[-1])
+      self._array_record = True
       return
+    self._array_record = False
     if self._format != tfds.core.FileFormat.TFRECORD:
       raise ValueError(f"{builder.name}: file format {self._format.value} is not supported "
                        f"(supported: {', '.join(FILE_FORMATS)})")
@@ -233,7 +244,14 @@ class RecordSource:
     self._lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     self._file_ids = np.concatenate(file_ids) if file_ids else np.zeros(0, np.int32)
     self.num_examples = len(self._offsets)
-    self._local = threading.local()
+
+  def _array_reader(self, fid: int):
+    readers = getattr(self._local, "readers", None)
+    if readers is None:
+      readers = self._local.readers = {}
+    if fid not in readers:
+      readers[fid] = _open_array_record(self._files[fid])
+    return readers[fid]
 
   def _handle(self, fid: int):
     handles = getattr(self._local, "handles", None)
@@ -251,9 +269,17 @@ class RecordSource:
   def read(self, indices: np.ndarray) -> np.ndarray:
     """indices: int [n] -> serialized examples, object array [n] of bytes."""
     indices = np.asarray(indices, np.int64)
-    if hasattr(self, "_array_source"):
-      return np.array(self._array_source.__getitems__(indices.tolist()), dtype=object)
     out = np.empty(len(indices), dtype=object)
+    if self._array_record:
+      if len(indices) and (indices.min() < 0 or indices.max() >= self.num_examples):
+        raise IndexError(f"record index out of range [0, {self.num_examples}) in split {self.split!r}")
+      shard = np.searchsorted(self._ends, indices, side="right")
+      for fid in np.unique(shard):
+        rows = np.nonzero(shard == fid)[0]
+        positions = self._skips[fid] + indices[rows] - self._starts[fid]
+        for row, record in zip(rows, self._array_reader(int(fid)).read(positions.tolist())):
+          out[row] = record
+      return out
     order = np.lexsort((self._offsets[indices], self._file_ids[indices]))  # read sequentially
     for j in order:
       i = indices[j]
@@ -261,6 +287,14 @@ class RecordSource:
       f.seek(int(self._offsets[i]))
       out[j] = f.read(int(self._lengths[i]))
     return out
+
+
+def _open_array_record(path: str):
+  """A random-access ArrayRecord reader (the options TFDS's and grain's data sources use)."""
+  from array_record.python import array_record_module
+
+  return array_record_module.ArrayRecordReader(path, options="readahead_buffer_size:0",
+                                               file_reader_buffer_size=32768)
 
 
 def _index_tfrecord(path: str) -> tuple[np.ndarray, np.ndarray]:
