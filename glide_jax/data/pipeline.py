@@ -200,7 +200,7 @@ class RecordSource:
   waits on Python futures inside the tf.data numpy_function, which deadlocked when an iterator was
   deleted while such a read was in flight: the deleting thread holds the GIL the futures need).
   TFRecord: a byte-offset index built by
-  reading every record header (`_index_tfrecord`): about 2 s per million records from the page
+  reading every record header (`_index_tfrecord`): 0.7-2 s per million records from the page
   cache here (benchmarks/data_open.py), far more over gs://.
   """
 
