@@ -49,15 +49,16 @@ def _modules(package: str, exclude: tuple[str, ...] = ()) -> list[str]:
 # Needs neither TensorFlow nor ml_collections: what builds and runs models, programs and samplers.
 CORE = (_modules("glide_jax.models") + _modules("glide_jax.diffusion") + _modules("glide_jax.parallel")
         + _modules("glide_jax.interop") + _modules("glide_jax.eval")
-        + _modules("glide_jax.train", exclude=("train", "checkpoint"))
+        + _modules("glide_jax.train", exclude=("train", "checkpoint", "init_from"))
         + ["glide_jax", "glide_jax.plan", "glide_jax.hardware", "glide_jax.bundle", "glide_jax.images",
-           "glide_jax.sampling", "glide_jax.constants",
+           "glide_jax.sampling", "glide_jax.constants", "glide_jax.settings",
            "glide_jax.cpu_flags", "glide_jax.compile_cache", "glide_jax.data", "glide_jax.data.tokenizers",
            "glide_jax.data.pipeline", "benchmarks.common", "benchmarks.forward", "benchmarks.train_step",
            "benchmarks.sample", "benchmarks.run", "benchmarks.device_check"])
 # Needs ml_collections (the config layer), not TensorFlow.
 CONFIG_LAYER = (_modules("configs") + _modules("glide_jax.commands")
-                + ["glide_jax.config_lib", "glide_jax.train.train", "glide_jax.train.checkpoint", "glide_jax.cli"])
+                + ["glide_jax.config_lib", "glide_jax.train.train", "glide_jax.train.checkpoint", "glide_jax.train.init_from",
+                   "glide_jax.cli"])
 
 
 def _import(blocked: list[str], modules: list[str]) -> dict:

@@ -275,15 +275,15 @@ def build_image_folder(images_dir: str | os.PathLike, data_dir: str | os.PathLik
                        file_format: str | None = None) -> dict[str, Any]:
   """Builds (or reuses) the image_folder dataset in data_dir; returns and writes the report.
 
-  file_format: 'array_record' (default, `pipeline.DEFAULT_FILE_FORMAT`: opened with no pass over
+  file_format: 'array_record' (default, `formats.DEFAULT_FILE_FORMAT`: opened with no pass over
   the records) or 'tfrecord'. A finished build is reused in whatever format it has; the report
   says which.
   """
-  from glide_jax.data import pipeline
+  from glide_jax.data import formats
 
-  file_format = file_format or pipeline.DEFAULT_FILE_FORMAT
-  if file_format not in pipeline.FILE_FORMATS:
-    raise ValueError(f"file format {file_format!r} is not one of {', '.join(pipeline.FILE_FORMATS)}")
+  file_format = file_format or formats.DEFAULT_FILE_FORMAT
+  if file_format not in formats.FILE_FORMATS:
+    raise ValueError(f"file format {file_format!r} is not one of {', '.join(formats.FILE_FORMATS)}")
   root = pathlib.Path(images_dir).expanduser()
   if not root.is_dir():
     raise FileNotFoundError(f"image directory {root} does not exist" if not root.exists()

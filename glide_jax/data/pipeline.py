@@ -32,6 +32,7 @@ import numpy as np
 
 from glide_jax import settings
 from glide_jax.constants import STAGES
+from glide_jax.data import formats
 from glide_jax.data import tokenizers as tokenizers_lib
 
 log = logging.getLogger(__name__)
@@ -182,12 +183,8 @@ def _prepare_command(name: str, data_dir: str) -> str:
   return " ".join(parts + [f"--data-dir {data_dir}"])
 
 
-# The file formats RecordSource reads, and the one `glide-jax data prepare/build` and the automatic
-# glide_shapes preparation write: an ArrayRecord split opens from its shard lengths in
-# dataset_info.json alone (each shard's footer is read on its first access), where a TFRecord split
-# needs a pass over every record header of every shard before the first read.
-FILE_FORMATS = ("array_record", "tfrecord")
-DEFAULT_FILE_FORMAT = "array_record"
+# The formats RecordSource reads and the one preparation writes (docs in formats.py).
+FILE_FORMATS, DEFAULT_FILE_FORMAT = formats.FILE_FORMATS, formats.DEFAULT_FILE_FORMAT
 
 
 class RecordSource:
