@@ -254,3 +254,24 @@ def test_a_checkpoint_from_before_optimizer_name_resumes_as_adamw(tmp_path):
   with pytest.raises(ckpt_lib.ConfigMismatchError, match="optimizer.name: 'adamw' != 'sgd'"):
     ck.check_config(cfg("--config.optimizer.name=sgd"))
   ck.close()
+
+
+def test_an_older_saved_config_is_read_in_todays_schema():
+  """A config saved before keys were added (and with one since removed) reads back as today's
+  config: export and resume use it, and the data pipeline refuses unknown keys."""
+  import json
+
+  from glide_jax import config_lib
+  from glide_jax.data import pipeline
+  current = ts.tiny_config("base")
+  old = json.loads(config_lib.config_to_json(current))
+  for key in ckpt_lib.ADDED_KEYS:
+    section, name = key.split(".")
+    del old[section][name]
+  old["data"]["shuffle_buffer"] = 256
+  saved = config_lib.config_from_json(json.dumps(old))
+  with pytest.raises(KeyError, match="data.shuffle_buffer"):
+    pipeline.data_section(saved.data)
+  upgraded = ckpt_lib.upgrade_saved_config(saved)
+  assert upgraded.to_dict() == current.to_dict()
+  pipeline.data_section(upgraded.data)

@@ -83,12 +83,13 @@ def export(workdir: str, out: str | None = None, which: str = "ema", rate: float
            step: int | None = None, bf16: bool = False, serialize: bool = False, serialize_batch: int = 1):
   """Writes the bundle; returns its path."""
   from glide_jax import bundle, config_lib
+  from glide_jax.train import checkpoint as ckpt_lib
 
   cfg_file = os.path.join(workdir, "config.json")
   if not os.path.isfile(cfg_file):
     raise FileNotFoundError(f"{workdir} is not a training workdir: {cfg_file} is missing")
   with open(cfg_file) as f:
-    config = config_lib.config_from_json(f.read())
+    config = ckpt_lib.upgrade_saved_config(config_lib.config_from_json(f.read()))
   if which == "ema" and not len(config.ema.rates):
     print("glide-jax export: this run keeps no EMA; exporting the trained parameters", file=sys.stderr)
     which = "raw"

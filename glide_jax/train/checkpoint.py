@@ -38,6 +38,24 @@ RESUMABLE_KEYS = ("total_steps", "mesh", "checkpoint", "log", "sampling", "data.
 # Keys added after checkpoints were first written, with the value those checkpoints ran with.
 ADDED_KEYS = {"optimizer.name": "adamw", "optimizer.final_lr_frac": 0.0, "data.low_res_blur": 0.0,
               "data.low_res_noise": 0.0, "data.random_crop": True, "data.num_threads": 0}
+# Keys older checkpoints' configs hold that the config no longer has (never read by anything).
+REMOVED_KEYS = ("data.shuffle_buffer",)
+
+
+def upgrade_saved_config(saved: config_lib.ConfigDict) -> config_lib.ConfigDict:
+  """A config saved by an older glide-jax, in today's schema: each of ADDED_KEYS it lacks gets the
+  value those runs ran with, REMOVED_KEYS go. Everything that reads a workdir's config (resume,
+  export) goes through it, so no old workdir is refused for a key it could not have known."""
+  with saved.unlocked():
+    for key, value in ADDED_KEYS.items():
+      section, name = key.split(".")
+      if section in saved and name not in saved[section]:
+        saved[section][name] = value
+    for key in REMOVED_KEYS:
+      section, name = key.split(".")
+      if section in saved and name in saved[section]:
+        del saved[section][name]
+  return saved
 
 
 class ConfigMismatchError(ValueError):
@@ -115,16 +133,11 @@ class Checkpointer:
   def saved_config(self, step: int | None = None) -> config_lib.ConfigDict:
     step = self.latest_step() if step is None else step
     restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return config_lib.config_from_json(json.dumps(restored["config"]))
+    return upgrade_saved_config(config_lib.config_from_json(json.dumps(restored["config"])))
 
   def check_config(self, config: Any, step: int | None = None) -> None:
     """Refuses to resume with a config that differs from the checkpoint's outside RESUMABLE_KEYS."""
     saved = self.saved_config(step)
-    with saved.unlocked():
-      for key, value in ADDED_KEYS.items():
-        section, name = key.split(".")
-        if section in saved and name not in saved[section]:
-          saved[section][name] = value
     keys = config_lib.diff_configs(saved, config, ignore=RESUMABLE_KEYS)
     if keys:
       lines = config_lib.describe_diff(saved, config, keys)
