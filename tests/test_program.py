@@ -36,8 +36,9 @@ def _plan_json(stage: str, capsys, *extra: str) -> dict:
     over = over + ["--config.data.low_res_size=4"]
   base = ["--config.log.every=1", "--config.checkpoint.every=2", "--config.checkpoint.keep=3",
           "--config.log.tensorboard=false", "--config.diffusion.steps=50"]
-  args = parser.parse_args(["--config", f"configs/{stage}.py:variant=tiny", "--topology", "cpu", "--batch", "8",
-                            "--no-sampler", "--no-search", *base, *over, *MESH, "--config.total_steps=1", *extra])
+  args = config_lib.parse_args(parser, ["--config", f"configs/{stage}.py:variant=tiny", "--topology", "cpu",
+                                        "--batch", "8", "--no-sampler", "--no-search", *base, *over, *MESH,
+                                        "--config.total_steps=1", *extra])
   capsys.readouterr()
   plan_cmd.run(args)
   out = capsys.readouterr().out.strip().splitlines()
@@ -144,7 +145,7 @@ def test_a_tpu_plan_leaves_the_environment_as_it_was(capsys):
   before = {k: os.environ.get(k) for k in plan_cmd._TPU_COMPILE_ONLY_ENV}
   parser = argparse.ArgumentParser()
   plan_cmd.add_arguments(parser)
-  args = parser.parse_args(["--config", "configs/base.py:variant=tiny", "--topology", "v5p:2x2x1",
-                            "--config.no_such_key=1"])
+  args = config_lib.parse_args(parser, ["--config", "configs/base.py:variant=tiny", "--topology", "v5p:2x2x1",
+                                        "--config.no_such_key=1"])
   assert plan_cmd.run(args) == 2  # refused before anything compiles
   assert {k: os.environ.get(k) for k in plan_cmd._TPU_COMPILE_ONLY_ENV} == before
