@@ -13,7 +13,6 @@ import json
 import os
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +22,6 @@ from jax._src import array as array_lib
 
 from glide_jax import config_lib
 from glide_jax.diffusion.schedules import diffusion_from_settings
-from glide_jax.models import layers
 from glide_jax.parallel import mesh as mesh_lib
 from glide_jax.parallel import multihost
 from glide_jax.train import checkpoint as ckpt_lib
@@ -36,15 +34,9 @@ def _cache(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- a toy stage
-class Toy(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return layers.Dense(4, names=("embed", "mlp"))(nn.tanh(layers.Dense(16, names=("embed", "mlp"))(x)))
-
-
 def toy_stage(config):
   """A stage (stages.Stage) whose model is a 2-layer MLP on 8 pixels: the loop, not the model."""
-  model = Toy()
+  model = ts.Toy()
 
   def init(rng):
     return model.init(rng, jnp.zeros((1, 8)))["params"]

@@ -13,7 +13,6 @@ import pytest
 import train_support as ts
 
 from glide_jax.data.tokenizers import Tokenizer
-from glide_jax.models import layers
 from glide_jax.parallel import mesh as mesh_lib
 from glide_jax.parallel import sharding as shard_lib
 from glide_jax.train import init_from, optim, stages, timesteps, train
@@ -27,13 +26,7 @@ def _cache(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- a toy model
-class Toy(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return layers.Dense(4, names=("embed", "mlp"))(nn.tanh(layers.Dense(16, names=("embed", "mlp"))(x)))
-
-
-TOY = Toy()
+TOY = ts.Toy()
 
 
 def toy_loss(params, batch, rng):

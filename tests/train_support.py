@@ -4,10 +4,12 @@
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import numpy as np
 
 from glide_jax import config_lib
+from glide_jax.models import layers
 
 # Tiny U-Net: one level of 32 channels at 8 px, attention at 8 px, one text layer of width 32.
 UNET_TINY = ["--config.model.options.channel_mult=1", "--config.model.options.image_size=8",
@@ -181,3 +183,11 @@ def bundle_params(path):
   from glide_jax import bundle
 
   return bundle.load_bundle(path)[0]
+
+
+class Toy(nn.Module):
+  """A two-layer MLP with logical axis names: tests of the step and the loop, not of a model."""
+
+  @nn.compact
+  def __call__(self, x):
+    return layers.Dense(4, names=("embed", "mlp"))(nn.tanh(layers.Dense(16, names=("embed", "mlp"))(x)))
