@@ -28,7 +28,7 @@ from glide_jax.diffusion.pipeline import (SamplerModel, canonical_sampler, gener
 from glide_jax.models import layout, registry
 
 __all__ = ["UNET_KINDS", "SamplerModel", "canonical_sampler", "generate", "make_diffusion",
-           "settings_from_config", "resolve_bundle_dir", "load_sampler_model", "cascade", "inpaint_stages"]
+           "settings_from_config", "resolve_bundle_dir", "load_sampler_model", "compute_dtype", "cascade", "inpaint_stages"]
 
 UNET_KINDS = ("text2im", "upsample", "inpaint", "upsample_inpaint")
 
@@ -43,6 +43,17 @@ def resolve_bundle_dir(path: str | os.PathLike) -> pathlib.Path:
   raise FileNotFoundError(
       f"{path} is neither a glide-jax bundle (no meta.json) nor a workdir with an exported bundle "
       f"({path / 'bundle'}); run `glide-jax export` on the workdir first")
+
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+  """'float32' | 'bfloat16' -> the jnp dtype a model computes in (the CLI's --dtype)."""
+  try:
+    return COMPUTE_DTYPES[name]
+  except KeyError:
+    raise ValueError(f"compute dtype must be one of {sorted(COMPUTE_DTYPES)}, got {name!r}") from None
 
 
 def load_sampler_model(path: str | os.PathLike, tokenizer: Any = None, dtype: Any = jnp.float32,

@@ -82,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   p.add_argument("--steps", default=None, help="timestep respacing, e.g. 50 or ddim25 (default: the bundle's, else 100)")
   p.add_argument("--batch-size", type=int, default=16)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                 help="compute dtype of the model (parameters stay as stored; norms and softmax in float32)")
   p.add_argument("--tensorboard", help="also log scalars, grids and the plot to this TensorBoard dir")
 
 
@@ -257,7 +259,7 @@ def _sweep(args) -> int:
   if expected is None and not args.clip_bundle:
     raise SystemExit("nothing to measure: the prompts are not glide_shapes captions and no --clip-bundle given")
   generate, settings = sweep.make_generator(args.bundle, sampler=args.sampler, respacing=args.steps,
-                                            batch_size=args.batch_size, seed=args.seed)
+                                            batch_size=args.batch_size, seed=args.seed, dtype=args.dtype)
   settings["prompts"] = args.prompts or f"glide_shapes validation[:{args.shapes_validation}]"
   settings["clip_bundle"] = args.clip_bundle
   sweep.run_sweep(generate, prompts, scales, args.out, attributes=expected, clip=args.clip_bundle,

@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--temperature", type=float, default=None, help="initial-noise temperature (default 1)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--batch-size", type=int, default=4)
+  parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                      help="compute dtype of every model (parameters stay as stored; norms and softmax in float32)")
   parser.add_argument("--upsample", metavar="BUNDLE", help="an upsampler bundle: run the 64 -> 256 cascade")
   parser.add_argument("--upsample-sampler", choices=["ancestral", "ddim", "plms", "dpm++"], default=None,
                       help="default: the upsampler bundle's (GLIDE: ddim, or ancestral when inpainting)")
@@ -109,10 +111,11 @@ def run(args) -> int:
   prompts = _prompts(args)
   if args.batch_size < 1:
     raise SystemExit("--batch-size must be >= 1")
-  base = sampling.load_sampler_model(_source(args), tokenizer=args.tokenizer)
+  dtype = sampling.compute_dtype(args.dtype)
+  base = sampling.load_sampler_model(_source(args), tokenizer=args.tokenizer, dtype=dtype)
   if base.is_upsampler:
     raise SystemExit(f"the model given is an upsampler ({base.kind}); pass the base model, and this one as --upsample")
-  up = sampling.load_sampler_model(args.upsample, tokenizer=args.tokenizer) if args.upsample else None
+  up = sampling.load_sampler_model(args.upsample, tokenizer=args.tokenizer, dtype=dtype) if args.upsample else None
   if up is not None and not up.is_upsampler:
     raise SystemExit(f"--upsample {args.upsample} holds a {up.kind} model, not an upsampler")
 

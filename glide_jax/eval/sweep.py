@@ -93,7 +93,7 @@ def save_images(directory: str | os.PathLike, images: np.ndarray) -> pathlib.Pat
 
 def make_generator(bundle_path: str | os.PathLike, sampler: str | None = None,
                    respacing: str | None = None, batch_size: int = 16, seed: int = 0,
-                   tokenizer: Any = None) -> tuple[GenerateFn, dict[str, Any]]:
+                   tokenizer: Any = None, dtype: str = "float32") -> tuple[GenerateFn, dict[str, Any]]:
   """A base (text2im) bundle or workdir -> generate(prompts, guidance_scale) -> uint8 [N, S, S, 3].
 
   Sampling goes through `glide_jax.sampling.generate` (what `glide-jax sample` runs):
@@ -105,7 +105,7 @@ def make_generator(bundle_path: str | os.PathLike, sampler: str | None = None,
 
   from glide_jax import sampling
 
-  sm = sampling.load_sampler_model(bundle_path, tokenizer=tokenizer)
+  sm = sampling.load_sampler_model(bundle_path, tokenizer=tokenizer, dtype=sampling.compute_dtype(dtype))
   if sm.kind != "text2im":
     raise ValueError(f"{bundle_path}: a guidance sweep needs a base text2im bundle, this one is {sm.kind!r}")
   sampler = sampling.canonical_sampler(sampler or sm.diffusion_settings.get("sampler") or "ancestral")
