@@ -6,6 +6,8 @@ At tiny sizes released and small build the same program (the persistent compile 
 train_support.session_cache compiles it once): 11 distinct steps for 15 variants."""
 from __future__ import annotations
 
+import tempfile
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,3 +138,29 @@ def test_a_bf16_bundle_samples_in_bf16_like_the_float32_bundle(tmp_path, _cache)
   assert err.mean() < MEAN_TOLERANCE and (err > 0.1).mean() < FAR_TOLERANCE, (err.mean(), (err > 0.1).mean())
   assert err.max() > 0  # it did compute in bf16
   assert np.abs(x32[0] - x32[1]).max() > 0.1  # the prompts (and parameters) matter at all
+
+
+def test_bf16_loss_curve_tracks_float32():
+  """The same tiny run twice, float32 then bf16 compute (benchmarks/dtype_curve.py, the demo's
+  measurement at test size): the paired losses differ (the dtype took effect), both curves fall,
+  and every 10-step window mean of the bf16 run is within 5 % of float32's."""
+  from benchmarks import dtype_curve
+
+  steps = 60
+  overrides = ["--config.log.every=1", "--config.checkpoint.every=2", "--config.log.tensorboard=false",
+               "--config.diffusion.steps=50", *ts.UNET_TINY, f"--config.total_steps={steps}",
+               "--config.batch_size=8", "--config.optimizer.lr=1e-3", "--config.optimizer.warmup_steps=5"]
+  config = config_lib.load_config("configs/base.py:variant=tiny", overrides)
+  curves = {}
+  for dtype in dtype_curve.DTYPES:
+    with tempfile.TemporaryDirectory() as wd:
+      curves[dtype] = dtype_curve.train_losses("configs/base.py:variant=tiny", overrides, dtype, wd,
+                                               data_iterator=ts.SyntheticIterator(config),
+                                               tokenizer=ts.tokenizer(config), compiler_options=ts.FAST)
+  assert len(curves["float32"]) == len(curves["bfloat16"]) == steps
+  result = dtype_curve.compare_curves(curves["float32"], curves["bfloat16"], window=10)
+  assert not result["identical"] and result["mean_abs_step_diff"] > 0
+  rows = result["windows"]
+  for d in dtype_curve.DTYPES:
+    assert rows[-1][d] < 0.7 * rows[0][d]  # a learning curve, not noise around a constant
+  assert result["max_rel_diff"] < 0.05, result
