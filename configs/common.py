@@ -91,7 +91,8 @@ def skeleton(stage: str) -> ml_collections.ConfigDict:
   c.diffusion.schedule_sampler = "uniform"          # [GD] default; or 'loss-second-moment', 'logit-normal'
   c.diffusion.logit_normal_loc = 0.0                # 'logit-normal' only: t/T = sigmoid(loc + scale * N(0, 1))
   c.diffusion.logit_normal_scale = 1.0
-  c.diffusion.prediction = "epsilon"                # [G]; 'v' for velocity (glide_jax/diffusion/schedules.py)
+  c.diffusion.prediction = "epsilon"                # [G]; 'v' for velocity, 'x0' (glide_jax/diffusion/schedules.py)
+  c.diffusion.upsample_residual = ""                # [G]: ''; upsamplers: 'bicubic' | 'bilinear' diffuse image - up(low_res)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "image_folder"

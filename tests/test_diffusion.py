@@ -204,5 +204,5 @@ def test_v_prediction_loss_target_and_respacing_keep_the_prediction():
   assert float(jnp.abs(g[..., :3]).max()) == 0.0 and float(jnp.abs(g[..., 3:]).max()) > 0
   r = schedules.create_diffusion(1000, "squaredcos_cap_v2", "50", prediction="v")
   assert r.prediction == "v" and r.num_timesteps == 50
-  with pytest.raises(ValueError, match="unknown model prediction 'x0'"):
-    schedules.create_diffusion(1000, "linear", "", prediction="x0")
+  with pytest.raises(ValueError, match="unknown model prediction 'score'"):
+    schedules.create_diffusion(1000, "linear", "", prediction="score")

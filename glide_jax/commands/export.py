@@ -157,7 +157,7 @@ def sampling_function(config, params_dtype=None):
   import jax
   import jax.numpy as jnp
 
-  from glide_jax.diffusion import guidance, samplers, schedules
+  from glide_jax.diffusion import guidance, residual, samplers, schedules
   from glide_jax.models import registry
   from glide_jax.sampling import canonical_sampler
 
@@ -194,9 +194,11 @@ def sampling_function(config, params_dtype=None):
       model_fn = guidance.cfg_model_fn(apply_fn, cond, uncond, named["guidance_scale"])
     else:
       model_fn = lambda x, t: apply_fn(x, t, cond)
-    return samplers.sample_loop(model_fn, diffusion, (tokens.shape[0], size, size, 3), named["key_data"],
-                                sampler=sampler, denoised_fn=denoised_fn,
-                                temperature=named.get("temperature", 1.0))
+    denoised_fn, clip_denoised, finish = residual.sampler_wrapping(
+        residual.residual_of(config.diffusion) if upsampler else "", extra.get("low_res"), size, denoised_fn)
+    return finish(samplers.sample_loop(model_fn, diffusion, (tokens.shape[0], size, size, 3), named["key_data"],
+                                       sampler=sampler, denoised_fn=denoised_fn, clip_denoised=clip_denoised,
+                                       temperature=named.get("temperature", 1.0)))
   return fn, size
 
 

@@ -2,7 +2,7 @@
 
 Shapes: images `x`, `x_start`, `noise`: [B, H, W, C] (any trailing shape works); `t`: [B] int
 indices into the (respaced) diffusion's T' steps; `model_output`: [..., 2C] = [prediction | v], the
-prediction epsilon (GLIDE) or velocity (`diffusion.prediction == 'v'`), v the learned-range
+prediction epsilon (GLIDE), velocity (`diffusion.prediction == 'v'`) or x0 ('x0'), v the learned-range
 variance interpolant in [-1, 1]. Buffers are gathered at `t` and cast to `x`'s dtype,
 so float32 buffers promote exactly into a float64 computation (as the reference's `.float()` does).
 """
@@ -80,6 +80,8 @@ def eps_and_xstart(diffusion: Diffusion, x_t: jax.Array, t: jax.Array,
     a = extract(diffusion.sqrt_alphas_cumprod, t, x_t)
     s = extract(diffusion.sqrt_one_minus_alphas_cumprod, t, x_t)
     return s * x_t + a * pred, a * x_t - s * pred
+  if diffusion.prediction == "x0":
+    return predict_eps_from_xstart(diffusion, x_t, t, pred), pred
   raise ValueError(f"unknown model prediction {diffusion.prediction!r}")
 
 

@@ -3,7 +3,8 @@
 [G] ships no training code; this follows [GD]/[ID] `training_losses` with `learn_sigma=True`,
 `rescale_learned_sigmas=True` (LossType.RESCALED_MSE), epsilon prediction, learned range. With
 `diffusion.prediction == 'v'` the MSE is on the velocity target instead (Salimans & Ho 2022), which
-weights x0 errors by SNR + 1 rather than SNR.
+weights x0 errors by SNR + 1 rather than SNR; with 'x0' it is on x0 itself (weight 1 at every t,
+[GD]'s ModelMeanType.START_X).
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def training_losses(diffusion: Diffusion, model_fn: ModelFn, x_start: jax.Array,
   `timestep_map[t]`); model_fn(x_t, t_model) -> [B, H, W, 2C].
   The VLB sees stop_gradient on the prediction channels, so it trains only the variance; it is
   scaled by T/1000 (RESCALED_MSE), i.e. lambda = 0.001 on L_vlb as in improved-diffusion. 'mse' is
-  against the noise (epsilon prediction) or the velocity (v prediction).
+  against the noise (epsilon prediction), the velocity (v) or x_start (x0).
   """
   x_t = gaussian.q_sample(diffusion, x_start, t, noise)
   model_output = model_fn(x_t, gaussian.model_timesteps(diffusion, t))
@@ -82,6 +83,13 @@ def training_losses(diffusion: Diffusion, model_fn: ModelFn, x_start: jax.Array,
   pred, v = model_output[..., :c], model_output[..., c:]
   frozen = jnp.concatenate([jax.lax.stop_gradient(pred), v], axis=-1)
   vb = vb_terms_bpd(diffusion, frozen, x_start, x_t, t) * (diffusion.num_timesteps / 1000.0)
-  target = noise if diffusion.prediction == "epsilon" else gaussian.v_target(diffusion, x_start, t, noise)
+  if diffusion.prediction == "epsilon":
+    target = noise
+  elif diffusion.prediction == "v":
+    target = gaussian.v_target(diffusion, x_start, t, noise)
+  elif diffusion.prediction == "x0":
+    target = x_start
+  else:
+    raise ValueError(f"unknown model prediction {diffusion.prediction!r}")
   mse = mean_flat((target - pred) ** 2)
   return {"loss": mse + vb, "mse": mse, "vb": vb}

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glide_jax.diffusion import guidance, samplers, schedules
+from glide_jax.diffusion import guidance, residual, samplers, schedules
 
 _SAMPLER_ALIASES = {"ddpm": "ancestral", "p_sample": "ancestral", "dpm-solver++": "dpm++", "dpmpp": "dpm++"}
 
@@ -40,7 +40,8 @@ class SamplerModel:
   meta: dict
   tokenizer: Any             # has encode_batch / empty, or None
   image_size: int
-  diffusion_settings: dict   # steps, noise_schedule, timestep_respacing, sampler, guidance_scale, upsample_temp
+  diffusion_settings: dict   # steps, noise_schedule, timestep_respacing, sampler, guidance_scale, upsample_temp,
+                             # prediction, upsample_residual
   options: dict = dataclasses.field(default_factory=dict)
 
   @property
@@ -57,7 +58,8 @@ def settings_from_config(config: Any) -> dict:
   return {"steps": int(config.diffusion.steps), "noise_schedule": config.diffusion.noise_schedule,
           "timestep_respacing": str(config.sampling.steps), "sampler": config.sampling.sampler,
           "guidance_scale": float(config.sampling.guidance_scale),
-          "prediction": schedules.prediction_of(config.diffusion)}
+          "prediction": schedules.prediction_of(config.diffusion),
+          "upsample_residual": residual.residual_of(config.diffusion)}
 
 
 def make_diffusion(sm: SamplerModel, respacing: str | int | None = None) -> schedules.Diffusion:
@@ -82,9 +84,10 @@ def _compiled_sampler(sm: SamplerModel, diffusion: schedules.Diffusion, shape: t
                       progress: bool) -> Callable:
   # Flax modules hash and compare by their fields, so equal architectures share a program; the
   # diffusion's buffers and prediction target are baked into it, so every static field is in the key.
+  upsample_residual = residual.residual_of(sm.diffusion_settings) if low_res else ""
   key = (sm.kind, sm.model,
          diffusion.noise_schedule, diffusion.timestep_respacing, diffusion.original_num_steps,
-         diffusion.num_timesteps, diffusion.prediction, shape, sampler,
+         diffusion.num_timesteps, diffusion.prediction, upsample_residual, shape, sampler,
          cfg, low_res, inpaint, None if clip is None else id(clip[0]), threshold, progress)
   if key in _COMPILED:
     return _COMPILED[key]
@@ -112,12 +115,15 @@ def _compiled_sampler(sm: SamplerModel, diffusion: schedules.Diffusion, shape: t
     else:
       model_fn = lambda x, t: apply_fn(x, t, (text, extra))
     denoised_fn = guidance.inpaint_denoised_fn(inpaint_image, inpaint_mask) if inpaint else None
+    # With diffusion.upsample_residual the sampler runs on image - up(low_res) (diffusion/residual.py).
+    denoised_fn, clip_denoised, finish = residual.sampler_wrapping(upsample_residual, low_res_img, shape[1],
+                                                                   denoised_fn)
     cond_fn = None
     if clip is not None:
       cond_fn = guidance.clip_cond_fn(clip[0], clip_params, clip_z_text, clip_scale)
-    return samplers.sample_loop(model_fn, diffusion, shape, rng, sampler=sampler, denoised_fn=denoised_fn,
-                                cond_fn=cond_fn, temperature=temperature, threshold=threshold, eta=eta,
-                                progress=progress_fn)
+    return finish(samplers.sample_loop(model_fn, diffusion, shape, rng, sampler=sampler, denoised_fn=denoised_fn,
+                                       clip_denoised=clip_denoised, cond_fn=cond_fn, temperature=temperature,
+                                       threshold=threshold, eta=eta, progress=progress_fn))
 
   fn = jax.jit(run)
   _COMPILED[key] = fn
@@ -157,6 +163,9 @@ def generate(sm: SamplerModel, prompts: Sequence[str], key: jax.Array, *, guidan
       raise ValueError(f"low_res has {low_res.shape[0]} images for {b} prompts")
   elif low_res is not None:
     raise ValueError(f"the {sm.kind} model takes no low_res input")
+  if sm.is_upsampler and residual.residual_of(settings) and (threshold is not None or use_clip):
+    raise ValueError("an upsampler with diffusion.upsample_residual clamps its images itself: it takes "
+                     "no threshold and no CLIP guidance")
   inpaint = inpaint_image is not None
   if inpaint:
     if inpaint_mask is None:

@@ -16,8 +16,10 @@ from flax import struct
 SCHEDULES = ("linear", "squaredcos_cap_v2")
 # What the model's first C output channels predict: GLIDE's epsilon, or v = sqrt(abar) eps -
 # sqrt(1 - abar) x0 (Salimans & Ho 2022, arXiv 2202.00512), whose x0 estimate stays accurate at
-# high noise; it suits short runs of small models (the shapes demo). Samplers always see epsilon.
-PREDICTIONS = ("epsilon", "v")
+# high noise; it suits short runs of small models (the shapes demo); or x0 itself ([GD]'s START_X),
+# whose zero output at initialisation is the clean image "x0 = 0" (with `upsample_residual`, the
+# interpolated input itself). Samplers always see epsilon and x0.
+PREDICTIONS = ("epsilon", "v", "x0")
 # Names accepted for the cosine schedule: [GD] calls it 'cosine', [G] 'squaredcos_cap_v2'.
 _ALIASES = {"cosine": "squaredcos_cap_v2"}
 

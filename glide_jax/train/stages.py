@@ -2,7 +2,8 @@
 which batch keys, and the loss.
 
   base      text2im U-Net, hybrid diffusion loss, caption dropout (CFG)
-  upsample  upsampler U-Net conditioned on `low_res`, hybrid loss, no caption dropout by default
+  upsample  upsampler U-Net conditioned on `low_res`, hybrid loss, no caption dropout by default;
+            with diffusion.upsample_residual, the diffused image is image - up(low_res)
   inpaint   inpainting U-Net fed `image * inpaint_mask` and the mask, hybrid loss
   clip      noised CLIP: images noised with the base schedule at uniform t, symmetric contrastive
             loss over the whole global batch (the logits matrix spans every device)
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 from glide_jax.constants import STAGES
 from glide_jax.diffusion import gaussian
 from glide_jax.diffusion.losses import training_losses
+from glide_jax.diffusion.residual import residual_of, upsample_base
 from glide_jax.diffusion.schedules import Diffusion, diffusion_from_settings
 from glide_jax.models import registry
 
@@ -50,17 +52,20 @@ def _dtype(name: str):
     raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {name!r}") from None
 
 
-def _diffusion_loss(model, diffusion, extra_keys):
+def _diffusion_loss(model, diffusion, extra_keys, residual: str = ""):
   def loss(params, batch, rng):
     extra = {k: batch[k] for k in extra_keys}
     if "inpaint_mask" in extra:
       extra["inpaint_image"] = batch["image"]
+    x_start = batch["image"]
+    if residual:  # diffuse image - up(low_res) (diffusion/residual.py); the model's inputs are unchanged
+      x_start = x_start - upsample_base(batch["low_res"], x_start.shape[1], residual).astype(x_start.dtype)
 
     def model_fn(x_t, t_model):
       return model.apply({"params": params}, x_t, t_model, batch["tokens"], batch["mask"], train=True,
                          rngs={"dropout": rng}, **extra)
 
-    terms = training_losses(diffusion, model_fn, batch["image"], batch["t"], batch["noise"])
+    terms = training_losses(diffusion, model_fn, x_start, batch["t"], batch["noise"])
     total = jnp.mean(terms["loss"] * batch["weights"])
     return total, {"losses": terms["loss"], "mse": terms["mse"], "vb": terms["vb"]}
   return loss
@@ -113,6 +118,10 @@ def make_stage(config: Any) -> Stage:
   if kind in ("inpaint", "upsample_inpaint"):
     extra += ("inpaint_mask",)
   low = int(config.data.get("low_res_size", 0) or 0)
+  residual = residual_of(config.diffusion)
+  if residual and "low_res" not in extra:
+    raise ValueError(f"diffusion.upsample_residual={residual!r} needs an upsampler (model.kind upsample or "
+                     f"upsample_inpaint), not {kind!r}")
 
   def init(rng):
     inputs = model.dummy_inputs(1, size)
@@ -121,4 +130,4 @@ def make_stage(config: Any) -> Stage:
     return model.init({"params": rng, "dropout": rng}, **inputs)["params"]
 
   return Stage(name, kind, model, diffusion, size, ("image", "tokens", "mask") + extra, True, init,
-               _diffusion_loss(model, diffusion, extra))
+               _diffusion_loss(model, diffusion, extra, residual))
