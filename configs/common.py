@@ -172,6 +172,27 @@ def skeleton(stage: str) -> ml_collections.ConfigDict:
   return c
 
 
+def distill_section(**values) -> ml_collections.ConfigDict:
+  """The `distill` section of a distill-stage config (glide_jax/train/stages.py DISTILL_DEFAULTS, which
+  a test keeps equal to these defaults; docs/training.md, "Distillation")."""
+  d = ml_collections.ConfigDict()
+  d.guidance_steps = 0        # phase 1: train steps of guidance distillation (w as an input)
+  d.start_steps = 16          # phase 2: DDIM steps of the first progressive teacher ...
+  d.final_steps = 4           # ... halved each round down to this many
+  d.steps_per_round = 0       # train steps of each progressive round
+  d.guidance_min = 1.0        # w ~ U[guidance_min, guidance_max] per example, GLIDE's scale s
+  d.guidance_max = 4.0        #   (pred_u + s (pred_c - pred_u); 1 = the conditional model)
+  d.clip_x0 = True            # the teacher's x0 clipped to [-1, 1] in its DDIM steps, as the sampler
+  d.update(values)
+  return d
+
+
+def distill_total_steps(d: ml_collections.ConfigDict) -> int:
+  """Train steps of a `distill` section's schedule: phase 1 plus one round per halving."""
+  rounds = int(d.start_steps // d.final_steps).bit_length() - 1
+  return int(d.guidance_steps) + rounds * int(d.steps_per_round)
+
+
 def apply_runlocal(c: ml_collections.ConfigDict) -> None:
   """Shrinks a config to a few steps on this machine (big_vision's `runlocal`)."""
   c.total_steps = 4

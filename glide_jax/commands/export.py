@@ -76,7 +76,31 @@ def bundle_meta(config: Any, tokenizer_spec: dict | None, dtype: str, step: int,
       "dtype": dtype,
       "source": {"format": "glide-jax-train", "step": int(step), "params": which, "stage": config.stage},
   }
+  if config.stage == "distill":
+    meta["distill"] = distill_meta(config, step)
+    if meta["distill"]["distilled_steps"]:  # sample it as it was distilled: DDIM, its count, trailing
+      meta["diffusion"].update(sampler="ddim", timestep_respacing=str(meta["distill"]["distilled_steps"][-1]))
+    else:  # guidance-distilled only: any sampler and grid, as the teacher
+      meta["diffusion"].pop("timestep_spacing", None)
   return meta
+
+
+def distill_meta(config: Any, step: int) -> dict:
+  """What a distill checkpoint's student is: `distilled_steps` (the DDIM step counts it was distilled
+  for: [N] in a progressive round of 2N -> N, [] after phase 1 alone), the phase, round and teacher
+  steps, the guidance range it takes as input, the grid ('trailing') and the whole schedule."""
+  from glide_jax.train import stages
+  schedule = stages.distill_schedule(config)
+  d = stages.distill_settings(config)
+  info = schedule.describe(step)
+  return {"distilled_steps": [info["student_steps"]] if info["student_steps"] else [],
+          "phase": info["phase"], "round": info["round"], "teacher_steps": info["teacher_steps"],
+          "guidance_embed": True, "guidance_range": [float(d.guidance_min), float(d.guidance_max)],
+          "grid": "trailing", "schedule": {"guidance_steps": schedule.guidance_steps,
+                                            "start_steps": schedule.start_steps,
+                                            "final_steps": schedule.final_steps,
+                                            "steps_per_round": schedule.steps_per_round,
+                                            "student_steps": schedule.student_counts()}}
 
 
 def export(workdir: str, out: str | None = None, which: str = "ema", rate: float | None = None,
@@ -165,6 +189,8 @@ def sampling_function(config, params_dtype=None):
   if kind not in SIGNATURES:
     raise ValueError(f"--serialize supports {', '.join(SIGNATURES)} bundles, not {kind!r}")
   options = dict(config.model.options)
+  if options.get("guidance_embed"):
+    raise ValueError("--serialize does not support distilled students (guidance_embed) yet")
   model = registry.create_model(kind, options)
   size = registry.image_size_of(kind, options)
   diffusion = schedules.diffusion_from_settings(config.diffusion, str(config.sampling.steps))

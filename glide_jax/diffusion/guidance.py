@@ -30,13 +30,20 @@ def cfg_model_fn(apply_fn: ApplyFn, cond: Any, uncond: Any, scale: float | jax.A
   both = jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
 
   def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
-    b, ch = x.shape[0], x.shape[-1]
+    b = x.shape[0]
     out = apply_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), both)
-    eps_c, eps_u = out[:b, ..., :ch], out[b:, ..., :ch]
-    eps = eps_u + jnp.asarray(scale, out.dtype) * (eps_c - eps_u)
-    return jnp.concatenate([eps, out[:b, ..., ch:]], axis=-1)
+    return cfg_combine(out[:b], out[b:], scale, x.shape[-1])
 
   return model_fn
+
+
+def cfg_combine(out_c: jax.Array, out_u: jax.Array, scale: float | jax.Array, channels: int) -> jax.Array:
+  """The guided output from the conditional and unconditional ones ([B, ..., 2C] each): the first
+  `channels` mixed as out_u + scale (out_c - out_u), the conditional variance channels kept.
+  `cfg_model_fn` samples with it; the guidance distillation's target is it (diffusion/distillation.py)."""
+  eps_c, eps_u = out_c[..., :channels], out_u[..., :channels]
+  eps = eps_u + jnp.asarray(scale, out_c.dtype) * (eps_c - eps_u)
+  return jnp.concatenate([eps, out_c[..., channels:]], axis=-1)
 
 
 def score_cond_fn(score_fn: Callable[[jax.Array, jax.Array], jax.Array], grad_scale: float | jax.Array

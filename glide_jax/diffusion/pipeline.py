@@ -11,6 +11,7 @@ arguments of one `jit` around one `lax.scan`; the text transformer runs once per
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -54,18 +55,38 @@ class SamplerModel:
 
 
 def settings_from_config(config: Any) -> dict:
-  """The `diffusion` settings of a training config as a bundle records them (`meta['diffusion']`)."""
-  return {"steps": int(config.diffusion.steps), "noise_schedule": config.diffusion.noise_schedule,
-          "timestep_respacing": str(config.sampling.steps), "sampler": config.sampling.sampler,
-          "guidance_scale": float(config.sampling.guidance_scale),
-          "prediction": schedules.prediction_of(config.diffusion),
-          "upsample_residual": residual.residual_of(config.diffusion)}
+  """The `diffusion` settings of a training config as a bundle records them (`meta['diffusion']`).
+  A distill config's students sample on the trailing grid (`timestep_spacing`, see make_diffusion)."""
+  out = {"steps": int(config.diffusion.steps), "noise_schedule": config.diffusion.noise_schedule,
+         "timestep_respacing": str(config.sampling.steps), "sampler": config.sampling.sampler,
+         "guidance_scale": float(config.sampling.guidance_scale),
+         "prediction": schedules.prediction_of(config.diffusion),
+         "upsample_residual": residual.residual_of(config.diffusion)}
+  if config.get("stage") == "distill":
+    out["timestep_spacing"] = "trailing"
+  return out
 
 
 def make_diffusion(sm: SamplerModel, respacing: str | int | None = None) -> schedules.Diffusion:
+  """The bundle's diffusion respaced by `respacing` (default: the bundle's). Where the settings say
+  `timestep_spacing: trailing` (distilled students), a bare count N means 'trailingN', the grid the
+  student was distilled on."""
   s = sm.diffusion_settings
   respacing = s.get("timestep_respacing", "") if respacing is None else str(respacing)
+  if s.get("timestep_spacing") == "trailing" and respacing.strip().isdigit():
+    respacing = f"trailing{respacing.strip()}"
   return schedules.diffusion_from_settings(s, respacing)
+
+
+def check_distilled_steps(sm: SamplerModel, diffusion: schedules.Diffusion, sampler: str) -> None:
+  """Warns (once per message) when a progressively distilled student is sampled otherwise than
+  with DDIM on the trailing grid of a step count it was distilled for (`meta['distill']`)."""
+  distilled = [int(n) for n in (sm.meta.get("distill") or {}).get("distilled_steps") or []]
+  n = diffusion.num_timesteps
+  if distilled and (sampler != "ddim" or n not in distilled or diffusion.timestep_respacing != f"trailing{n}"):
+    warnings.warn(f"this student was distilled for DDIM with {', '.join(map(str, distilled))} steps (trailing "
+                  f"grid); sampling it with {sampler} {diffusion.timestep_respacing or n} is outside what it "
+                  "learned", UserWarning, stacklevel=3)
 
 
 # Compiled samplers, shared by every SamplerModel of the same architecture (so loading a bundle twice,
@@ -81,14 +102,14 @@ def _report_progress(done):
 
 def _compiled_sampler(sm: SamplerModel, diffusion: schedules.Diffusion, shape: tuple[int, ...], *, sampler: str,
                       cfg: bool, low_res: bool, inpaint: bool, clip: Any, threshold: Any,
-                      progress: bool) -> Callable:
+                      progress: bool, guided_input: bool = False) -> Callable:
   # Flax modules hash and compare by their fields, so equal architectures share a program; the
   # diffusion's buffers and prediction target are baked into it, so every static field is in the key.
   upsample_residual = residual.residual_of(sm.diffusion_settings) if low_res else ""
   key = (sm.kind, sm.model,
          diffusion.noise_schedule, diffusion.timestep_respacing, diffusion.original_num_steps,
          diffusion.num_timesteps, diffusion.prediction, upsample_residual, shape, sampler,
-         cfg, low_res, inpaint, None if clip is None else id(clip[0]), threshold, progress)
+         cfg, low_res, inpaint, None if clip is None else id(clip[0]), threshold, progress, guided_input)
   if key in _COMPILED:
     return _COMPILED[key]
   model = sm.model
@@ -104,6 +125,8 @@ def _compiled_sampler(sm: SamplerModel, diffusion: schedules.Diffusion, shape: t
     if inpaint and sm.is_inpaint:
       extra["inpaint_image"] = inpaint_image * inpaint_mask
       extra["inpaint_mask"] = inpaint_mask
+    if guided_input:  # a guidance-distilled student: w is an input, one pass per step, no doubled batch
+      extra["guidance"] = jnp.full((shape[0],), guidance_scale, jnp.float32)
 
     def apply_fn(x, t, cond):
       text_cond, kw = cond
@@ -141,6 +164,9 @@ def generate(sm: SamplerModel, prompts: Sequence[str], key: jax.Array, *, guidan
   upsampler runs without it, as GLIDE). low_res: [B, s, s, 3] for upsamplers (rounded to 8 bits
   here). inpaint_image [B, S, S, 3] with inpaint_mask [B, S, S, 1] (1 = known). clip_model:
   (module, params, z_text [B, D]) for CLIP guidance at `clip_guidance_scale` (no CFG then, as GLIDE).
+  A model with `guidance_embed` (a distilled student) takes guidance_scale as an input instead: one
+  forward pass per step on the conditional batch (1 under CLIP guidance); a progressively distilled
+  one warns when sampled with other steps than it was distilled for (`check_distilled_steps`).
   """
   settings = sm.diffusion_settings
   sampler = canonical_sampler(sampler or settings.get("sampler", "ancestral"))
@@ -149,7 +175,10 @@ def generate(sm: SamplerModel, prompts: Sequence[str], key: jax.Array, *, guidan
   if temperature is None:
     temperature = float(settings.get("upsample_temp", guidance.UPSAMPLE_TEMPERATURE)) if sm.is_upsampler else 1.0
   use_clip = clip_model is not None and clip_guidance_scale != 0
-  cfg = guidance_scale != 1.0 and not use_clip  # 0 = the unconditional model, via the CFG mix
+  guided_input = bool(getattr(sm.model, "guidance_embed", False))
+  cfg = guidance_scale != 1.0 and not use_clip and not guided_input  # 0 = the unconditional model, via the CFG mix
+  if guided_input and use_clip:
+    guidance_scale = 1.0
   if sm.tokenizer is None:
     raise ValueError("this model has no tokenizer; load it with one")
   b, s = len(prompts), sm.image_size
@@ -180,9 +209,10 @@ def generate(sm: SamplerModel, prompts: Sequence[str], key: jax.Array, *, guidan
   diffusion = make_diffusion(sm, respacing)
   if isinstance(threshold, list):
     threshold = tuple(threshold)
+  check_distilled_steps(sm, diffusion, sampler)
   fn = _compiled_sampler(sm, diffusion, (b, s, s, 3), sampler=sampler, cfg=cfg, low_res=sm.is_upsampler,
                          inpaint=inpaint, clip=clip_model if use_clip else None, threshold=threshold,
-                         progress=progress is not None)
+                         progress=progress is not None, guided_input=guided_input)
   _PROGRESS[0] = progress
   out = fn(sm.params, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(u_tokens), jnp.asarray(u_mask),
            low_res if low_res is not None else jnp.zeros((b, 1, 1, 3)),

@@ -44,7 +44,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -
   """The set of original timesteps kept by a respacing spec, as [G] respace.space_timesteps.
 
   `section_counts`: '' (keep all), 'N' or 'a,b,c' (split [0, T) into equal sections and take
-  evenly rounded strides in each), 'ddimN' (uniform integer stride), or 'fast27'.
+  evenly rounded strides in each), 'ddimN' (uniform integer stride), 'fast27', or 'trailingN'
+  (ours, not [G]'s: `trailing_timesteps`, the grid of the distilled students).
   """
   if isinstance(section_counts, int):
     section_counts = [section_counts]
@@ -58,6 +59,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -
         if len(range(0, num_timesteps, stride)) == desired:
           return set(range(0, num_timesteps, stride))
       raise ValueError(f"cannot make exactly {desired} steps out of {num_timesteps} with an integer stride")
+    if spec.startswith("trailing"):
+      return set(trailing_timesteps(num_timesteps, int(spec[len("trailing"):])))
     if spec == "fast27":
       steps = space_timesteps(num_timesteps, "10,10,3,2,2")
       # [G] quirk: the noisiest step T-1 is swapped for T-3 "to reduce DDIM artifacts".
@@ -67,7 +70,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -
     try:
       section_counts = [int(x) for x in spec.split(",")]
     except ValueError:
-      raise ValueError(f"bad timestep respacing {spec!r}: expected '', 'N', 'a,b,...', 'ddimN' or 'fast27'") from None
+      raise ValueError(f"bad timestep respacing {spec!r}: expected '', 'N', 'a,b,...', 'ddimN', 'trailingN' "
+                       "or 'fast27'") from None
   size_per, extra = divmod(num_timesteps, len(section_counts))
   start, kept = 0, []
   for i, count in enumerate(section_counts):
@@ -81,6 +85,25 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -
       cur += stride
     start += size
   return set(kept)
+
+
+def round_half_even(num: int, den: int) -> int:
+  """round(num / den) of positive integers, ties to even, in integers (so jnp code can match it)."""
+  q, r = divmod(int(num), int(den))
+  return q + (1 if 2 * r > den or (2 * r == den and q % 2) else 0)
+
+
+def trailing_timesteps(num_timesteps: int, steps: int) -> list[int]:
+  """'trailingN': the original timesteps round(u T / N) - 1 for u = N..1, noisiest first (T - 1).
+
+  The grid the distilled students sample on (Salimans & Ho's t_u = u / N on T discrete steps; the
+  "trailing" spacing of Lin et al. 2023): it starts at T - 1 and its last step goes from
+  round(T / N) - 1 to the data. Every other point of the 2N-step grid is the N-step grid, since
+  round(2u T / 2N) = round(u T / N), so each halving keeps the teacher's points.
+  """
+  if not 1 <= steps <= num_timesteps:
+    raise ValueError(f"trailing{steps}: the step count must lie in 1..{num_timesteps}")
+  return [round_half_even(u * num_timesteps, steps) - 1 for u in range(steps, 0, -1)]
 
 
 def respace_betas(betas: np.ndarray, use_timesteps: set[int]) -> tuple[np.ndarray, np.ndarray]:

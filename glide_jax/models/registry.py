@@ -24,6 +24,7 @@ BASE_DEFAULTS: dict[str, Any] = dict(
     input_pos_emb=False,  # ours, not the reference's: see UNet.input_pos_emb
     xf_token_init_std=0.02,  # initialisation only (TextEncoder.token_init_std)
     scan_layers=False,  # ours: the text encoder's blocks under nn.scan (params stacked, models/layout.py)
+    guidance_embed=False,  # ours: the guidance scale as an input (distilled students; UNet.guidance_embed)
     attention_impl=None)  # ours, runtime only: None/'xla' lets XLA choose, 'cudnn' (layers.attention)
 # `model_and_diffusion_defaults_upsampler()`.
 UPSAMPLE_DEFAULTS: dict[str, Any] = {**BASE_DEFAULTS, "image_size": 256, "num_res_blocks": 2,
@@ -132,7 +133,7 @@ def create_model(kind: str, options: Mapping[str, Any] | None = None, dtype: Any
       xf_padding=bool(o["xf_padding"]), input_pos_emb=bool(o["input_pos_emb"]),
       xf_token_init_std=float(o["xf_token_init_std"]), dtype=dtype,
       remat_policy=remat_policy, scan_layers=bool(o["scan_layers"]),
-      attention_impl=attention_impl_of(o))
+      attention_impl=attention_impl_of(o), guidance_embed=bool(o["guidance_embed"]))
 
 
 def preset(name: str) -> tuple[str, dict[str, Any]]:

@@ -30,6 +30,9 @@ Dtype = layers.Dtype
 KINDS = ("text2im", "upsample", "inpaint", "upsample_inpaint")
 IN_CHANNELS = {"text2im": 3, "upsample": 6, "inpaint": 7, "upsample_inpaint": 10}
 _zeros = nn.initializers.zeros_init()
+# w is multiplied by this before the sinusoidal embedding: guidance scales 0..10 then span
+# arguments 0..1000, the range the timestep embedding's frequencies are laid out for.
+GUIDANCE_EMBED_SCALE = 100.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +250,11 @@ class UNet(nn.Module):
   remat_policy: str = "none"
   scan_layers: bool = False  # the text encoder's blocks under nn.scan (models/layout.py)
   attention_impl: str | None = None  # None/'xla': XLA's attention; 'cudnn': cuDNN's (layers.attention)
+  # Ours (guidance distillation, Meng et al. 2023): the guidance scale w [B] is an input, embedded
+  # like the timestep (sinusoid of GUIDANCE_EMBED_SCALE * w -> MLP) and added to the timestep
+  # embedding. The MLP's last layer starts at zero, so a teacher's weights plus this subtree give
+  # exactly the teacher's (conditional) output whatever w is.
+  guidance_embed: bool = False
 
   def setup(self):
     if self.kind not in KINDS:
@@ -280,6 +288,8 @@ class UNet(nn.Module):
     if self.kind in ("inpaint", "upsample_inpaint"):
       kw["inpaint_image"] = x
       kw["inpaint_mask"] = jnp.zeros((batch, image_size, image_size, 1), jnp.float32)
+    if self.guidance_embed:
+      kw["guidance"] = jnp.ones((batch,), jnp.float32)
     return kw
 
   def _input(self, x, low_res, inpaint_image, inpaint_mask):
@@ -300,8 +310,15 @@ class UNet(nn.Module):
   def __call__(self, x: jax.Array, timesteps: jax.Array, tokens: jax.Array | None = None,
                mask: jax.Array | None = None, low_res: jax.Array | None = None,
                inpaint_image: jax.Array | None = None, inpaint_mask: jax.Array | None = None,
-               train: bool = False, text_cond: dict[str, jax.Array] | None = None) -> jax.Array:
-    """x [B, H, W, 3], timesteps [B] (original 0..T-1) -> [B, H, W, 6] float32 (see docs/architecture.md)."""
+               train: bool = False, text_cond: dict[str, jax.Array] | None = None,
+               guidance: jax.Array | None = None) -> jax.Array:
+    """x [B, H, W, 3], timesteps [B] (original 0..T-1) -> [B, H, W, 6] float32 (see docs/architecture.md).
+
+    `guidance` [B]: the guidance scale, for a model with `guidance_embed` only (and required there)."""
+    if self.guidance_embed and guidance is None:
+      raise ValueError("this model takes the guidance scale as an input (guidance_embed): pass guidance [B]")
+    if not self.guidance_embed and guidance is not None:
+      raise ValueError("guidance= is an input of guidance_embed models only")
     if text_cond is None:
       if tokens is None:
         raise ValueError("pass tokens and mask, or text_cond from encode_text")
@@ -312,6 +329,12 @@ class UNet(nn.Module):
     emb = layers.Dense(4 * mc, names=(None, "time_embed"), name="time_embed_0")(timestep_embedding(timesteps, mc))
     emb = layers.Dense(4 * mc, names=("time_embed", None), name="time_embed_2")(nn.silu(emb))
     emb = emb + text_cond["xf_proj"].astype(jnp.float32)
+    if self.guidance_embed:
+      w = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), timesteps.shape)
+      g = layers.Dense(4 * mc, names=(None, "time_embed"), name="guidance_embed_0")(
+          timestep_embedding(w * GUIDANCE_EMBED_SCALE, mc))
+      emb = emb + layers.Dense(4 * mc, names=("time_embed", None), kernel_init=_zeros,
+                               name="guidance_embed_2")(nn.silu(g))
 
     res_cls = remat(ResBlock, self.remat_policy)
     attn_cls = remat(AttentionBlock, self.remat_policy)

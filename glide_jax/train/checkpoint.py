@@ -1,7 +1,8 @@
 """Checkpoints with orbax's CheckpointManager.
 
 One checkpoint (directory `<workdir>/checkpoints/<step>`) holds five items:
-  state   step, params, opt_state, skipped, timestep-sampler state (sharded arrays)
+  state   step, params, opt_state, skipped, timestep-sampler state (sharded arrays); the distill
+          stage's teacher too
   ema     {rate: params}
   rng     the run's base key (uint32 key data, (2,) threefry or (4,) rbg); the step key is fold_in(rng, step)
   data    the data iterator's position (JSON)
@@ -65,6 +66,8 @@ class ConfigMismatchError(ValueError):
 def _state_items(state: TrainState) -> tuple[dict, dict]:
   main = {"step": state.step, "params": state.params, "opt_state": state.opt_state,
           "skipped": state.skipped, "sampler": state.sampler}
+  if state.teacher is not None:  # only the distill stage has one; other checkpoints keep their layout
+    main["teacher"] = state.teacher
   return main, state.ema
 
 
@@ -169,7 +172,7 @@ class Checkpointer:
     r = self.manager.restore(step, args=ocp.args.Composite(**items))
     m = r["state"]
     state = TrainState(step=m["step"], params=m["params"], opt_state=m["opt_state"], ema=r["ema"] if ema_like else {},
-                       skipped=m["skipped"], sampler=m["sampler"])
+                       skipped=m["skipped"], sampler=m["sampler"], teacher=m.get("teacher"))
     key_data = np.asarray(r["rng"]["key_data"], np.uint32)
     if key_data.shape != key_shape:
       raise ValueError(

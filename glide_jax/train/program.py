@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 # Stages whose step replaces captions by the empty one (what classifier-free guidance rests on).
 CAPTION_DROPOUT_STAGES = ("base", "inpaint", "upsample")
+# Stages whose step needs the empty caption: those, and distill (the teacher's unconditional half).
+EMPTY_CAPTION_STAGES = CAPTION_DROPOUT_STAGES + ("distill",)
 
 
 class ProgramError(ValueError):
@@ -52,14 +54,14 @@ def caption_dropout_rate(config: Any) -> float:
 
 
 def empty_caption(config: Any, tokenizer: Any = None) -> tuple[np.ndarray, np.ndarray] | None:
-  """The tokenizer's empty caption (tokens [L] int32, mask [L] bool), or None for a stage without text.
+  """The tokenizer's empty caption (tokens [L] int32, mask [L] bool), or None for a stage without one.
 
   Without a tokenizer object the config's `data.tokenizer` is loaded. Where its files are absent
   (planning a gpt2/clip config on a machine without the vocabulary) the empty caption is still
   known: it is every position at the tokenizer's pad id with an all-False mask, and the pad id of
   the file-based kinds does not depend on the files (gpt2: n_vocab - 1; clip and words: 0).
   """
-  if config.stage not in CAPTION_DROPOUT_STAGES:
+  if config.stage not in EMPTY_CAPTION_STAGES:
     return None
   if tokenizer is None:
     from glide_jax.data import tokenizers as tokenizers_lib
@@ -154,7 +156,8 @@ class Program:
     """A sharded train state: initialised from `rng`, or from host `params` (init_from)."""
     state, _ = state_lib.create_train_state(
         self.stage.init, self.tx, self.ema_rates, self.mesh, self.rules, rng, self.sampler.init,
-        params=params, compiler_options=dict(compiler_options) if compiler_options else None)
+        params=params, compiler_options=dict(compiler_options) if compiler_options else None,
+        teacher=self.stage.distill is not None)
     return state
 
   def put_batch(self, host_batch: Mapping[str, Any]) -> dict[str, jax.Array]:
@@ -205,12 +208,17 @@ def build(config: Any, *, mesh: Mesh | None = None, devices: Sequence[Any] | Non
                        "whole batch, so accumulated microbatch gradients would not equal it")
   tx, schedule = optim.make_optimizer(config.optimizer)
   sampler = timesteps.sampler_from_config(config, stage.diffusion.num_timesteps)
+  if stage.distill is not None and sampler.name != "uniform":
+    raise ProgramError(f"the distill stage draws its student steps from uniform timesteps; "
+                       f"diffusion.schedule_sampler={config.diffusion.schedule_sampler!r} must be 'uniform'")
   ema_rates = tuple(float(r) for r in config.ema.rates)
   empty = empty_caption(config, tokenizer) if stage.uses_text else None
-  abstract, shardings = state_lib.state_shardings(stage.init, tx, ema_rates, sampler.init, mesh, rules)
+  abstract, shardings = state_lib.state_shardings(stage.init, tx, ema_rates, sampler.init, mesh, rules,
+                                                  teacher=stage.distill is not None)
   step_cfg = step_lib.StepConfig(ema_rates=ema_rates, ema_warmup=bool(config.ema.warmup), microbatches=micro,
                                  caption_dropout=caption_dropout_rate(config),
-                                 num_timesteps=stage.diffusion.num_timesteps, uses_text=stage.uses_text)
+                                 num_timesteps=stage.diffusion.num_timesteps, uses_text=stage.uses_text,
+                                 distill=stage.distill)
   empty_dev = None if empty is None else (jnp.asarray(empty[0]), jnp.asarray(empty[1]))
   step_fn = step_lib.make_train_step(stage.loss, tx, schedule, step_cfg, sampler, empty_dev, mesh, rules)
   a_batch = abstract_batch(stage, config, batch)

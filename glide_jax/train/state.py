@@ -8,6 +8,7 @@
     ema       {rate: params}      one float32 copy per EMA rate (never written into params)
     skipped   int32 []            steps whose loss or gradient was not finite
     sampler   timestep-sampler state (loss-second-moment history), or {}
+    teacher   float32 tree        the distill stage's frozen teacher, sharded like params; else None
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class TrainState:
   ema: dict[str, Any]
   skipped: jax.Array
   sampler: Any
+  teacher: Any = None
 
 
 def ema_key(rate: float) -> str:
@@ -40,22 +42,23 @@ def ema_key(rate: float) -> str:
 
 
 def _state_from(params: Any, tx: optax.GradientTransformation, ema_rates: Sequence[float],
-                sampler_init: Callable[[], Any] | None) -> TrainState:
+                sampler_init: Callable[[], Any] | None, teacher: bool = False) -> TrainState:
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
       ema={ema_key(r): jax.tree.map(lambda p: p, params) for r in ema_rates},
-      skipped=jnp.zeros((), jnp.int32), sampler=sampler_init() if sampler_init else {})
+      skipped=jnp.zeros((), jnp.int32), sampler=sampler_init() if sampler_init else {},
+      teacher=jax.tree.map(lambda p: p, params) if teacher else None)
 
 
 def state_shardings(boxed_init: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
                     ema_rates: Sequence[float], sampler_init: Callable[[], Any] | None, mesh: Mesh,
-                    rules: Any) -> tuple[TrainState, TrainState]:
+                    rules: Any, teacher: bool = False) -> tuple[TrainState, TrainState]:
   """(abstract unboxed state, shardings) from a function rng -> boxed params (`model.init(...)['params']`).
 
-  The optimizer and EMA copies inherit the parameters' logical names because `tx.init` maps over
-  the boxed tree, so the whole state is sharded by one rule table.
+  The optimizer, EMA and teacher copies inherit the parameters' logical names because they map
+  over the boxed tree, so the whole state is sharded by one rule table.
   """
-  boxed_abstract = jax.eval_shape(lambda r: _state_from(boxed_init(r), tx, ema_rates, sampler_init),
+  boxed_abstract = jax.eval_shape(lambda r: _state_from(boxed_init(r), tx, ema_rates, sampler_init, teacher),
                                   jax.random.key(0))
   shardings = shard_lib.tree_shardings(boxed_abstract, mesh, rules)
   return nn.meta.unbox(boxed_abstract), shardings
@@ -65,19 +68,21 @@ def create_train_state(boxed_init: Callable[[jax.Array], Any], tx: optax.Gradien
                        ema_rates: Sequence[float], mesh: Mesh, rules: Any, rng: jax.Array,
                        sampler_init: Callable[[], Any] | None = None,
                        params: Any | None = None,
-                       compiler_options: dict[str, Any] | None = None) -> tuple[TrainState, TrainState]:
+                       compiler_options: dict[str, Any] | None = None,
+                       teacher: bool = False) -> tuple[TrainState, TrainState]:
   """Returns (state, shardings). With `params` (host arrays, e.g. an imported checkpoint) those
-  become the parameters and the EMA; otherwise they are initialised from `rng` on the devices."""
-  abstract, shardings = state_shardings(boxed_init, tx, ema_rates, sampler_init, mesh, rules)
+  become the parameters, the EMA (and the teacher); otherwise they are initialised from `rng` on the
+  devices."""
+  abstract, shardings = state_shardings(boxed_init, tx, ema_rates, sampler_init, mesh, rules, teacher)
   with jax.set_mesh(mesh):
     if params is None:
-      init = jax.jit(lambda r: _state_from(nn.meta.unbox(boxed_init(r)), tx, ema_rates, sampler_init),
+      init = jax.jit(lambda r: _state_from(nn.meta.unbox(boxed_init(r)), tx, ema_rates, sampler_init, teacher),
                      out_shardings=shardings)
       state = init.lower(rng).compile(compiler_options=compiler_options)(rng)
     else:
       _check_tree(params, abstract.params)
       params = jax.device_put(params, shardings.params)
-      init = jax.jit(lambda p: _state_from(p, tx, ema_rates, sampler_init),
+      init = jax.jit(lambda p: _state_from(p, tx, ema_rates, sampler_init, teacher),
                      in_shardings=(shardings.params,), out_shardings=shardings)
       state = init.lower(params).compile(compiler_options=compiler_options)(params)
   return state, shardings

@@ -7,10 +7,17 @@ The stage (glide_jax/train/stages.py) supplies `loss_fn(params, batch, dropout_r
 drawn here for the whole global batch (so microbatching does not change any example's draws);
 `aux` holds per-example arrays [b] (`losses` feeds the loss-second-moment sampler and the
 quartile logs; `mse`, `vb`, ... are averaged into metrics).
+
+Distillation (`StepConfig.distill`, a `DistillSchedule`): the loss is called with `teacher=` (the
+frozen teacher in `state.teacher`) and `step=`, the batch carries the empty caption, and at the
+first step of every progressive round the teacher becomes the current student while the optimizer
+state and the EMA restart from it (Salimans & Ho start each round afresh); the EMA warmup and the
+learning-rate schedule then count from the round's start.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +48,7 @@ class StepConfig:
   caption_dropout: float = 0.0
   num_timesteps: int = 1000
   uses_text: bool = True
+  distill: Any = None  # a diffusion.distillation.DistillSchedule: the distill stage
 
 
 def apply_caption_dropout(batch: dict[str, jax.Array], key: jax.Array, rate: float,
@@ -95,7 +103,24 @@ def prepare_batch(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array
   t, weights = sampler.sample(state.sampler, k_t, b)
   batch = dict(batch, t=t.astype(jnp.int32), weights=weights.astype(jnp.float32),
                noise=jax.random.normal(k_noise, batch["image"].shape, jnp.float32))
+  if cfg.distill is not None:  # the teacher's unconditional half (phase 1)
+    if empty_caption is None:
+      raise ValueError("distillation needs the tokenizer's empty caption")
+    batch["uncond_tokens"] = jnp.broadcast_to(empty_caption[0][None].astype(batch["tokens"].dtype),
+                                              batch["tokens"].shape)
+    batch["uncond_mask"] = jnp.broadcast_to(empty_caption[1][None].astype(batch["mask"].dtype),
+                                            batch["mask"].shape)
   return batch, k_model, metrics
+
+
+def begin_round(state: TrainState, tx: optax.GradientTransformation, cfg: StepConfig) -> TrainState:
+  """At the first step of a progressive round: teacher := params, a fresh optimizer state, the EMA
+  restarted at params; otherwise the state unchanged (a select, so it stays inside the one step)."""
+  start = cfg.distill.round_start(state.step)
+  pick = lambda new, old: jax.tree.map(lambda a, c: jnp.where(start, a, c), new, old)
+  return state.replace(
+      teacher=pick(state.params, state.teacher), opt_state=pick(tx.init(state.params), state.opt_state),
+      ema={k: pick(state.params, e) for k, e in state.ema.items()})
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -111,9 +136,13 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
     batch, k_model, metrics = prepare_batch(state, batch, rng, cfg, sampler, empty_caption)
     if mesh is not None:
       batch = shard_lib.constrain_batch(batch, mesh, rules)
+    loss = loss_fn
+    if cfg.distill is not None:
+      state = begin_round(state, tx, cfg)
+      loss = functools.partial(loss_fn, teacher=state.teacher, step=state.step)
 
     # --- gradients, accumulated over microbatches with lax.scan --------------------------------
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
     if m == 1:
       (loss, aux), grads = grad_fn(state.params, batch, k_model)
     else:
@@ -143,7 +172,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
       k = repr(float(r))
       rate = jnp.float32(r)
       if cfg.ema_warmup:  # the "(1 + n) / (10 + n)" warmup many diffusion codebases use
-        n = state.step.astype(jnp.float32)
+        n = (state.step if cfg.distill is None else cfg.distill.steps_into_phase(state.step)).astype(jnp.float32)
         rate = jnp.minimum(rate, (1.0 + n) / (10.0 + n))
       new_ema[k] = _ema_update(state.ema[k], new_params, rate)
     keep = lambda new, old: jax.tree.map(lambda a, c: jnp.where(finite, a, c), new, old)
@@ -157,7 +186,8 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
     # --- metrics -------------------------------------------------------------------------------
     metrics.update(
         loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(new_state.params),
-        lr=jnp.asarray(schedule(_opt_count(state)), jnp.float32),
+        lr=jnp.asarray(schedule(_opt_count(state) if cfg.distill is None
+                                else cfg.distill.steps_into_phase(state.step)), jnp.float32),
         skipped=new_state.skipped, finite=finite.astype(jnp.int32))
     for name, value in aux.items():
       if name != "losses":

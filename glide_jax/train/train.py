@@ -169,7 +169,7 @@ def train(config: Any, workdir: str, *, data_iterator: Iterator | None = None, t
   # ---------------------------------------------------------------------- tokenizer and the program
   # The program (glide_jax/train/program.py) is the one `glide-jax plan` and the benchmarks build:
   # mesh, stage, optimizer, sharded state, batch shardings, empty caption and the donated step.
-  if tokenizer is None and (data_iterator is None or config.stage in program_lib.CAPTION_DROPOUT_STAGES):
+  if tokenizer is None and (data_iterator is None or config.stage in program_lib.EMPTY_CAPTION_STAGES):
     from glide_jax.data.pipeline import tokenizer_from_config
     tokenizer = tokenizer_from_config(config.data)
   program = program_lib.build(config, mesh=mesh, tokenizer=tokenizer)
