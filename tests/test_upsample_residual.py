@@ -62,6 +62,23 @@ def test_ddim_with_an_exact_x0_model_returns_x0():
   np.testing.assert_allclose(out, target, atol=1e-5)
 
 
+def test_vb_weight_scales_the_vlb_term_of_the_loss():
+  d = schedules.create_diffusion(1000, "linear", "", prediction="x0")
+  k1, k2, k3 = jax.random.split(jax.random.key(6), 3)
+  x0 = jax.random.uniform(k1, (3, 4, 4, 3), minval=-1, maxval=1)
+  noise = jax.random.normal(k2, x0.shape)
+  out = jax.random.normal(k3, (3, 4, 4, 6)) * 0.3
+  t = jnp.array([0, 400, 999])
+  full = losses.training_losses(d, lambda x, tt: out, x0, t, noise)
+  quarter = losses.training_losses(d, lambda x, tt: out, x0, t, noise, vb_weight=0.25)
+  np.testing.assert_allclose(full["loss"], full["mse"] + full["vb"], rtol=1e-6)
+  np.testing.assert_allclose(quarter["loss"], full["mse"] + 0.25 * full["vb"], rtol=1e-6)
+  np.testing.assert_allclose(quarter["vb"], full["vb"])  # reported unweighted
+  # With weight 0 nothing trains the variance channels.
+  g = jax.grad(lambda o: jnp.sum(losses.training_losses(d, lambda x, tt: o, x0, t, noise, vb_weight=0.0)["loss"]))(out)
+  assert float(jnp.abs(g[..., 3:]).max()) == 0.0 and float(jnp.abs(g[..., :3]).max()) > 0
+
+
 # ----------------------------------------------------------------------------- residual
 @pytest.mark.parametrize("method", ["bicubic", "bilinear"])
 def test_upsample_base_is_exact_on_a_linear_ramp(method):
@@ -85,10 +102,11 @@ def test_residual_setting_is_checked_and_defaults_to_glide():
     stages.make_stage(ts.tiny_config("base", "--config.diffusion.upsample_residual=bicubic"))
 
 
-def _stage_loss(residual_name: str, prediction: str = "x0"):
+def _stage_loss(residual_name: str, prediction: str = "x0", vb_weight: float = 1.0):
   config = ts.tiny_config("upsample", "--config.model.options.dropout=0.0",
                           f"--config.diffusion.prediction={prediction}",
-                          f"--config.diffusion.upsample_residual={residual_name}")
+                          f"--config.diffusion.upsample_residual={residual_name}",
+                          f"--config.diffusion.vb_weight={vb_weight}")
   stage = stages.make_stage(config)
   params = jax.device_get(nn.meta.unbox(stage.init(jax.random.key(0))))
   rng = np.random.default_rng(1)
@@ -108,6 +126,13 @@ def test_residual_training_diffuses_image_minus_the_interpolated_input():
            "noise": jax.random.normal(jax.random.key(3), image.shape)}
   _, aux = stage.loss(params, batch, jax.random.key(4))
   np.testing.assert_allclose(aux["mse"], [0.0625, 0.0625], rtol=1e-5)
+  np.testing.assert_allclose(aux["losses"], aux["mse"] + aux["vb"], rtol=1e-6)  # GLIDE's hybrid loss
+  # diffusion.vb_weight reaches the stage's loss: 0 leaves the MSE alone.
+  light, params_l, _ = _stage_loss("bicubic", vb_weight=0.0)
+  total, aux_l = light.loss(params_l, batch, jax.random.key(4))
+  assert float(jnp.min(aux_l["vb"])) > 0
+  np.testing.assert_allclose(aux_l["losses"], aux_l["mse"], rtol=1e-6)
+  np.testing.assert_allclose(total, np.mean(aux_l["mse"]), rtol=1e-6)
   plain, params0, _ = _stage_loss("")
   _, aux0 = plain.loss(params0, batch, jax.random.key(4))
   np.testing.assert_allclose(aux0["mse"], np.mean(image ** 2, axis=(1, 2, 3)), rtol=1e-5)

@@ -66,14 +66,17 @@ def vb_terms_bpd(diffusion: Diffusion, model_output: jax.Array, x_start: jax.Arr
 
 
 def training_losses(diffusion: Diffusion, model_fn: ModelFn, x_start: jax.Array, t: jax.Array,
-                    noise: jax.Array) -> dict[str, jax.Array]:
+                    noise: jax.Array, vb_weight: float = 1.0) -> dict[str, jax.Array]:
   """The hybrid loss per example: {'loss', 'mse', 'vb'}, each [B].
 
   x_start, noise: [B, H, W, C]; t: [B] indices into the diffusion's steps (the model sees
   `timestep_map[t]`); model_fn(x_t, t_model) -> [B, H, W, 2C].
   The VLB sees stop_gradient on the prediction channels, so it trains only the variance; it is
   scaled by T/1000 (RESCALED_MSE), i.e. lambda = 0.001 on L_vlb as in improved-diffusion. 'mse' is
-  against the noise (epsilon prediction), the velocity (v) or x_start (x0).
+  against the noise (epsilon prediction), the velocity (v) or x_start (x0). `vb_weight` (config
+  `diffusion.vb_weight`; 1 = [GD]'s hybrid loss) multiplies `vb` in 'loss' ('vb' is reported
+  unweighted): the VLB reaches the shared trunk through the variance channels, and where `mse` is
+  small (x0 targets of a residual upsampler) it dominates the trunk's gradient.
   """
   x_t = gaussian.q_sample(diffusion, x_start, t, noise)
   model_output = model_fn(x_t, gaussian.model_timesteps(diffusion, t))
@@ -92,4 +95,4 @@ def training_losses(diffusion: Diffusion, model_fn: ModelFn, x_start: jax.Array,
   else:
     raise ValueError(f"unknown model prediction {diffusion.prediction!r}")
   mse = mean_flat((target - pred) ** 2)
-  return {"loss": mse + vb, "mse": mse, "vb": vb}
+  return {"loss": mse + vb_weight * vb, "mse": mse, "vb": vb}

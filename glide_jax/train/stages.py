@@ -63,7 +63,7 @@ def _dtype(name: str):
     raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {name!r}") from None
 
 
-def _diffusion_loss(model, diffusion, extra_keys, residual: str = ""):
+def _diffusion_loss(model, diffusion, extra_keys, residual: str = "", vb_weight: float = 1.0):
   def loss(params, batch, rng):
     extra = {k: batch[k] for k in extra_keys}
     if "inpaint_mask" in extra:
@@ -76,7 +76,7 @@ def _diffusion_loss(model, diffusion, extra_keys, residual: str = ""):
       return model.apply({"params": params}, x_t, t_model, batch["tokens"], batch["mask"], train=True,
                          rngs={"dropout": rng}, **extra)
 
-    terms = training_losses(diffusion, model_fn, x_start, batch["t"], batch["noise"])
+    terms = training_losses(diffusion, model_fn, x_start, batch["t"], batch["noise"], vb_weight)
     total = jnp.mean(terms["loss"] * batch["weights"])
     return total, {"losses": terms["loss"], "mse": terms["mse"], "vb": terms["vb"]}
   return loss
@@ -231,4 +231,4 @@ def make_stage(config: Any) -> Stage:
     return model.init({"params": rng, "dropout": rng}, **inputs)["params"]
 
   return Stage(name, kind, model, diffusion, size, ("image", "tokens", "mask") + extra, True, init,
-               _diffusion_loss(model, diffusion, extra, residual))
+               _diffusion_loss(model, diffusion, extra, residual, float(config.diffusion.get("vb_weight", 1.0))))
