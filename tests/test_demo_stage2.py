@@ -64,7 +64,8 @@ def test_configs_fit_the_demo():
   from configs import shapes
   up = config_lib.load_config("configs/shapes_upsample.py", [])
   assert (up.stage, up.model.kind) == ("upsample", "upsample")
-  assert up.data.low_res_size == shapes.MODEL["image_size"] and up.model.options.image_size == 128
+  assert up.data.low_res_size == shapes.MODEL["image_size"] and up.model.options.image_size == 64
+  assert (up.diffusion.upsample_residual, up.diffusion.prediction) == ("bicubic", "x0")
   inp = config_lib.load_config("configs/shapes_inpaint.py", [])
   assert (inp.stage, inp.model.kind, inp.data.masks.kind) == ("inpaint", "inpaint", "random")
   assert inp.init_from == "runs/shapes/bundle"
@@ -115,17 +116,18 @@ def test_init_from_refuses_a_different_prediction_target(data_dir, base_bundle):
 
 
 def test_upsampler_trains_and_upsamples_validation_low_res(tmp_path, data_dir):
-  # (The 32 -> 128 cascade with the base bundle is `glide-jax sample --upsample`, tested in
+  # (The 32 -> 64 cascade with the base bundle is `glide-jax sample --upsample`, tested in
   # tests/test_sample_cli.py and run by QUICK=1 launch/demo_upsample.sh.)
   config, path = _train_and_export("configs/shapes_upsample.py:runlocal", tmp_path / "up", data_dir)
   up = sampling.load_sampler_model(path)
-  assert up.kind == "upsample" and up.image_size == 128
+  assert up.kind == "upsample" and up.image_size == 64
+  assert up.diffusion_settings["upsample_residual"] == "bicubic"  # recorded in the bundle
   batch = next(data_pipeline.make_eval_iterator(config.data, "upsample", N, up.image_size))
-  assert batch["image"].shape == (N, 128, 128, 3) and batch["low_res"].shape == (N, 32, 32, 3)
+  assert batch["image"].shape == (N, 64, 64, 3) and batch["low_res"].shape == (N, 32, 32, 3)
   captions = _captions(batch)
   big = sampling.generate(up, captions, jax.random.PRNGKey(0), low_res=batch["low_res"])
-  assert big.shape == (N, 128, 128, 3) and np.all(np.isfinite(big)) and np.abs(big).max() <= 1
+  assert big.shape == (N, 64, 64, 3) and np.all(np.isfinite(big)) and np.abs(big).max() <= 1
   images.write_grid(tmp_path / "grid.png", np.concatenate([batch["image"], big]), ncols=N)
   from PIL import Image
-  with Image.open(tmp_path / "grid.png") as grid:  # two rows of N 128 px images, 2 px apart
-    assert grid.size == (N * 130 + 2, 2 * 130 + 2)
+  with Image.open(tmp_path / "grid.png") as grid:  # two rows of N 64 px images, 2 px apart
+    assert grid.size == (N * 66 + 2, 2 * 66 + 2)

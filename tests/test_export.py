@@ -126,12 +126,16 @@ class _FixedTokens:
     return self.tokenizer.empty(b)
 
 
-@pytest.mark.parametrize("stage", ["upsample", "inpaint"])
+@pytest.mark.parametrize("stage", ["upsample", "upsample-residual", "inpaint"])
 def test_serialized_upsample_and_inpaint_samplers_equal_generate(stage, tmp_path, tmp_path_factory):
   from glide_jax import sampling
 
   ts.session_cache(tmp_path_factory)
-  config = ts.tiny_config(stage, "--config.total_steps=1", "--config.sampling.steps=3", *ts.mesh_overrides(1, 8))
+  extra = []
+  if stage == "upsample-residual":  # diffusion.upsample_residual: both add bicubic(low_res) back
+    stage, extra = "upsample", ["--config.diffusion.upsample_residual=bicubic", "--config.diffusion.prediction=x0"]
+  config = ts.tiny_config(stage, "--config.total_steps=1", "--config.sampling.steps=3", *ts.mesh_overrides(1, 8),
+                          *extra)
   train.train(config, str(tmp_path / "wd"), data_iterator=ts.SyntheticIterator(config),
               tokenizer=ts.tokenizer(config), progress=False, compiler_options=ts.FAST)
   path = export_cmd.export(str(tmp_path / "wd"), str(tmp_path / "b"), serialize=True, serialize_batch=2)
