@@ -96,14 +96,14 @@ print("caption accuracy of the upsampled images (attribute reader): "
 PY
 
 if [[ -f "$BASE/meta.json" ]]; then
-  echo "== 4/4 cascade: the base demo ($BASE) samples the captions at 32 px, the upsampler takes them to 128 px"
+  echo "== 4/4 cascade: the base demo ($BASE) samples the captions at 32 px, the upsampler takes them to 64 px"
   args=()
   [[ -n "$STEPS" ]] && args+=(--upsample-steps "$STEPS")
   [[ -n "$BASE_STEPS" ]] && args+=(--steps "$BASE_STEPS")
   $gj sample --bundle "$BASE" --upsample "$WORKDIR/bundle" --prompt-file "$WORKDIR/samples/prompts.txt" \
     --batch-size "$GRID_IMAGES" --no-progress --out "$WORKDIR/samples/cascade" "${args[@]}"
 else
-  echo "(no base bundle at $BASE: run launch/demo.sh first for the 32 -> 128 cascade; skipped)"
+  echo "(no base bundle at $BASE: run launch/demo.sh first for the 32 -> 64 cascade; skipped)"
 fi
 
 echo
