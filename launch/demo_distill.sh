@@ -24,10 +24,7 @@ if demo_config configs/shapes_distill.py; then
   N_EVAL=8
 fi
 BASE="${BASE:-runs/shapes/bundle}"
-if [[ ! -f "$BASE/meta.json" && ! -d "$BASE/checkpoints" ]]; then
-  echo "no base model at $BASE: run launch/demo.sh first (QUICK=1 for the quick one), or set BASE" >&2
-  exit 1
-fi
+require_base "$BASE"
 
 echo "== 1/4 prepare glide_shapes/size32 in $DATA_DIR"
 $gj data prepare --name glide_shapes/size32 --data-dir "$DATA_DIR" "${prepare[@]}"

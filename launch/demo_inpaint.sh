@@ -25,10 +25,7 @@ if demo_config configs/shapes_inpaint.py; then
   N_IMAGES=4; STEPS=4
 fi
 BASE="${BASE:-runs/shapes/bundle}"
-if [[ ! -f "$BASE/meta.json" && ! -d "$BASE/checkpoints" ]]; then
-  echo "no base model at $BASE: run launch/demo.sh first (QUICK=1 for the quick one), or set BASE" >&2
-  exit 1
-fi
+require_base "$BASE"
 
 echo "== 1/4 prepare glide_shapes/size32 in $DATA_DIR"
 $gj data prepare --name glide_shapes/size32 --data-dir "$DATA_DIR" "${prepare[@]}"

@@ -9,6 +9,7 @@
 #   train_bounded ARGS...      `glide-jax train ARGS...` stopped after $TRAIN_MINUTES minutes
 #                              (compilation included); sets $train_s to the wall-clock seconds
 #   export_ema WORKDIR         writes WORKDIR/bundle from the EMA weights of the latest checkpoint
+#   require_base BASE          exits with a message unless BASE is a bundle or a training workdir
 
 DATA_DIR="${DATA_DIR:-$PWD/runs/tensorflow_datasets}"
 TRAIN_MINUTES="${TRAIN_MINUTES:-20}"
@@ -44,4 +45,11 @@ train_bounded() {
 
 export_ema() {
   $gj export --workdir "$1" --out "$1/bundle"
+}
+
+require_base() {
+  if [[ ! -f "$1/meta.json" && ! -d "$1/checkpoints" ]]; then
+    echo "no base model at $1: run launch/demo.sh first (QUICK=1 for the quick one), or set BASE" >&2
+    exit 1
+  fi
 }
