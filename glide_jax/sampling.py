@@ -45,15 +45,7 @@ def resolve_bundle_dir(path: str | os.PathLike) -> pathlib.Path:
       f"({path / 'bundle'}); run `glide-jax export` on the workdir first")
 
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def compute_dtype(name: str) -> Any:
-  """'float32' | 'bfloat16' -> the jnp dtype a model computes in (the CLI's --dtype)."""
-  try:
-    return COMPUTE_DTYPES[name]
-  except KeyError:
-    raise ValueError(f"compute dtype must be one of {sorted(COMPUTE_DTYPES)}, got {name!r}") from None
+compute_dtype = registry.compute_dtype  # the CLI's --dtype; one name -> dtype table for every model
 
 
 def load_sampler_model(path: str | os.PathLike, tokenizer: Any = None, dtype: Any = jnp.float32,

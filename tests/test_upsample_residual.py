@@ -38,13 +38,18 @@ def test_x0_prediction_gives_back_x0_and_recovers_eps_in_closed_form():
   assert float(jnp.abs(wrong.pred_xstart - x0).max()) > 0.1
 
 
-def test_x0_prediction_loss_is_the_mse_on_x0():
+def _x0_loss_inputs(seed: int):
+  """An x0-prediction diffusion, a batch of 3 images, noise, a random 6-channel model output, t."""
   d = schedules.create_diffusion(1000, "linear", "", prediction="x0")
-  k1, k2, k3 = jax.random.split(jax.random.key(2), 3)
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
   x0 = jax.random.uniform(k1, (3, 4, 4, 3), minval=-1, maxval=1)
   noise = jax.random.normal(k2, x0.shape)
   out = jax.random.normal(k3, (3, 4, 4, 6)) * 0.3
-  t = jnp.array([0, 400, 999])
+  return d, x0, noise, out, jnp.array([0, 400, 999])
+
+
+def test_x0_prediction_loss_is_the_mse_on_x0():
+  d, x0, noise, out, t = _x0_loss_inputs(2)
   terms = losses.training_losses(d, lambda x, tt: out, x0, t, noise)
   np.testing.assert_allclose(terms["mse"], np.mean((np.asarray(x0) - np.asarray(out[..., :3])) ** 2, axis=(1, 2, 3)),
                              rtol=1e-5)
@@ -63,12 +68,7 @@ def test_ddim_with_an_exact_x0_model_returns_x0():
 
 
 def test_vb_weight_scales_the_vlb_term_of_the_loss():
-  d = schedules.create_diffusion(1000, "linear", "", prediction="x0")
-  k1, k2, k3 = jax.random.split(jax.random.key(6), 3)
-  x0 = jax.random.uniform(k1, (3, 4, 4, 3), minval=-1, maxval=1)
-  noise = jax.random.normal(k2, x0.shape)
-  out = jax.random.normal(k3, (3, 4, 4, 6)) * 0.3
-  t = jnp.array([0, 400, 999])
+  d, x0, noise, out, t = _x0_loss_inputs(6)
   full = losses.training_losses(d, lambda x, tt: out, x0, t, noise)
   quarter = losses.training_losses(d, lambda x, tt: out, x0, t, noise, vb_weight=0.25)
   np.testing.assert_allclose(full["loss"], full["mse"] + full["vb"], rtol=1e-6)

@@ -107,6 +107,18 @@ def attention_impl_of(options: Mapping[str, Any]) -> str | None:
   return layers.attention_impl_option(options.get("attention_impl"))
 
 
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str, what: str = "compute dtype") -> Any:
+  """'float32' | 'bfloat16' -> the jnp dtype a model computes in (config's model.dtype, the CLI's
+  --dtype); `what` names the setting in the error."""
+  try:
+    return COMPUTE_DTYPES[name]
+  except KeyError:
+    raise ValueError(f"{what} must be 'float32' or 'bfloat16', got {name!r}") from None
+
+
 def create_model(kind: str, options: Mapping[str, Any] | None = None, dtype: Any = jnp.float32,
                  remat_policy: str = "none", **overrides):
   """A Flax module for `kind` (text2im | upsample | inpaint | upsample_inpaint | noised_clip or an alias).

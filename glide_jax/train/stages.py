@@ -57,10 +57,7 @@ class Stage:
 
 
 def _dtype(name: str):
-  try:
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-  except KeyError:
-    raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {name!r}") from None
+  return registry.compute_dtype(name, "model.dtype")
 
 
 def _diffusion_loss(model, diffusion, extra_keys, residual: str = "", vb_weight: float = 1.0):
