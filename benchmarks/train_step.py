@@ -4,12 +4,15 @@
   python -m benchmarks.run train_step --stages base --repeats 3
   python -m benchmarks.run train_step --preset tiny --repeats 1
   python -m benchmarks.run train_step --stages shapes       # configs/shapes.py as it trains (batch 32)
+  python -m benchmarks.run train_step --stages shapes shapes_distill --batch 16 --no-reference
 
 Ours: the real train step (glide_jax.train.step: caption dropout, timestep and noise draws, hybrid
 loss, AdamW, EMA, non-finite skip) jitted with the state donated, on one device, from
 configs/base.py and configs/upsample.py (variant=released) at --dtype (float32 by default; the
 configs ask bf16); `shapes` is configs/shapes.py itself (its model, batch and recipe; --batch
-and --dtype override them, --preset tiny or micro shrinks the model). Reference: glide-text2im's
+and --dtype override them, --preset tiny or micro shrinks the model); `shapes_distill` is
+configs/shapes_distill.py, the demo's distill step (student and teacher with random weights, no
+reference side), so one run gives its cost as a ratio to the base demo's step. Reference: glide-text2im's
 model in train mode with the same weights, the same hybrid loss, torch AdamW and an EMA update.
 Prints the compile time of our step, the median step time, the achieved GFLOP/s (XLA's FLOP count
 / time), TFLOP/s and MFU against the chip's peak (glide_jax.hardware) and the ratio ours/reference.
@@ -22,7 +25,8 @@ import sys
 from benchmarks import common
 
 STAGES = {"base": ("configs.base", "text2im"), "upsample": ("configs.upsample", "upsample"),
-          "shapes": ("configs.shapes", "text2im")}
+          "shapes": ("configs.shapes", "text2im"), "shapes_distill": ("configs.shapes_distill", "text2im")}
+DEMO_STAGES = ("shapes", "shapes_distill")  # the demo configs' own model, batch and recipe
 DEFAULT_STAGES = ("base", "upsample")
 
 
@@ -43,10 +47,12 @@ def benchmark_config(stage_name: str, args):
   configs/shapes.py with its own model (tiny or micro under those presets), batch and dtype unless given."""
   import importlib
   module, kind = STAGES[stage_name]
-  if stage_name == "shapes":
+  if stage_name in DEMO_STAGES:
     config = importlib.import_module(module).get_config("")
     preset = args.preset if args.preset in ("tiny", "micro") else "shapes"
     options = common.model_options(kind, preset, args.attention_impl)
+    if config.model.options.get("guidance_embed"):
+      options["guidance_embed"] = True
     if preset != "shapes":
       options["n_vocab"] = int(config.model.options["n_vocab"])  # the demo's closed vocabulary
     with config.unlocked():
@@ -113,7 +119,7 @@ def run_stage(stage_name: str, args, use_ref: bool, threads: int | None) -> None
   holder.clear()  # free the donated state before the reference allocates its own
   del state
 
-  if use_ref:
+  if use_ref and stage_name != "shapes_distill":  # the reference has no distill step
     import torch
 
     from benchmarks import reference

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import pathlib
 
 import numpy as np
 import pytest
@@ -141,6 +142,59 @@ def test_run_sweep_table_and_statistics_match_hand_counts(tmp_path):
   assert (tmp_path / "scale_1" / "00000.png").stat().st_mtime_ns == stamp
   with pytest.raises(FileNotFoundError, match="no prompts.txt"):
     sweep.rescore(tmp_path / "grids")
+
+
+def test_compare_sweeps_pairs_prompts_and_counts_by_hand(tmp_path, capsys):
+  """`eval compare`: a second sweep against a baseline, per shared scale, prompt by prompt, counted
+  by hand from how the samples were drawn; a shorter sweep on the baseline's first n prompts; a
+  sweep of other prompts refused."""
+  from glide_jax import cli
+  from glide_jax.data import render
+
+  prompts, expected = sweep.shapes_validation_prompts(10)
+  a = render.sample_attributes(render.SPLIT_SEEDS["validation"], 0, 10)
+  right = render.render(a, 32)
+  drawn = {k: v.copy() for k, v in a.items()}
+  drawn["shape"][[0, 1, 2]] = (a["shape"][[0, 1, 2]] + 1) % len(A.SHAPES)  # the student gets 0-2 wrong
+  drawn["colour"][0] = (a["colour"][0] + 1) % len(A.COLOURS)
+  wrong = render.render(drawn, 32)
+  teacher_at_1 = right.copy()
+  teacher_at_1[7] = wrong[0]  # the teacher at scale 1 gets prompt 7 wrong (a different caption's image)
+  quiet = lambda s: None
+  sweep.run_sweep(lambda ps, s: teacher_at_1 if s == 1 else right, prompts, [1.0, 3.0], tmp_path / "teacher",
+                  attributes=expected, log=quiet)
+  sweep.run_sweep(lambda ps, s: wrong, prompts, [1.0, 3.0, 5.0], tmp_path / "student", attributes=expected,
+                  log=quiet)
+  sweep.run_sweep(lambda ps, s: right[:4], prompts[:4], [3.0], tmp_path / "short",
+                  attributes=A.parse_captions(prompts[:4]), log=quiet)
+
+  out = sweep.compare_sweeps(tmp_path / "teacher", [tmp_path / "student", tmp_path / "short"], log=quiet)
+  by = {(pathlib.Path(c["sweep"]).name, c["scale"]): c for c in out["comparisons"]}
+  assert sorted(by) == [("short", 3.0), ("student", 1.0), ("student", 3.0)]  # no scale 5 in the teacher
+  at3 = by[("student", 3.0)]
+  assert at3["n"] == 10
+  assert (at3["shape"]["only_baseline"], at3["shape"]["only_sweep"]) == (3, 0)
+  assert (at3["colour"]["only_baseline"], at3["colour"]["only_sweep"]) == (1, 0)
+  assert at3["all"]["diff"] == pytest.approx(-0.3) and at3["all"]["baseline"] == 1.0
+  assert at3["size"]["diff"] == 0 and at3["position"]["diff"] == 0
+  at1 = by[("student", 1.0)]  # prompt 7 wrong only in the teacher, 0-2 only in the student
+  assert (at1["all"]["only_baseline"], at1["all"]["only_sweep"]) == (3, 1)
+  assert at1["all"]["diff"] == pytest.approx(-0.2)
+  short = by[("short", 3.0)]
+  assert short["n"] == 4 and short["all"]["diff"] == 0 and short["all"]["sweep"] == 1.0
+
+  # The CLI writes the same comparisons; a sweep of other prompts is refused by name.
+  assert cli.main(["eval", "compare", str(tmp_path / "teacher"), str(tmp_path / "student"),
+                   "--out", str(tmp_path / "cmp.json")]) == 0
+  doc = json.loads((tmp_path / "cmp.json").read_text())
+  assert [c["all"]["diff"] for c in doc["comparisons"]] == pytest.approx([-0.2, -0.3])
+  assert "shape 70.0 vs 100.0 %" in capsys.readouterr().out
+  other_prompts, _ = sweep.shapes_validation_prompts(12)
+  sweep.run_sweep(lambda ps, s: render.render(render.sample_attributes(render.SPLIT_SEEDS["validation"], 0, 12), 32)[2:],
+                  other_prompts[2:], [3.0], tmp_path / "other", attributes=A.parse_captions(other_prompts[2:]),
+                  log=quiet)
+  with pytest.raises(SystemExit, match="sampled different prompts .*line 1"):
+    cli.main(["eval", "compare", str(tmp_path / "teacher"), str(tmp_path / "other")])
 
 
 # --- end to end through the CLI, with a tiny random text2im bundle and a tiny noised CLIP -----

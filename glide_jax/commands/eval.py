@@ -6,6 +6,8 @@
   sweep       sample at several guidance scales; table, plot and grids of accuracy / CLIP score, with
               95 % intervals and each scale compared with the first on the same prompts (McNemar);
               --rescore DIR rebuilds them from a sweep's saved samples without sampling
+  compare     caption accuracy of sweeps against a baseline sweep on the same prompts, paired
+              prompt by prompt at every shared scale (difference, 95 % interval, McNemar)
 
 Images are read from a directory in file-name order; prompts files hold one caption per line in
 the same order. Every metric is printed with what it is (sample count, reference set, scale) and
@@ -85,6 +87,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                  help="compute dtype of the model (parameters stay as stored; norms and softmax in float32)")
   p.add_argument("--tensorboard", help="also log scalars, grids and the plot to this TensorBoard dir")
+
+
+  p = sub.add_parser("compare", help="sweeps against a baseline sweep, paired prompt by prompt")
+  p.add_argument("baseline", help="the baseline's `eval sweep --out` directory")
+  p.add_argument("sweeps", nargs="+", help="the other sweeps' directories (same prompts; a sweep of "
+                                           "fewer prompts is compared on its first n)")
+  p.add_argument("--out", help="write the comparisons as JSON here")
 
 
 def _add_tensorboard(p: argparse.ArgumentParser) -> None:
@@ -268,5 +277,16 @@ def _sweep(args) -> int:
   return 0
 
 
+def _compare(args) -> int:
+  from glide_jax.eval import sweep
+  try:
+    result = sweep.compare_sweeps(args.baseline, args.sweeps)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"glide-jax eval compare: {e}") from None
+  _write_json(args.out, result)
+  return 0
+
+
 def run(args: argparse.Namespace) -> int:
-  return {"accuracy": _accuracy, "clip-score": _clip_score, "fid": _fid, "sweep": _sweep}[args.eval_command](args)
+  return {"accuracy": _accuracy, "clip-score": _clip_score, "fid": _fid, "sweep": _sweep,
+          "compare": _compare}[args.eval_command](args)

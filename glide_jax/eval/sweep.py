@@ -13,7 +13,9 @@ Layout of the output directory:
                                 `stats.paired_comparison`)
   sweep.png                     accuracy and CLIP score vs scale, and accuracy vs CLIP score
 
-`rescore` rebuilds the table, statistics and plot from such a directory's samples, without sampling.
+`rescore` rebuilds the table, statistics and plot from such a directory's samples, without sampling;
+`compare_sweeps` pairs other sweeps' samples with a baseline sweep's, prompt by prompt (e.g. a
+distilled student against its teacher on the same captions).
 """
 from __future__ import annotations
 
@@ -330,3 +332,79 @@ def _json_default(o):
   if isinstance(o, np.ndarray):
     return o.tolist()
   raise TypeError(f"cannot write {type(o).__name__} to JSON")
+
+
+def _sweep_scales(out: pathlib.Path) -> dict[float, pathlib.Path]:
+  found = {}
+  for d in out.glob("scale_*"):
+    try:
+      found[float(d.name[len("scale_"):])] = d
+    except ValueError:
+      continue
+  return found
+
+
+def _sweep_label(out: pathlib.Path) -> str:
+  settings = {}
+  if (out / "sweep.json").is_file():
+    settings = json.loads((out / "sweep.json").read_text()).get("settings", {})
+  if settings.get("sampler"):
+    return f"{out.name} ({settings['sampler']} {settings.get('sampling_steps', '?')})"
+  return out.name
+
+
+def compare_sweeps(baseline: str | os.PathLike, others: Sequence[str | os.PathLike],
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Caption accuracy of each sweep in `others` against the `baseline` sweep, paired prompt by prompt
+  at every guidance scale both sampled (`stats.paired_comparison`: difference, 95 % interval, McNemar).
+
+  The sweeps must have sampled the same prompts in the same order; a sweep of fewer prompts is
+  compared on those (the first n of the other's), and the n is reported. Returns
+  {'baseline', 'comparisons': [{'sweep', 'label', 'scale', 'n', <attribute or 'all'>: {...}}]}.
+  """
+  base = pathlib.Path(baseline)
+  result: dict[str, Any] = {"baseline": str(base), "baseline_label": _sweep_label(base), "comparisons": []}
+  cache: dict[tuple[str, float, int], dict[str, np.ndarray]] = {}
+
+  def correct(out: pathlib.Path, scale: float, prompts: list[str]) -> dict[str, np.ndarray]:
+    key = (str(out), scale, len(prompts))
+    if key not in cache:
+      from glide_jax.eval.fid import load_samples
+      images, _ = load_samples(_sweep_scales(out)[scale])
+      if len(images) < len(prompts):
+        raise ValueError(f"{out / scale_dirname(scale)}: {len(images)} samples for {len(prompts)} prompts")
+      acc = attrs_lib.caption_accuracy(images[:len(prompts)], attrs_lib.parse_captions(prompts),
+                                       return_per_sample=True)
+      cache[key] = acc["correct"]
+    return cache[key]
+
+  def prompts_of(out: pathlib.Path) -> list[str]:
+    if not (out / "prompts.txt").is_file():
+      raise FileNotFoundError(f"{out}: no prompts.txt; not a sweep directory (glide-jax eval sweep --out)")
+    return read_prompts(out / "prompts.txt")
+
+  base_prompts = prompts_of(base)
+  for other in map(pathlib.Path, others):
+    other_prompts = prompts_of(other)
+    n = min(len(base_prompts), len(other_prompts))
+    if base_prompts[:n] != other_prompts[:n]:
+      i = next(i for i in range(n) if base_prompts[i] != other_prompts[i])
+      raise ValueError(f"{other} and {base} sampled different prompts (first at line {i + 1}: "
+                       f"{other_prompts[i]!r} against {base_prompts[i]!r}); pairs need the same prompts")
+    shared = sorted(set(_sweep_scales(base)) & set(_sweep_scales(other)))
+    if not shared:
+      raise ValueError(f"{other} and {base} share no guidance scale (scale_<s>/ directories)")
+    for scale in shared:
+      a, b = correct(base, scale, base_prompts[:n]), correct(other, scale, base_prompts[:n])
+      entry: dict[str, Any] = {"sweep": str(other), "label": _sweep_label(other), "scale": scale, "n": n}
+      for k in ("all",) + attrs_lib.ATTRIBUTES:
+        c = stats.paired_comparison(a[k], b[k])
+        entry[k] = {"baseline": c["acc_a"], "sweep": c["acc_b"], "diff": c["diff"], "ci95": c["ci"],
+                    "only_baseline": c["only_a"], "only_sweep": c["only_b"], "p_value": c["p_value"]}
+      result["comparisons"].append(entry)
+      log(f"{entry['label']} vs {result['baseline_label']}, scale {scale:g}, n={n}: " + "; ".join(
+          f"{k} {100 * entry[k]['sweep']:.1f} vs {100 * entry[k]['baseline']:.1f} % "
+          f"({stats.format_points(entry[k]['diff'])}, {stats.format_points(entry[k]['ci95'][0])} to "
+          f"{stats.format_points(entry[k]['ci95'][1])}, p={entry[k]['p_value']:.2g})"
+          for k in attrs_lib.ATTRIBUTES + ("all",)))
+  return result
