@@ -87,6 +87,32 @@ def test_sample_shapes_accuracy_on_a_tiny_random_bundle(tmp_path, capsys):
   assert set(rows[-1]["accuracy_all"]) == {"ancestral", "ddim"}
 
 
+def test_students_times_teacher_and_students_alternated(tmp_path, capsys):
+  """benchmarks/students.py on a tiny random teacher and a student of its shape (guidance_embed): every
+  entry timed, the passes per image as the samplers do them, ratios to the teacher's samplers; a
+  bundle without guidance_embed is refused as a student."""
+  from benchmarks import students
+  from glide_jax import bundle
+
+  def tiny(path, **extra):
+    options = dict(common.TINY_OPTIONS["text2im"], n_vocab=64, **extra)
+    meta = {"model": {"kind": "text2im", "options": options}, "dtype": "float32",
+            "diffusion": {"steps": 1000, "noise_schedule": "squaredcos_cap_v2", "prediction": "v"},
+            "tokenizer": {"type": "words", "text_ctx": options["text_ctx"]}}
+    bundle.save_bundle(path, common.random_params("text2im", options), meta, {})
+    return str(path)
+  teacher, student = tiny(tmp_path / "t"), tiny(tmp_path / "s", guidance_embed=True)
+  assert students.main(["--teacher", teacher, "--student", f"2={student}", "--batch", "2", "--repeats", "1",
+                        "--teacher-samplers", "ancestral=3,dpm++=2"]) == 0
+  rows = [r for r in _lines(capsys) if "entry" in r]
+  assert [(r["entry"], r["example_passes_per_image"]) for r in rows] == [
+      ("teacher ancestral 3", 6), ("teacher dpm++ 2", 4), ("student 2", 2)]
+  assert rows[1]["ratio_to_teacher_dpm++"] == 1.0 and rows[0]["ratio_to_teacher_ancestral"] == 1.0
+  assert all(r["median_s"] > 0 and r["s_per_sample"] == pytest.approx(r["median_s"] / 2, rel=1e-3) for r in rows)
+  with pytest.raises(SystemExit, match="not a guidance-distilled student"):
+    students.main(["--teacher", teacher, "--student", f"2={teacher}", "--batch", "1", "--repeats", "1"])
+
+
 def test_clip_guidance(capsys):
   from benchmarks import clip_guidance
   assert clip_guidance.main(FAST + ["--fast-compile"]) == 0
