@@ -10,11 +10,11 @@ embedding (`guidance_embed`, zero at the start, so step 0 is the teacher's condi
 Phase 1 (Meng et al. 2023): GUIDANCE_STEPS steps of guidance distillation, w ~ U[1, 4] per example.
 Phase 2 (Salimans & Ho 2022): two rounds, 16 -> 8 and 8 -> 4 DDIM steps, ROUND_STEPS each. A
 checkpoint closes every phase and round, so the 8-step student is `glide-jax export --step`
-GUIDANCE_STEPS + ROUND_STEPS (launch/demo_distill.sh). Meant for the 40 minutes of that script on
-2 CPU cores (batch 16, each step one student forward and backward plus two teacher forwards), but
-not there yet: `QUICK=1 bash launch/demo_distill.sh` (this config's runlocal, the demo's network at
-batch 8) ran 4.0 s per step alone, against about 0.3 s for the base demo's step at that batch, so
-the 1800 steps here would take hours; the step's cost is the next thing to measure.
+GUIDANCE_STEPS + ROUND_STEPS (launch/demo_distill.sh). Sized for that script's 40 minutes on 2 CPU
+cores: batch 16, each step one student forward and backward plus two teacher forwards, 1.43x the
+base demo's step at that batch (1.047 s against 0.730 s, alone, `python -m benchmarks.run
+train_step --stages shapes shapes_distill --batch 16 --no-reference`), so 1800 steps take about
+32 minutes.
 """
 from __future__ import annotations
 

@@ -11,7 +11,9 @@
 #   SKIP_SETUP=1 ...                     # use the glide-jax on PATH instead of ./.venv
 #
 # Training stops after TRAIN_MINUTES (default 40, compilation included); the trainer saves a
-# checkpoint on SIGTERM. Rerunning resumes the same workdir. N_EVAL validation captions are scored.
+# checkpoint on SIGTERM. Rerunning resumes the same workdir. N_EVAL validation captions are scored,
+# in batches of 50 as README's 2,000-caption sweep of the teacher, so that `glide-jax eval compare`
+# pairs them with it prompt by prompt and the same noise (docs/sampling.md, "Distilled students").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/demo_lib.sh
@@ -58,7 +60,7 @@ for n in "${students[@]}"; do
     --prompt "a green triangle, small, in the center" --prompt "on the right: a large purple circle" \
     --out "$WORKDIR/samples$n"
   TFDS_DATA_DIR="$DATA_DIR" $gj eval sweep --bundle "$WORKDIR/bundle$n" --shapes-validation "$N_EVAL" \
-    --scales 1,3 --sampler ddim --steps "$n" --out "$WORKDIR/sweep$n"
+    --scales 1,3 --sampler ddim --steps "$n" --batch-size "$(( N_EVAL < 50 ? N_EVAL : 50 ))" --out "$WORKDIR/sweep$n"
 done
 
 echo
