@@ -16,8 +16,8 @@
 # pairs them with it prompt by prompt and the same noise (docs/sampling.md, "Distilled students").
 set -euo pipefail
 cd "$(dirname "$0")/.."
+TRAIN_MINUTES="${TRAIN_MINUTES:-40}"  # before demo_lib.sh, which defaults it to 20
 source launch/demo_lib.sh
-TRAIN_MINUTES="${TRAIN_MINUTES:-40}"
 WORKDIR="${WORKDIR:-runs/shapes_distill}"
 N_EVAL="${N_EVAL:-2000}"
 demo_setup

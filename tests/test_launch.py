@@ -125,3 +125,32 @@ def test_tpu_vm_dry_run(tmp_path):
   assert not (tmp_path / "logs").exists()  # a dry run touches nothing
   bad = subprocess.run(["bash", str(LAUNCH / "tpu_vm.sh"), "run", "--zone", "z"], capture_output=True, text=True)
   assert bad.returncode == 2 and "--tpu" in bad.stderr
+
+
+@pytest.mark.parametrize("script,minutes", [("demo.sh", 45), ("demo_distill.sh", 40), ("demo_upsample.sh", 20),
+                                            ("demo_inpaint.sh", 20)])
+def test_demo_scripts_bound_training_by_their_documented_minutes(tmp_path, script, minutes):
+  """Each demo script's training runs under `timeout` with the minutes its header documents (a script
+  that set its own default after sourcing demo_lib.sh, which sets 20 first, silently got 20).
+  `timeout` and `glide-jax` are stubs on PATH: the stub timeout records its seconds and fails, which
+  stops the script right there."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  record = tmp_path / "timeout_args"
+  (bin_dir / "timeout").write_text(f'#!/usr/bin/env bash\necho "$@" > {record}\nexit 3\n')
+  (bin_dir / "glide-jax").write_text("#!/usr/bin/env bash\nexit 0\n")
+  for f in bin_dir.iterdir():
+    f.chmod(0o755)
+  base = tmp_path / "base"
+  base.mkdir()
+  (base / "meta.json").write_text("{}")
+  header = (LAUNCH / script).read_text().split("set -euo pipefail")[0]
+  assert f"{minutes}" in header, f"{script}'s header no longer documents {minutes} minutes"
+  env = {k: v for k, v in os.environ.items() if k not in ("TRAIN_MINUTES", "QUICK")}
+  env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SKIP_SETUP="1", WORKDIR=str(tmp_path / "w"),
+             BASE=str(base), DATA_DIR=str(tmp_path / "data"))
+  proc = subprocess.run(["bash", str(LAUNCH / script)], env=env, cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 3, proc.stdout + proc.stderr
+  args = record.read_text().split()
+  assert args[:3] == ["-s", "TERM", str(minutes * 60)] and args[4] == "train", args
