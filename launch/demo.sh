@@ -4,7 +4,7 @@
 # then sample held-out validation captions at guidance scales 1 and 3 and score them with the
 # shapes attribute reader. Everything lands in $WORKDIR (default runs/shapes).
 #
-#   bash launch/demo.sh                 # the full demo (1500 steps, about 36 minutes on 2 cores)
+#   bash launch/demo.sh                 # the full demo (1500 steps, 36-42 minutes on 2 cores)
 #   TRAIN_STEPS=750 bash launch/demo.sh # the 20-minute variant (shape right 60 % of the time; README)
 #   QUICK=1 bash launch/demo.sh         # a few steps of everything, to check the plumbing
 #   SKIP_SETUP=1 ...                    # use the glide-jax on PATH instead of ./.venv
