@@ -233,12 +233,7 @@ def rescore(sweep_dir: str | os.PathLike, clip: Any = None, tensorboard: str | o
   if not (out / "prompts.txt").is_file():
     raise FileNotFoundError(f"{out}: no prompts.txt; not a sweep directory")
   prompts = read_prompts(out / "prompts.txt")
-  scales = []
-  for d in out.glob("scale_*"):
-    try:
-      scales.append(float(d.name[len("scale_"):]))
-    except ValueError:
-      continue
+  scales = list(_sweep_scales(out))
   if not scales:
     raise FileNotFoundError(f"{out}: no scale_<s>/ sample directories")
   settings = {}
@@ -335,6 +330,7 @@ def _json_default(o):
 
 
 def _sweep_scales(out: pathlib.Path) -> dict[float, pathlib.Path]:
+  """A sweep directory's scale_<s>/ sample directories by scale (other names skipped)."""
   found = {}
   for d in out.glob("scale_*"):
     try:
