@@ -78,15 +78,14 @@ def main(argv: list[str] | None = None) -> int:
       for e in entries:
         times[e[0]].append(call(e))
     median = {name: float(np.median(t)) for name, t in times.items()}
+    refs = {s: n for n, _, s, *_ in reversed(entries) if n.startswith("teacher") and s in ("dpm++", "ancestral")}
     for name, _, sampler, respacing, passes in entries:
       record = {"benchmark": "students", "entry": name, "sampler": sampler, "steps": respacing,
-                "example_passes_per_image": passes, "batch": batch, "median_s": round(median[name], 4),
-                "s_per_sample": round(median[name] / batch, 5), "first_call_s": round(first[name], 3),
+                "example_passes_per_image": passes, "batch": batch, "median_s": round(median[name], 6),
+                "s_per_sample": round(median[name] / batch, 6), "first_call_s": round(first[name], 3),
                 "runs": args.repeats}
-      for ref in ("dpm++", "ancestral"):
-        ref_name = next((n for n, _, s, *_ in entries if n.startswith("teacher") and s == ref), None)
-        if ref_name:
-          record[f"ratio_to_teacher_{ref}"] = round(median[name] / median[ref_name], 4)
+      for ref, ref_name in sorted(refs.items(), key=lambda kv: kv[0] != "dpm++"):
+        record[f"ratio_to_teacher_{ref}"] = round(median[name] / median[ref_name], 4)
       common.emit(record)
   common.emit({"benchmark": "students", "summary": True, "load_avg_1m": common.machine()["load_avg_1m"]})
   return 0
