@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     sm = sampling.load_sampler_model(path)
     if not getattr(sm.model, "guidance_embed", False):
       raise SystemExit(f"{path}: not a guidance-distilled student (no guidance_embed); it would sample the CFG pair")
-    entries.append((f"student {steps}", sm, "ddim", str(steps), steps))
+    # trailingN: the grid students are distilled on (a phase-1 student has no count of its own)
+    entries.append((f"student {steps}", sm, "ddim", f"trailing{steps}", steps))
 
   for batch in (int(b) for b in args.batch.split(",") if b.strip()):
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]

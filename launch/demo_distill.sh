@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Distillation demo: the base demo's model (launch/demo.sh's bundle, $BASE, default
 # runs/shapes/bundle) distilled with configs/shapes_distill.py into a student that takes the guidance
-# scale as an input (phase 1, Meng et al. 2023), then halved 16 -> 8 -> 4 DDIM steps (phase 2,
-# Salimans & Ho 2022). Exports the 8-step student (the checkpoint closing round 16 -> 8) and the
-# 4-step one (the last), samples both, and scores them like the base demo: `glide-jax eval sweep` on
-# validation captions at guidance 1 and 3, DDIM with the student's own step count.
+# scale as an input (phase 1, Meng et al. 2023), then halved 8 -> 4 DDIM steps (phase 2, Salimans &
+# Ho 2022). Exports the phase-1 student (the checkpoint closing phase 1, bundle8: DDIM at 8 steps)
+# and the round's 4-step student (the last, bundle4), samples them, and scores them like the base
+# demo: `glide-jax eval sweep` on validation captions at guidance 1 and 3, DDIM on the trailing grid
+# at the student's own step count, and the phase-1 student at 4 steps too (sweep4_from8: what the
+# round adds over guidance distillation alone).
 #
 #   bash launch/demo.sh && bash launch/demo_distill.sh      # needs the base demo's bundle
 #   QUICK=1 bash launch/demo_distill.sh  # a few steps of everything (needs QUICK=1 launch/demo.sh's bundle)
@@ -36,33 +38,50 @@ train_bounded --config "$config" --workdir "$WORKDIR" --config.data.data_dir="$D
   --config.init_from="$BASE"
 
 echo "== 3/4 export the students"
-# The checkpoint that closes round 16 -> 8 is the 8-step student; the latest, the 4-step one.
-read -r G R < <($py - "$WORKDIR" <<'PY'
+# One bundle per student: the phase-1 student (the checkpoint closing phase 1; DDIM at the rounds'
+# starting count) and the student closing each round (the last one: the latest checkpoint).
+# `plan` lines: STEP N, the checkpoint step ("latest" for the last) and the student's DDIM count.
+mapfile -t plan < <($py - "$WORKDIR" <<'PY'
 import json, sys
-c = json.load(open(f"{sys.argv[1]}/config.json"))["distill"]
-print(c["guidance_steps"], c["steps_per_round"])
+d = json.load(open(f"{sys.argv[1]}/config.json"))["distill"]
+g, r, n, final = d["guidance_steps"], d["steps_per_round"], d["start_steps"], d["final_steps"]
+rounds = (n // final).bit_length() - 1
+if g:
+  print(g if rounds else "latest", n)
+for k in range(rounds):
+  print("latest" if k == rounds - 1 else g + (k + 1) * r, n >> (k + 1))
 PY
 )
-students=()
-if [[ -d "$WORKDIR/checkpoints/$((G + R))" ]]; then
-  $gj export --workdir "$WORKDIR" --step "$((G + R))" --out "$WORKDIR/bundle8"
-  students+=(8)
-fi
-$gj export --workdir "$WORKDIR" --out "$WORKDIR/bundle"
-steps=$($py -c "import json,sys; d=json.load(open(sys.argv[1]))['distill']['distilled_steps']; print(d[-1] if d else '')" "$WORKDIR/bundle/meta.json")
-if [[ "$steps" == 4 ]]; then ln -sfn bundle "$WORKDIR/bundle4"; students+=(4); else
-  echo "training stopped before round 8 -> 4 began; the last export is ${steps:-the phase-1} student"; fi
+students=()  # NAME:STEPS: bundleNAME sampled with DDIM at STEPS on the trailing grid
+for line in "${plan[@]}"; do
+  read -r step n <<<"$line"
+  if [[ "$step" == latest ]]; then
+    $gj export --workdir "$WORKDIR" --out "$WORKDIR/bundle"
+    ln -sfn bundle "$WORKDIR/bundle$n"
+  elif [[ -d "$WORKDIR/checkpoints/$step" ]]; then
+    $gj export --workdir "$WORKDIR" --step "$step" --out "$WORKDIR/bundle$n"
+  else
+    echo "no checkpoint at step $step (training stopped early?): no $n-step student"; continue
+  fi
+  students+=("$n:$n")
+done
+# The phase-1 student at the final count too: what the rounds add over guidance distillation alone.
+final=$($py -c "import json,sys; print(json.load(open(sys.argv[1]))['distill']['final_steps'])" "$WORKDIR/config.json")
+if [[ ${#students[@]} -gt 1 ]]; then students+=("${students[0]%%:*}:$final"); fi
 
 echo "== 4/4 sample and score the students: eval sweep on $N_EVAL validation captions, guidance 1 and 3"
-for n in "${students[@]}"; do
-  $gj sample --bundle "$WORKDIR/bundle$n" --steps "$n" --guidance-scale 3 --no-progress \
+for s in "${students[@]}"; do
+  name=${s%%:*}; n=${s##*:}
+  tag=$n; [[ "$name" == "$n" ]] || tag="${n}_from$name"  # e.g. sweep4_from8: bundle8 at 4 steps
+  $gj sample --bundle "$WORKDIR/bundle$name" --sampler ddim --steps "trailing$n" --guidance-scale 3 --no-progress \
     --prompt "a small red circle on the left" --prompt "a large blue square at the top" \
     --prompt "a green triangle, small, in the center" --prompt "on the right: a large purple circle" \
-    --out "$WORKDIR/samples$n"
-  TFDS_DATA_DIR="$DATA_DIR" $gj eval sweep --bundle "$WORKDIR/bundle$n" --shapes-validation "$N_EVAL" \
-    --scales 1,3 --sampler ddim --steps "$n" --batch-size "$(( N_EVAL < 50 ? N_EVAL : 50 ))" --out "$WORKDIR/sweep$n"
+    --out "$WORKDIR/samples$tag"
+  TFDS_DATA_DIR="$DATA_DIR" $gj eval sweep --bundle "$WORKDIR/bundle$name" --shapes-validation "$N_EVAL" \
+    --scales 1,3 --sampler ddim --steps "trailing$n" --batch-size "$(( N_EVAL < 50 ? N_EVAL : 50 ))" \
+    --out "$WORKDIR/sweep$tag"
 done
 
 echo
 echo "Distillation demo finished: training took ${train_s}s (wall clock, including compilation)."
-echo "Students: ${students[*]/#/$WORKDIR/bundle}; samples in $WORKDIR/samples*; scores in $WORKDIR/sweep*"
+echo "Students (bundle:steps): ${students[*]} in $WORKDIR/bundle*; samples in $WORKDIR/samples*; scores in $WORKDIR/sweep*"
