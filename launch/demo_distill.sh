@@ -40,16 +40,25 @@ train_bounded --config "$config" --workdir "$WORKDIR" --config.data.data_dir="$D
 echo "== 3/4 export the students"
 # One bundle per student: the phase-1 student (the checkpoint closing phase 1; DDIM at the rounds'
 # starting count) and the student closing each round (the last one: the latest checkpoint).
-# `plan` lines: STEP N, the checkpoint step ("latest" for the last) and the student's DDIM count.
+# `plan` lines: STEP N, the checkpoint step ("latest" for the last) and the student's DDIM count;
+# a student whose phase or round did not finish (training stopped early) is named on stderr instead.
 mapfile -t plan < <($py - "$WORKDIR" <<'PY'
-import json, sys
-d = json.load(open(f"{sys.argv[1]}/config.json"))["distill"]
+import json, os, sys
+work = sys.argv[1]
+d = json.load(open(f"{work}/config.json"))["distill"]
 g, r, n, final = d["guidance_steps"], d["steps_per_round"], d["start_steps"], d["final_steps"]
 rounds = (n // final).bit_length() - 1
-if g:
-  print(g if rounds else "latest", n)
-for k in range(rounds):
-  print("latest" if k == rounds - 1 else g + (k + 1) * r, n >> (k + 1))
+saved = [int(s) for s in os.listdir(f"{work}/checkpoints") if s.isdigit()]
+latest = max(saved, default=0)
+ends = ([(g, n)] if g else []) + [(g + (k + 1) * r, n >> (k + 1)) for k in range(rounds)]
+for i, (end, count) in enumerate(ends):
+  if i == len(ends) - 1 and latest >= end:
+    print("latest", count)
+  elif end in saved:
+    print(end, count)
+  else:
+    print(f"no checkpoint at step {end} (latest {latest}; training stopped early? rerun to resume): "
+          f"no {count}-step student", file=sys.stderr)
 PY
 )
 students=()  # NAME:STEPS: bundleNAME sampled with DDIM at STEPS on the trailing grid
@@ -58,10 +67,8 @@ for line in "${plan[@]}"; do
   if [[ "$step" == latest ]]; then
     $gj export --workdir "$WORKDIR" --out "$WORKDIR/bundle"
     ln -sfn bundle "$WORKDIR/bundle$n"
-  elif [[ -d "$WORKDIR/checkpoints/$step" ]]; then
-    $gj export --workdir "$WORKDIR" --step "$step" --out "$WORKDIR/bundle$n"
   else
-    echo "no checkpoint at step $step (training stopped early?): no $n-step student"; continue
+    $gj export --workdir "$WORKDIR" --step "$step" --out "$WORKDIR/bundle$n"
   fi
   students+=("$n:$n")
 done

@@ -154,3 +154,63 @@ def test_demo_scripts_bound_training_by_their_documented_minutes(tmp_path, scrip
   assert proc.returncode == 3, proc.stdout + proc.stderr
   args = record.read_text().split()
   assert args[:3] == ["-s", "TERM", str(minutes * 60)] and args[4] == "train", args
+
+
+@pytest.mark.parametrize("schedule,checkpoints,expected", [
+    # the demo's schedule: phase 1, then one round 8 -> 4
+    (dict(guidance_steps=1400, steps_per_round=400, start_steps=8, final_steps=4), [1400, 1800],
+     {"exports": [("1400", "bundle8"), (None, "bundle")],
+      "sweeps": [("bundle8", "trailing8", "sweep8"), ("bundle4", "trailing4", "sweep4"),
+                 ("bundle8", "trailing4", "sweep4_from8")]}),
+    # run Q's: 16 -> 8 -> 4, the middle round's student closes at 600 + 600
+    (dict(guidance_steps=600, steps_per_round=600, start_steps=16, final_steps=4), [600, 1200, 1800],
+     {"exports": [("600", "bundle16"), ("1200", "bundle8"), (None, "bundle")],
+      "sweeps": [("bundle16", "trailing16", "sweep16"), ("bundle8", "trailing8", "sweep8"),
+                 ("bundle4", "trailing4", "sweep4"), ("bundle16", "trailing4", "sweep4_from16")]}),
+    # stopped inside the round: the phase-1 student only (the latest is not a finished 4-step one)
+    (dict(guidance_steps=1400, steps_per_round=400, start_steps=8, final_steps=4), [1400, 1600],
+     {"exports": [("1400", "bundle8")], "sweeps": [("bundle8", "trailing8", "sweep8")]}),
+    # stopped inside phase 1: no student at all
+    (dict(guidance_steps=1400, steps_per_round=400, start_steps=8, final_steps=4), [1200],
+     {"exports": [], "sweeps": []}),
+])
+def test_demo_distill_exports_and_scores_each_student(tmp_path, schedule, checkpoints, expected):
+  """launch/demo_distill.sh reads the distill schedule from the workdir's config.json and exports the
+  checkpoint closing phase 1 and each round (the last: the latest), then sweeps each student with DDIM
+  at its own count on the trailing grid, and the first one at the final count too. `glide-jax` and
+  `timeout` are stubs: the calls are recorded, not run."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  calls = tmp_path / "calls"
+  (bin_dir / "timeout").write_text("#!/usr/bin/env bash\nexit 0\n")
+  (bin_dir / "glide-jax").write_text(f'#!/usr/bin/env bash\necho "$@" >> {calls}\n')
+  for f in bin_dir.iterdir():
+    f.chmod(0o755)
+  base = tmp_path / "base"
+  base.mkdir()
+  (base / "meta.json").write_text("{}")
+  work = tmp_path / "w"
+  for step in checkpoints:
+    (work / "checkpoints" / str(step)).mkdir(parents=True)
+  (work / "config.json").write_text(json.dumps({"distill": schedule}))
+  env = {k: v for k, v in os.environ.items() if k not in ("TRAIN_MINUTES", "QUICK", "N_EVAL")}
+  env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SKIP_SETUP="1", WORKDIR=str(work), BASE=str(base),
+             DATA_DIR=str(tmp_path / "data"))
+  proc = subprocess.run(["bash", str(LAUNCH / "demo_distill.sh")], env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  lines = [l.split() for l in calls.read_text().splitlines()]
+
+  def flag(args, name):
+    return args[args.index(name) + 1] if name in args else None
+
+  exports = [(flag(a, "--step"), os.path.basename(flag(a, "--out"))) for a in lines if a[0] == "export"]
+  assert exports == expected["exports"]
+  sweeps = [(os.path.basename(flag(a, "--bundle")), flag(a, "--steps"), os.path.basename(flag(a, "--out")))
+            for a in lines if a[:2] == ["eval", "sweep"]]
+  assert sweeps == expected["sweeps"]
+  assert all(flag(a, "--sampler") == "ddim" for a in lines if a[:2] == ["eval", "sweep"])
+  if (None, "bundle") in exports:
+    assert os.readlink(work / "bundle4") == "bundle"
+  finished = max(checkpoints) == 1800  # every schedule here ends at step 1800
+  assert ("no checkpoint at step" in proc.stderr) == (not finished), proc.stderr
