@@ -13,15 +13,15 @@ CHECKPOINT_EVERY steps (a divisor of both) close phase 1 and the round, so the p
 `glide-jax export --step GUIDANCE_STEPS` (launch/demo_distill.sh samples it with DDIM at 8 and at 4
 steps, the round's student at 4).
 
-Why most of the budget goes to phase 1 and the rounds start at 8 (docs/experiments.md, run R): on
-this data the teacher with CFG and DDIM on the trailing grid scores alike at 16, 8 and 4 steps, so
-the few-step gap is guidance, not step count; an earlier split (600 steps of phase 1, then
-16 -> 8 -> 4 at 600 each) left phase 1's loss still falling, and its two rounds lost accuracy
-against the phase-1 student sampled at the same counts. Sized for launch/demo_distill.sh's 40
-minutes on 2 CPU cores: batch 16, each step one student forward and backward plus two teacher
-forwards, 1.43x the base demo's step at that batch (1.047 s against 0.730 s, alone, `python -m
-benchmarks.run train_step --stages shapes shapes_distill --batch 16 --no-reference`); 1800 steps
-took 35.6 minutes in run Q.
+Why most of the budget goes to phase 1 and the round starts at 8 (docs/experiments.md, runs Q and
+R): on this data the teacher with CFG and DDIM on the trailing grid scores alike at 16 and 8 steps
+and 2.5 points lower at 4, so the few-step gap was guidance, not step count; an earlier split (600
+steps of phase 1, then 16 -> 8 -> 4 at 600 each) left its phase-1 student 6.5 points below the
+teacher, and its rounds lost more against the phase-1 student sampled at the same counts. Sized for
+launch/demo_distill.sh's 40 minutes on 2 CPU cores: batch 16, each step one student forward and
+backward plus two teacher forwards, 1.43x the base demo's step at that batch (1.047 s against
+0.730 s, alone, `python -m benchmarks.run train_step --stages shapes shapes_distill --batch 16
+--no-reference`); the 1,800 steps took 1,992 s with compilation in run R.
 """
 from __future__ import annotations
 
