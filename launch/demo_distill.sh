@@ -40,17 +40,22 @@ train_bounded --config "$config" --workdir "$WORKDIR" --config.data.data_dir="$D
 echo "== 3/4 export the students"
 # One bundle per student: the phase-1 student (the checkpoint closing phase 1; DDIM at the rounds'
 # starting count) and the student closing each round (the last one: the latest checkpoint).
-# `plan` lines: STEP N, the checkpoint step ("latest" for the last) and the student's DDIM count;
-# a student whose phase or round did not finish (training stopped early) is named on stderr instead.
+# First line: the final step count; then `STEP N` lines, the checkpoint step ("latest" for the last)
+# and the student's DDIM count. A student whose phase or round did not finish (training stopped
+# early) is named on stderr instead. The schedule is the trainer's own (DistillSchedule).
 mapfile -t plan < <($py - "$WORKDIR" <<'PY'
 import json, os, sys
+from glide_jax.diffusion.distillation import DistillSchedule
 work = sys.argv[1]
-d = json.load(open(f"{work}/config.json"))["distill"]
-g, r, n, final = d["guidance_steps"], d["steps_per_round"], d["start_steps"], d["final_steps"]
-rounds = (n // final).bit_length() - 1
-saved = [int(s) for s in os.listdir(f"{work}/checkpoints") if s.isdigit()]
+c = json.load(open(f"{work}/config.json"))
+d = c["distill"]
+s = DistillSchedule(int(d["guidance_steps"]), int(d["start_steps"]), int(d["final_steps"]),
+                    int(d["steps_per_round"]), int(c["diffusion"]["steps"]))
+saved = [int(x) for x in os.listdir(f"{work}/checkpoints") if x.isdigit()]
 latest = max(saved, default=0)
-ends = ([(g, n)] if g else []) + [(g + (k + 1) * r, n >> (k + 1)) for k in range(rounds)]
+ends = ([(s.guidance_steps, s.start_steps)] if s.guidance_steps else []) + [
+    (s.guidance_steps + (k + 1) * s.steps_per_round, count) for k, count in enumerate(s.student_counts())]
+print(s.final_steps)
 for i, (end, count) in enumerate(ends):
   if i == len(ends) - 1 and latest >= end:
     print("latest", count)
@@ -61,8 +66,9 @@ for i, (end, count) in enumerate(ends):
           f"no {count}-step student", file=sys.stderr)
 PY
 )
+final=${plan[0]}
 students=()  # NAME:STEPS: bundleNAME sampled with DDIM at STEPS on the trailing grid
-for line in "${plan[@]}"; do
+for line in "${plan[@]:1}"; do
   read -r step n <<<"$line"
   if [[ "$step" == latest ]]; then
     $gj export --workdir "$WORKDIR" --out "$WORKDIR/bundle"
@@ -73,7 +79,6 @@ for line in "${plan[@]}"; do
   students+=("$n:$n")
 done
 # The phase-1 student at the final count too: what the rounds add over guidance distillation alone.
-final=$($py -c "import json,sys; print(json.load(open(sys.argv[1]))['distill']['final_steps'])" "$WORKDIR/config.json")
 if [[ ${#students[@]} -gt 1 ]]; then students+=("${students[0]%%:*}:$final"); fi
 
 echo "== 4/4 sample and score the students: eval sweep on $N_EVAL validation captions, guidance 1 and 3"

@@ -192,9 +192,11 @@ def test_demo_distill_exports_and_scores_each_student(tmp_path, schedule, checkp
   work = tmp_path / "w"
   for step in checkpoints:
     (work / "checkpoints" / str(step)).mkdir(parents=True)
-  (work / "config.json").write_text(json.dumps({"distill": schedule}))
+  (work / "config.json").write_text(json.dumps({"distill": schedule, "diffusion": {"steps": 1000}}))
   env = {k: v for k, v in os.environ.items() if k not in ("TRAIN_MINUTES", "QUICK", "N_EVAL")}
-  env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SKIP_SETUP="1", WORKDIR=str(work), BASE=str(base),
+  # SKIP_SETUP's `python` is the one on PATH: this interpreter, which has glide_jax
+  path = os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), env["PATH"]])
+  env.update(PATH=path, SKIP_SETUP="1", WORKDIR=str(work), BASE=str(base),
              DATA_DIR=str(tmp_path / "data"))
   proc = subprocess.run(["bash", str(LAUNCH / "demo_distill.sh")], env=env, cwd=ROOT, capture_output=True,
                         text=True, timeout=120)
