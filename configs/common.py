@@ -94,6 +94,7 @@ def skeleton(stage: str) -> ml_collections.ConfigDict:
   c.diffusion.prediction = "epsilon"                # [G]; 'v' for velocity, 'x0' (glide_jax/diffusion/schedules.py)
   c.diffusion.upsample_residual = ""                # [G]: ''; upsamplers: 'bicubic' | 'bilinear' diffuse image - up(low_res)
   c.diffusion.vb_weight = 1.0                       # [GD] hybrid loss: mse + vb_weight * vb (0 = mse alone)
+  c.diffusion.min_snr_gamma = 0.0                   # > 0: cap the MSE's x0 weight at gamma (Min-SNR; 0 = off)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "image_folder"

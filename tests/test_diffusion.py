@@ -206,3 +206,63 @@ def test_v_prediction_loss_target_and_respacing_keep_the_prediction():
   assert r.prediction == "v" and r.num_timesteps == 50
   with pytest.raises(ValueError, match="unknown model prediction 'score'"):
     schedules.create_diffusion(1000, "linear", "", prediction="score")
+
+
+def _cosine_alpha_bar(T: int) -> np.ndarray:
+  """[G]'s squaredcos_cap_v2 cumulative alphas in float64, written out here (betas capped at 0.999)."""
+  f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+  betas = np.array([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)])
+  return np.cumprod(1.0 - betas)
+
+
+@pytest.mark.parametrize("prediction,snr_offset", [("v", 1.0), ("epsilon", 0.0)])
+def test_min_snr_caps_the_weight_on_x0_errors_at_gamma(prediction, snr_offset):
+  """With Min-SNR-gamma the weighted MSE is min(w, gamma) times the x0 error, w = SNR + 1 for v and
+  SNR for epsilon: checked against x0 recovered from the prediction in float64 by hand."""
+  d = schedules.create_diffusion(1000, "squaredcos_cap_v2", "", prediction=prediction)
+  k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+  x0 = jax.random.uniform(k1, (4, 4, 4, 3), minval=-1, maxval=1)
+  noise = jax.random.normal(k2, x0.shape)
+  out = jax.random.normal(k3, (4, 4, 4, 6)) * 0.5
+  t = jnp.array([150, 420, 700, 990])
+  gamma = 5.0
+  capped = losses.training_losses(d, lambda x, tt: out, x0, t, noise, min_snr_gamma=gamma)
+  plain = losses.training_losses(d, lambda x, tt: out, x0, t, noise)
+  np.testing.assert_allclose(plain["loss"], plain["mse"] + plain["vb"], rtol=1e-6)
+  np.testing.assert_allclose(capped["mse"], plain["mse"], rtol=1e-6)  # reported unweighted
+
+  abar = _cosine_alpha_bar(1000)[np.asarray(t)][:, None, None, None]
+  x0_, eps, pred = (np.asarray(a, np.float64) for a in (x0, noise, out[..., :3]))
+  x_t = np.sqrt(abar) * x0_ + np.sqrt(1 - abar) * eps
+  if prediction == "v":
+    x0_hat = np.sqrt(abar) * x_t - np.sqrt(1 - abar) * pred
+  else:
+    x0_hat = (x_t - np.sqrt(1 - abar) * pred) / np.sqrt(abar)
+  x0_err = np.mean((x0_ - x0_hat) ** 2, axis=(1, 2, 3))
+  w = (abar / (1 - abar)).ravel() + snr_offset
+  np.testing.assert_allclose(plain["mse"], w * x0_err, rtol=2e-4)  # the target's own weight
+  np.testing.assert_allclose(capped["loss"] - capped["vb"], np.minimum(w, gamma) * x0_err, rtol=2e-4)
+  assert w[0] > gamma > w[-1]  # the cap bites on the clean end only
+
+
+def test_min_snr_gamma_from_the_config_reaches_the_train_loss():
+  import train_support as ts
+  from glide_jax.train import stages
+  per_example = {}
+  for gamma in (0.0, 2.0):
+    stage = stages.make_stage(ts.tiny_config("base", "--config.diffusion.prediction=v",
+                                             f"--config.diffusion.min_snr_gamma={gamma}"))
+    params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x), stage.init(jax.random.key(0)),
+                                    is_leaf=lambda x: hasattr(x, "value"))
+    k1, k2 = jax.random.split(jax.random.key(1))
+    t = jnp.array([0, 10, 25, 49])
+    batch = {"image": jax.random.uniform(k1, (4, 8, 8, 3), minval=-1, maxval=1), "noise": jax.random.normal(k2, (4, 8, 8, 3)),
+             "tokens": jnp.ones((4, 8), jnp.int32), "mask": jnp.ones((4, 8), bool), "t": t, "weights": jnp.ones(4)}
+    _, aux = stage.loss(params, batch, jax.random.key(2))
+    per_example[gamma] = (np.asarray(aux["losses"]), np.asarray(aux["mse"]), np.asarray(aux["vb"]))
+  (l0, mse, vb), (l2, mse2, _) = per_example[0.0], per_example[2.0]
+  np.testing.assert_allclose(mse2, mse, rtol=1e-5)
+  weight = np.asarray(losses.min_snr_weight(stage.diffusion, t, 2.0))
+  assert weight[0] < 1.0 and weight[-1] == 1.0
+  np.testing.assert_allclose(l2, weight * mse + vb, rtol=1e-5)
+  np.testing.assert_allclose(l0, mse + vb, rtol=1e-5)

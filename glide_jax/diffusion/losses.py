@@ -4,7 +4,8 @@
 `rescale_learned_sigmas=True` (LossType.RESCALED_MSE), epsilon prediction, learned range. With
 `diffusion.prediction == 'v'` the MSE is on the velocity target instead (Salimans & Ho 2022), which
 weights x0 errors by SNR + 1 rather than SNR; with 'x0' it is on x0 itself (weight 1 at every t,
-[GD]'s ModelMeanType.START_X).
+[GD]'s ModelMeanType.START_X). `min_snr_gamma` caps the weight each target puts on x0 errors (Min-SNR,
+Hang et al. 2023).
 """
 from __future__ import annotations
 
@@ -65,8 +66,29 @@ def vb_terms_bpd(diffusion: Diffusion, model_output: jax.Array, x_start: jax.Arr
   return jnp.where(t == 0, nll, kl)
 
 
+def x0_weight(diffusion: Diffusion, t: jax.Array) -> jax.Array:
+  """How much the prediction's MSE weights x0 errors at t, [B]: the MSE on epsilon is SNR times the
+  MSE on x0, on v it is SNR + 1 times, on x0 once (SNR = abar / (1 - abar))."""
+  abar = jnp.asarray(diffusion.alphas_cumprod, jnp.float32)[t]
+  snr = abar / (1.0 - abar)
+  return {"epsilon": snr, "v": snr + 1.0, "x0": jnp.ones_like(snr)}[diffusion.prediction]
+
+
+def min_snr_weight(diffusion: Diffusion, t: jax.Array, gamma: float) -> jax.Array:
+  """The Min-SNR-gamma factor on the prediction's MSE, [B]: min(w, gamma) / w for its x0 weight w.
+
+  Hang et al. (2023) cap the x0 weight at gamma so that the nearly clean steps, where the MSE is
+  easy and its gradients conflict with the noisy steps', stop dominating; for epsilon this is
+  their min(SNR, gamma) / SNR. For v, capping SNR + 1 (rather than SNR, as some trainers do) leaves
+  the noisiest steps at full weight, where the layout is decided. gamma <= 0: no cap (ones).
+  """
+  if gamma <= 0:
+    return jnp.ones(t.shape, jnp.float32)
+  return jnp.minimum(1.0, gamma / x0_weight(diffusion, t))
+
+
 def training_losses(diffusion: Diffusion, model_fn: ModelFn, x_start: jax.Array, t: jax.Array,
-                    noise: jax.Array, vb_weight: float = 1.0) -> dict[str, jax.Array]:
+                    noise: jax.Array, vb_weight: float = 1.0, min_snr_gamma: float = 0.0) -> dict[str, jax.Array]:
   """The hybrid loss per example: {'loss', 'mse', 'vb'}, each [B].
 
   x_start, noise: [B, H, W, C]; t: [B] indices into the diffusion's steps (the model sees
@@ -76,7 +98,9 @@ def training_losses(diffusion: Diffusion, model_fn: ModelFn, x_start: jax.Array,
   against the noise (epsilon prediction), the velocity (v) or x_start (x0). `vb_weight` (config
   `diffusion.vb_weight`; 1 = [GD]'s hybrid loss) multiplies `vb` in 'loss' ('vb' is reported
   unweighted): the VLB reaches the shared trunk through the variance channels, and where `mse` is
-  small (x0 targets of a residual upsampler) it dominates the trunk's gradient.
+  small (x0 targets of a residual upsampler) it dominates the trunk's gradient. `min_snr_gamma`
+  (config `diffusion.min_snr_gamma`; 0 = off) multiplies the MSE in 'loss' by `min_snr_weight`
+  ('mse' is reported unweighted).
   """
   x_t = gaussian.q_sample(diffusion, x_start, t, noise)
   model_output = model_fn(x_t, gaussian.model_timesteps(diffusion, t))
@@ -95,4 +119,5 @@ def training_losses(diffusion: Diffusion, model_fn: ModelFn, x_start: jax.Array,
   else:
     raise ValueError(f"unknown model prediction {diffusion.prediction!r}")
   mse = mean_flat((target - pred) ** 2)
-  return {"loss": mse + vb_weight * vb, "mse": mse, "vb": vb}
+  weighted = mse * min_snr_weight(diffusion, t, min_snr_gamma) if min_snr_gamma > 0 else mse
+  return {"loss": weighted + vb_weight * vb, "mse": mse, "vb": vb}

@@ -60,7 +60,8 @@ def _dtype(name: str):
   return registry.compute_dtype(name, "model.dtype")
 
 
-def _diffusion_loss(model, diffusion, extra_keys, residual: str = "", vb_weight: float = 1.0):
+def _diffusion_loss(model, diffusion, extra_keys, residual: str = "", vb_weight: float = 1.0,
+                    min_snr_gamma: float = 0.0):
   def loss(params, batch, rng):
     extra = {k: batch[k] for k in extra_keys}
     if "inpaint_mask" in extra:
@@ -73,7 +74,7 @@ def _diffusion_loss(model, diffusion, extra_keys, residual: str = "", vb_weight:
       return model.apply({"params": params}, x_t, t_model, batch["tokens"], batch["mask"], train=True,
                          rngs={"dropout": rng}, **extra)
 
-    terms = training_losses(diffusion, model_fn, x_start, batch["t"], batch["noise"], vb_weight)
+    terms = training_losses(diffusion, model_fn, x_start, batch["t"], batch["noise"], vb_weight, min_snr_gamma)
     total = jnp.mean(terms["loss"] * batch["weights"])
     return total, {"losses": terms["loss"], "mse": terms["mse"], "vb": terms["vb"]}
   return loss
@@ -228,4 +229,5 @@ def make_stage(config: Any) -> Stage:
     return model.init({"params": rng, "dropout": rng}, **inputs)["params"]
 
   return Stage(name, kind, model, diffusion, size, ("image", "tokens", "mask") + extra, True, init,
-               _diffusion_loss(model, diffusion, extra, residual, float(config.diffusion.get("vb_weight", 1.0))))
+               _diffusion_loss(model, diffusion, extra, residual, float(config.diffusion.get("vb_weight", 1.0)),
+                               float(config.diffusion.get("min_snr_gamma", 0.0))))
