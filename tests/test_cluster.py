@@ -202,7 +202,8 @@ WORKER = textwrap.dedent("""
     # A file per process, not a stdout line: a process's native logs share its stdout pipe.
     with open(os.path.join(sys.argv[1], "result-" + os.environ["SLURM_PROCID"] + ".json"), "w") as f:
       f.write(result)
-    print("RESULT", result, flush=True)
+    sys.stdout.write("RESULT " + result + "\\n")
+    sys.stdout.flush()
 """)
 
 

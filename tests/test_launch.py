@@ -22,13 +22,17 @@ def _env():
 
 
 WORKER = textwrap.dedent("""
-    import os, jax, numpy as np
+    import os, sys, jax, numpy as np
     jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["JAX_NUM_PROCESSES"]),
                                int(os.environ["JAX_PROCESS_ID"]))
     from jax.experimental import multihost_utils
     gathered = multihost_utils.process_allgather(np.array([10 + jax.process_index()]))
-    print("RESULT", jax.process_index(), jax.process_count(), jax.device_count(), jax.local_device_count(),
-          gathered.ravel().tolist(), os.environ["GLIDE_JAX_PROCESS_ID"], flush=True)
+    # One write of the whole line: print() writes each argument apart, and gloo's own log lines on
+    # the same unbuffered stdout (launch/local.py) have landed between them.
+    sys.stdout.write(" ".join(map(str, ["RESULT", jax.process_index(), jax.process_count(), jax.device_count(),
+                                        jax.local_device_count(), gathered.ravel().tolist(),
+                                        os.environ["GLIDE_JAX_PROCESS_ID"]])) + "\\n")
+    sys.stdout.flush()
 """)
 
 

@@ -40,8 +40,10 @@ state = r["state"]
 local = {{jax.tree_util.keystr(p): np.asarray(x.addressable_shards[0].data) for p, x in
           jax.tree_util.tree_leaves_with_path(state.params) if x.sharding.is_fully_replicated}}
 np.savez(os.path.join({workdir!r}, f"params_{{jax.process_index()}}.npz"), **local)
-print("RESULT", json.dumps({{"process": jax.process_index(), "count": jax.process_count(),
-                             "losses": r["losses"], "replicated": len(local)}}), flush=True)
+# One write of the whole line (gloo's log lines share the unbuffered stdout).
+sys.stdout.write("RESULT " + json.dumps({{"process": jax.process_index(), "count": jax.process_count(),
+                                          "losses": r["losses"], "replicated": len(local)}}) + "\n")
+sys.stdout.flush()
 """
 
 

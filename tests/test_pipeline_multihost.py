@@ -35,8 +35,10 @@ WORKER = textwrap.dedent("""
       index = multihost_utils.process_allgather(g["index"], tiled=True)
       image = multihost_utils.process_allgather(g["image"], tiled=True)
       steps.append({"index": np.asarray(index).tolist(), "pixel_sum": float(np.asarray(image).sum())})
-    print("RESULT", json.dumps({"process": jax.process_index(), "count": jax.process_count(),
-                                "local_batch": it.local_batch_size, "steps": steps}), flush=True)
+    # One write of the whole line (gloo's log lines share the unbuffered stdout).
+    sys.stdout.write("RESULT " + json.dumps({"process": jax.process_index(), "count": jax.process_count(),
+                                             "local_batch": it.local_batch_size, "steps": steps}) + "\\n")
+    sys.stdout.flush()
 """)
 
 
