@@ -190,7 +190,7 @@ def test_refuses_a_run_that_ends_with_one_process(tmp_path):
 # ----------------------------------------------------------------------------- srun on localhost
 
 WORKER = textwrap.dedent("""
-    import json, logging, os, sys
+    import json, logging, sys
     logging.basicConfig(level=logging.INFO)
     from glide_jax.parallel import multihost
     assert multihost.initialize() and multihost.initialize()  # idempotent
@@ -199,9 +199,8 @@ WORKER = textwrap.dedent("""
     gathered = multihost_utils.process_allgather(np.array([10 + jax.process_index()]))
     result = json.dumps({"index": jax.process_index(), "count": jax.process_count(),
                          "devices": jax.device_count(), "gathered": gathered.ravel().tolist()})
-    # A file per process, not a stdout line: a process's native logs share its stdout pipe.
-    with open(os.path.join(sys.argv[1], "result-" + os.environ["SLURM_PROCID"] + ".json"), "w") as f:
-      f.write(result)
+    # One write of the whole line: print() writes each argument apart, and gloo's own log lines on
+    # the same stdout have landed between them.
     sys.stdout.write("RESULT " + result + "\\n")
     sys.stdout.flush()
 """)
@@ -231,7 +230,7 @@ def test_two_processes_started_as_srun_starts_them(tmp_path):
                SLURM_NTASKS="2", SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_NODEID="0",
                SLURM_STEP_NODELIST="localhost", SLURM_NODELIST="localhost", SLURM_JOB_NODELIST="localhost",
                SLURM_STEP_NUM_NODES="1", SLURM_STEP_NUM_TASKS="2", SLURM_NNODES="1")
-    procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env, stdout=subprocess.PIPE,
+    procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
   outs = []
   try:
@@ -242,10 +241,8 @@ def test_two_processes_started_as_srun_starts_them(tmp_path):
       p.kill() if p.poll() is None else None
   shown = "\n".join(f"---- SLURM_PROCID={i} exit {p.returncode}\n{o[-3000:]}" for i, (p, o) in enumerate(zip(procs, outs)))
   assert all(p.returncode == 0 for p in procs), shown
-  files = [tmp_path / f"result-{i}.json" for i in range(2)]
-  assert all(f.exists() for f in files), shown
-  results = [json.loads(f.read_text()) for f in files]
-  assert [r["index"] for r in results] == [0, 1], shown
+  results = [json.loads(ln.split("RESULT ", 1)[1]) for o in outs for ln in o.splitlines() if "RESULT " in ln]
+  assert [r["index"] for r in results] == [0, 1], shown  # outs in SLURM_PROCID order
   assert all(r["count"] == 2 and r["devices"] == 4 and r["gathered"] == [10, 11] for r in results), results
   assert any("jax.distributed (slurm): process 0 of 2" in o for o in outs), outs[0][-2000:]
 

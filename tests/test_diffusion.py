@@ -72,10 +72,15 @@ def test_respaced_betas_keep_alpha_bar_and_original_timesteps():
   assert schedules.create_diffusion(1000, "linear", "100").betas.dtype == np.float32
 
 
+def _squaredcos(u: float) -> float:
+  """[G]'s squaredcos_cap_v2 alpha-bar before normalisation, written out here: f(t / T)."""
+  return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
 def test_schedule_closed_forms():
   cos = schedules.get_named_beta_schedule("squaredcos_cap_v2", 1000)
   abar = np.cumprod(1 - cos)
-  f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+  f = _squaredcos
   np.testing.assert_allclose(abar[:500], [f((i + 1) / 1000) / f(0) for i in range(500)], rtol=1e-10)
   assert cos[-1] == 0.999 and abs(cos[0] - 4.128e-5) < 1e-8
   lin = schedules.get_named_beta_schedule("linear", 1000)
@@ -209,8 +214,8 @@ def test_v_prediction_loss_target_and_respacing_keep_the_prediction():
 
 
 def _cosine_alpha_bar(T: int) -> np.ndarray:
-  """[G]'s squaredcos_cap_v2 cumulative alphas in float64, written out here (betas capped at 0.999)."""
-  f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+  """[G]'s squaredcos_cap_v2 cumulative alphas in float64 (betas capped at 0.999)."""
+  f = _squaredcos
   betas = np.array([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)])
   return np.cumprod(1.0 - betas)
 

@@ -80,10 +80,9 @@ def min_snr_weight(diffusion: Diffusion, t: jax.Array, gamma: float) -> jax.Arra
   Hang et al. (2023) cap the x0 weight at gamma so that the nearly clean steps, where the MSE is
   easy and its gradients conflict with the noisy steps', stop dominating; for epsilon this is
   their min(SNR, gamma) / SNR. For v, capping SNR + 1 (rather than SNR, as some trainers do) leaves
-  the noisiest steps at full weight, where the layout is decided. gamma <= 0: no cap (ones).
+  the noisiest steps at full weight, where the layout is decided. gamma > 0 (`training_losses`
+  leaves the MSE alone for 0).
   """
-  if gamma <= 0:
-    return jnp.ones(t.shape, jnp.float32)
   return jnp.minimum(1.0, gamma / x0_weight(diffusion, t))
 
 
