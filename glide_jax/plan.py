@@ -291,7 +291,7 @@ def compile_sampler_step(config: Any, devices: Sequence[Any], batch: int) -> Res
     return samplers.sample_loop(model_fn, diffusion, (batch, s, s, 3), key, sampler=sampler_name)
 
   repl = program.rng_sharding
-  jitted = jax.jit(sample_one_step, in_shardings=(params_sh, cond_sh, repl))
+  jitted = jax.jit(program_lib.traced_for(program.platform, sample_one_step), in_shardings=(params_sh, cond_sh, repl))
   start = time.time()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     compiled = jitted.lower(params, cond, program.abstract_rng()).compile()

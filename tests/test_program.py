@@ -2,6 +2,7 @@
 step, shown by equal fingerprints (sha256 of the lowered StableHLO) for every stage on the 8-device
 CPU platform; and the program's per-stage pieces (caption dropout, empty caption, diffusion)."""
 import argparse
+import importlib.util
 import json
 
 import jax
@@ -149,3 +150,31 @@ def test_a_tpu_plan_leaves_the_environment_as_it_was(capsys):
                                         "--config.no_such_key=1"])
   assert plan_cmd.run(args) == 2  # refused before anything compiles
   assert {k: os.environ.get(k) for k in plan_cmd._TPU_COMPILE_ONLY_ENV} == before
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the tpu extra) is not installed")
+def test_a_program_for_tpu_devices_is_traced_with_the_tpus_attention(monkeypatch):
+  """Lowered on this CPU host for TPU devices (what `glide-jax plan` compiles), the step holds the
+  attention a TPU runs (`jax.nn.dot_product_attention`), not the CPU's einsum; for the CPU
+  devices, the einsum. The choice follows the mesh's devices, not `jax.default_backend()`."""
+  from glide_jax import plan
+  from glide_jax.models import layers
+
+  calls = []
+  einsum, fused = layers._einsum_attention, jax.nn.dot_product_attention
+  monkeypatch.setattr(layers, "_einsum_attention", lambda *a: calls.append("einsum") or einsum(*a))
+  monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: calls.append("fused") or fused(*a, **k))
+  for k, v in plan_cmd._TPU_COMPILE_ONLY_ENV.items():
+    monkeypatch.setenv(k, v)
+  config = ts.tiny_config("base", "--config.mesh.data=4", "--config.mesh.fsdp=1", "--config.batch_size=8",
+                          "--config.total_steps=1")
+  tpu = program_lib.build(config, devices=plan.topology_devices("v5p:2x2x1"))
+  assert tpu.platform == "tpu"
+  calls.clear()  # the abstract state's eval_shape traced `init`; what counts is the step
+  tpu.lower()
+  assert calls and set(calls) == {"fused"}, calls
+  cpu = program_lib.build(config, devices=jax.devices()[:4])
+  assert cpu.platform == "cpu"
+  calls.clear()
+  cpu.lower()
+  assert calls and set(calls) == {"einsum"}, calls

@@ -21,6 +21,8 @@ Logical axis vocabulary (the mesh rules in `glide_jax/parallel` map these to mes
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import warnings
 from typing import Any, Sequence
@@ -198,6 +200,27 @@ class LayerNorm(nn.Module):
 
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 
+# The platform a program is traced for. `jax.default_backend()` is the host's, which is wrong when a
+# CPU machine lowers a step for TPU devices (`glide-jax plan`): the train program sets this while it
+# traces, so the plan compiles the attention a TPU runs, not the CPU's einsum.
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("glide_jax_target_platform",
+                                                                              default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str | None):
+  """Trace the models inside for `platform` ('cpu', 'gpu', 'tpu'; None: the default backend)."""
+  token = _TARGET_PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _TARGET_PLATFORM.reset(token)
+
+
+def traced_platform() -> str:
+  """The platform being traced for: `target_platform`'s, else `jax.default_backend()`."""
+  return _TARGET_PLATFORM.get() or jax.default_backend()
+
 
 def attention_impl_option(value: str | None) -> str | None:
   """The model option `attention_impl` as `attention`'s implementation: '' and None both mean None
@@ -217,7 +240,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
   logits q.k in float32 (bf16 inputs: a bf16 x bf16 -> float32 dot), masks and softmaxes them in
   float32, and casts the weights to v's dtype for weights.v (the reference's
   `softmax(w.float()).type(w.dtype)`). `implementation` (the model option `attention_impl`):
-    None   the default: on the CPU backend `_einsum_attention` (jax's XLA attention materialises
+    None   the default: on the CPU (`traced_platform()`) `_einsum_attention` (jax's XLA attention materialises
            two transposes of the [B, H, Lq, Lk] weights in its backward pass there and was 25-30 %
            slower on the demo's 16x16 attention, docs/performance.md); elsewhere
            `jax.nn.dot_product_attention` with its default choice (XLA's today).
@@ -231,7 +254,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
     raise ValueError(f"attention implementation {implementation!r}: choose from {ATTENTION_IMPLS}")
   if mask is not None:
     mask = jnp.asarray(mask, bool)
-  backend = jax.default_backend()
+  backend = traced_platform()
   if implementation == "cudnn" and backend != "gpu":
     warnings.warn(f"attention_impl='cudnn' needs a GPU; the backend is {backend!r}, so the default "
                   "attention runs instead", RuntimeWarning, stacklevel=2)

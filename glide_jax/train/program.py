@@ -18,6 +18,7 @@ dropout (base, inpaint and upsample drop captions; clip never), and the tokenize
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from glide_jax.models import layers
 from glide_jax.parallel import mesh as mesh_lib
 from glide_jax.parallel import sharding as shard_lib
 from glide_jax.train import optim, stages, timesteps
@@ -42,6 +44,20 @@ log = logging.getLogger(__name__)
 CAPTION_DROPOUT_STAGES = ("base", "inpaint", "upsample")
 # Stages whose step needs the empty caption: those, and distill (the teacher's unconditional half).
 EMPTY_CAPTION_STAGES = CAPTION_DROPOUT_STAGES + ("distill",)
+
+
+def mesh_platform(mesh: Mesh) -> str:
+  """The platform of `mesh`'s devices: what the models are traced for (`layers.target_platform`)."""
+  return str(mesh.devices.flat[0].platform)
+
+
+def traced_for(platform: str, fn: Any) -> Any:
+  """`fn`, traced with the models' platform-dependent choices (attention) made for `platform`."""
+  @functools.wraps(fn)
+  def on_platform(*args, **kwargs):
+    with layers.target_platform(platform):
+      return fn(*args, **kwargs)
+  return on_platform
 
 
 class ProgramError(ValueError):
@@ -122,6 +138,11 @@ class Program:
   @property
   def batch_size(self) -> int:
     return int(self.config.batch_size)
+
+  @property
+  def platform(self) -> str:
+    """The platform of the mesh's devices ('cpu', 'gpu', 'tpu'), which the step is traced for."""
+    return mesh_platform(self.mesh)
 
   def abstract_rng(self) -> jax.ShapeDtypeStruct:
     key = jax.eval_shape(lambda: jax.random.key(0))
@@ -221,6 +242,9 @@ def build(config: Any, *, mesh: Mesh | None = None, devices: Sequence[Any] | Non
                                  distill=stage.distill)
   empty_dev = None if empty is None else (jnp.asarray(empty[0]), jnp.asarray(empty[1]))
   step_fn = step_lib.make_train_step(stage.loss, tx, schedule, step_cfg, sampler, empty_dev, mesh, rules)
+  # Traced for the mesh's devices, not this host's backend: a plan lowered on a CPU machine for a
+  # TPU pod then holds the attention the pod runs.
+  step_fn = traced_for(mesh_platform(mesh), step_fn)
   a_batch = abstract_batch(stage, config, batch)
   batch_sh = shard_lib.batch_shardings(a_batch, mesh, rules)
   repl = shard_lib.replicated(mesh)
