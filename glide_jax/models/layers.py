@@ -198,7 +198,7 @@ class LayerNorm(nn.Module):
     return h.astype(x.dtype)
 
 
-ATTENTION_IMPLS = (None, "xla", "cudnn")
+ATTENTION_IMPLS = (None, "xla", "cudnn", "flash")
 
 # The platform a program is traced for. `jax.default_backend()` is the host's, which is wrong when a
 # CPU machine lowers a step for TPU devices (`glide-jax plan`): the train program sets this while it
@@ -249,16 +249,25 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
            statistics. On another backend it falls back to the default with a warning, so a model
            configured for GPUs still samples elsewhere; on a GPU an unsupported dtype or shape is a
            ValueError.
+    'flash'  Pallas's TPU flash attention (`_flash_attention`): the [B, H, Lq, Lk] logits never
+           reach HBM, so neither their memory nor the compiler's work on them grows with the batch.
+           Masked attention (the CLIP text tower's) keeps XLA's. On another platform it falls back
+           to the default with a warning, as 'cudnn' does.
   """
   if implementation not in ATTENTION_IMPLS:
     raise ValueError(f"attention implementation {implementation!r}: choose from {ATTENTION_IMPLS}")
   if mask is not None:
     mask = jnp.asarray(mask, bool)
   backend = traced_platform()
-  if implementation == "cudnn" and backend != "gpu":
-    warnings.warn(f"attention_impl='cudnn' needs a GPU; the backend is {backend!r}, so the default "
-                  "attention runs instead", RuntimeWarning, stacklevel=2)
+  needs = {"cudnn": "gpu", "flash": "tpu"}.get(implementation)
+  if needs and backend != needs:
+    warnings.warn(f"attention_impl={implementation!r} needs a {needs.upper()}; the backend is {backend!r}, so "
+                  "the default attention runs instead", RuntimeWarning, stacklevel=2)
     implementation = None
+  if implementation == "flash":
+    if mask is None:
+      return _flash_attention(q, k, v)
+    implementation = "xla"
   if implementation is None and backend == "cpu":
     return _einsum_attention(q, k, v, mask)
   scale = q.shape[-1] ** -0.5
@@ -270,6 +279,64 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
     raise ValueError(f"attention_impl='cudnn' cannot run q {q.dtype}{tuple(q.shape)}, k {tuple(k.shape)}: {e} "
                      "(cuDNN's fused attention takes bfloat16/float16; use attention_impl=None for "
                      "float32)") from e
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _flash_attention(q, k, v):
+  """[B, L, H, D] attention through `jax.experimental.pallas.ops.tpu.flash_attention`.
+
+  The kernel wants [B, H, L, D] and key blocks of 128: keys and values are padded to a multiple of
+  128 and the padding is masked with segment ids (real keys 1, padding 0); queries are padded to
+  their block (padded rows attend to the real keys and are cut off, so their cotangent is zero).
+  Logits and softmax statistics are float32 inside the kernel. Under a mesh it runs per batch
+  shard (`_per_batch_shard`): the SPMD partitioner cannot split a Pallas call itself.
+  """
+  from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+  b, lq, _, d = q.shape
+  lk = k.shape[1]
+  block_q = 128 if lq >= 128 else _round_up(lq, 8)
+  lq_p, lk_p = _round_up(lq, block_q), _round_up(lk, 128)
+  block_k_major = next(m for m in (512, 256, 128) if lk_p % m == 0)
+  blocks = fa.BlockSizes(block_q=block_q, block_k_major=block_k_major, block_k=128, block_b=1,
+                         block_q_major_dkv=block_q, block_k_major_dkv=block_k_major, block_k_dkv=128,
+                         block_q_dkv=block_q, block_k_major_dq=block_k_major, block_k_dq=128, block_q_dq=block_q)
+
+  def heads_first(a, length):
+    return jnp.pad(a.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, length - a.shape[1]), (0, 0)))
+
+  qt, kt, vt = heads_first(q, lq_p), heads_first(k, lk_p), heads_first(v, lk_p)
+  seg_q = jnp.ones((b, lq_p), jnp.int32)
+  seg_kv = jnp.broadcast_to((jnp.arange(lk_p) < lk).astype(jnp.int32), (b, lk_p))
+
+  def kernel(qt, kt, vt, seg_q, seg_kv):
+    segments = fa.SegmentIds(q=seg_q, kv=seg_kv) if lk_p != lk else None
+    return fa.flash_attention(qt, kt, vt, segment_ids=segments, sm_scale=d ** -0.5, block_sizes=blocks)
+
+  out = _per_batch_shard(kernel, qt, kt, vt, seg_q, seg_kv)
+  return out[:, :, :lq].transpose(0, 2, 1, 3)
+
+
+def _per_batch_shard(fn, *args):
+  """`fn(*args)` (every arg batch-major) under `jax.shard_map` over the ambient mesh's batch axes
+  (the logical rules' 'batch', default replica/data/fsdp), each device on its own rows; called
+  directly without a mesh, or when the batch does not divide over those axes."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return fn(*args)
+  rules = dict(nn.get_logical_axis_rules())
+  named = rules.get("batch", ("replica", "data", "fsdp"))
+  named = (named,) if isinstance(named, str) else tuple(named or ())
+  axes = tuple(a for a in named if a in mesh.axis_names and mesh.shape[a] > 1)
+  shards = int(np.prod([mesh.shape[a] for a in axes]))
+  if not axes or args[0].shape[0] % shards:
+    return fn(*args)
+  spec = jax.sharding.PartitionSpec(axes)
+  # check_vma=False: the Pallas call's outputs carry no varying-axes annotation.
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
 
 
 def _einsum_attention(q, k, v, mask):

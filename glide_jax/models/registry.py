@@ -25,7 +25,7 @@ BASE_DEFAULTS: dict[str, Any] = dict(
     xf_token_init_std=0.02,  # initialisation only (TextEncoder.token_init_std)
     scan_layers=False,  # ours: the text encoder's blocks under nn.scan (params stacked, models/layout.py)
     guidance_embed=False,  # ours: the guidance scale as an input (distilled students; UNet.guidance_embed)
-    attention_impl=None)  # ours, runtime only: None/'xla' lets XLA choose, 'cudnn' (layers.attention)
+    attention_impl=None)  # ours, runtime only: None/'xla' lets XLA choose, 'cudnn' (GPU), 'flash' (TPU Pallas) (layers.attention)
 # `model_and_diffusion_defaults_upsampler()`.
 UPSAMPLE_DEFAULTS: dict[str, Any] = {**BASE_DEFAULTS, "image_size": 256, "num_res_blocks": 2,
                                      "noise_schedule": "linear", "super_res": True}

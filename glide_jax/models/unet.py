@@ -249,7 +249,7 @@ class UNet(nn.Module):
   dtype: Dtype = jnp.float32
   remat_policy: str = "none"
   scan_layers: bool = False  # the text encoder's blocks under nn.scan (models/layout.py)
-  attention_impl: str | None = None  # None/'xla': XLA's attention; 'cudnn': cuDNN's (layers.attention)
+  attention_impl: str | None = None  # None/'xla': XLA's attention; 'cudnn': cuDNN's; 'flash': TPU Pallas (layers.attention)
   # Ours (guidance distillation, Meng et al. 2023): the guidance scale w [B] is an input, embedded
   # like the timestep (sinusoid of GUIDANCE_EMBED_SCALE * w -> MLP) and added to the timestep
   # embedding. The MLP's last layer starts at zero, so a teacher's weights plus this subtree give
