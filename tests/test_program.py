@@ -178,3 +178,21 @@ def test_a_program_for_tpu_devices_is_traced_with_the_tpus_attention(monkeypatch
   calls.clear()
   cpu.lower()
   assert calls and set(calls) == {"einsum"}, calls
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the tpu extra) is not installed")
+def test_attention_impl_flash_puts_pallas_kernels_in_a_tpu_plan(monkeypatch):
+  """`attention_impl=flash` lowered for TPU devices holds Pallas TPU calls (one per attention, forward
+  and backward), each per batch shard; the default program holds none."""
+  from glide_jax import plan
+
+  for k, v in plan_cmd._TPU_COMPILE_ONLY_ENV.items():
+    monkeypatch.setenv(k, v)
+  devices = plan.topology_devices("v5p:2x2x1")
+  counts = {}
+  for impl in ("", "flash"):
+    config = ts.tiny_config("base", "--config.mesh.data=4", "--config.mesh.fsdp=1", "--config.batch_size=8",
+                            "--config.total_steps=1", f"--config.model.options.attention_impl={impl}")
+    text = program_lib.build(config, devices=devices).lower().as_text()
+    counts[impl] = text.count("tpu_custom_call")
+  assert counts[""] == 0 and counts["flash"] > 0, counts

@@ -234,8 +234,9 @@ def build(config: Any, *, mesh: Mesh | None = None, devices: Sequence[Any] | Non
                        f"diffusion.schedule_sampler={config.diffusion.schedule_sampler!r} must be 'uniform'")
   ema_rates = tuple(float(r) for r in config.ema.rates)
   empty = empty_caption(config, tokenizer) if stage.uses_text else None
-  abstract, shardings = state_lib.state_shardings(stage.init, tx, ema_rates, sampler.init, mesh, rules,
-                                                  teacher=stage.distill is not None)
+  with layers.target_platform(mesh_platform(mesh)):  # its eval_shape traces the model's init
+    abstract, shardings = state_lib.state_shardings(stage.init, tx, ema_rates, sampler.init, mesh, rules,
+                                                    teacher=stage.distill is not None)
   step_cfg = step_lib.StepConfig(ema_rates=ema_rates, ema_warmup=bool(config.ema.warmup), microbatches=micro,
                                  caption_dropout=caption_dropout_rate(config),
                                  num_timesteps=stage.diffusion.num_timesteps, uses_text=stage.uses_text,
