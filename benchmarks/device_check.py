@@ -51,7 +51,7 @@ PARITY_TESTS = (
     "tests/test_attention.py::test_float32_matches_the_einsum_softmax",
     "tests/test_attention.py::test_bfloat16_logits_and_softmax_in_float32",
     "tests/test_attention.py::test_gradients_match_the_einsum_softmax",
-    "tests/test_attention.py::test_xla_path_matches_the_reference_dumps",
+    "tests/test_attention.py::test_xla_and_flash_paths_match_the_reference_dumps",
 )
 # --cpu: the suite runs them all on the CPU anyway; these show the section works.
 PARITY_TESTS_CPU = ("tests/test_diffusion.py::test_parity_every_array_float32",)
