@@ -10,4 +10,4 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
   (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium) \
     >/dev/null || echo "launch/test.sh: could not install chromium; the browser tests will skip" >&2
 fi
-exec .venv/bin/python -m pytest -n 2 --dist loadfile -q tests "$@"
+exec .venv/bin/python -m pytest -n 2 --dist loadfile -q --durations=25 tests "$@"
