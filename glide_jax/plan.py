@@ -35,6 +35,38 @@ TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
 CHIPS: dict[str, Chip] = {gen: hardware.CHIPS[gen] for gen in TPU_GENERATIONS}
 
 
+# glibc's malloc gives contending threads their own arenas (up to 8 per core) and does not move
+# memory freed in one arena to another; libtpu's backend compiles fusions on many threads for tens
+# of minutes, so the plan's resident memory grows with that fragmentation (docs/scale.md, "Host
+# memory"). Two arenas keep it down at no measured cost in compile time. glibc has no other
+# interface for this than mallopt (MALLOC_ARENA_MAX only works before the process starts).
+PLAN_MALLOC_ARENAS = 2
+_M_ARENA_MAX = -8  # glibc malloc.h
+
+
+def limit_malloc_arenas(arenas: int = PLAN_MALLOC_ARENAS) -> str:
+  """Caps glibc's malloc arenas for the arenas created from now on; returns what was done.
+
+  Leaves a MALLOC_ARENA_MAX from the environment alone (the user's choice, already applied by
+  glibc) and does nothing where the C library is not glibc."""
+  import ctypes
+  import ctypes.util
+  import os
+
+  if os.environ.get("MALLOC_ARENA_MAX"):
+    return f"MALLOC_ARENA_MAX={os.environ['MALLOC_ARENA_MAX']} from the environment"
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    mallopt = libc.mallopt
+    libc.gnu_get_libc_version  # glibc only; musl and others have no M_ARENA_MAX
+  except (OSError, AttributeError):
+    return "not glibc: malloc arenas left as they are"
+  mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+  if mallopt(_M_ARENA_MAX, int(arenas)) != 1:
+    return "mallopt(M_ARENA_MAX) refused: malloc arenas left as they are"
+  return f"malloc arenas capped at {int(arenas)}"
+
+
 def host_chip(n_devices: int) -> Chip:
   """`--topology cpu`: the local devices share this machine's memory; no peak is known (0)."""
   import os

@@ -102,6 +102,7 @@ def test_plan_command_compiles_for_a_tpu_topology():
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["fits"] is True and result["topology"] == "v5p:2x2x1" and result["chips"] == 4
+  assert "host memory: malloc arenas capped at 2" in out.stderr or "MALLOC_ARENA_MAX" in out.stderr
   assert result["hbm_bytes"] == 95 * (1 << 30)
   assert 0 < result["per_chip_bytes"] < result["hbm_bytes"]
   # data parallel over 2 x fsdp 2: gradients are reduced and fsdp parameters gathered
@@ -126,3 +127,53 @@ def test_chips_come_from_the_one_hardware_table():
   assert out["hbm_bytes"] == host.hbm_bytes and out["step_time_lower_bound_s"] == 0.0  # no peak: no bound
   v5p = plan.result_json(config, "v5p:2x2x1", res, plan.CHIPS["v5p"], 1, 4, 4e12, 1e8)
   assert v5p["step_time_lower_bound_s"] == pytest.approx(4e12 / (459e12 * 4))
+
+
+_ARENA_PROBE = r"""
+import ctypes, os, re, sys, tempfile, threading
+from glide_jax import plan
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.fopen.restype = ctypes.c_void_p
+libc.malloc_info.argtypes, libc.fclose.argtypes = [ctypes.c_int, ctypes.c_void_p], [ctypes.c_void_p]
+
+def heaps():  # glibc's own report: one <heap nr=...> element per arena
+  path = os.path.join(tempfile.mkdtemp(), "info.xml")
+  fp = libc.fopen(path.encode(), b"w")
+  libc.malloc_info(0, fp)
+  libc.fclose(fp)
+  return len(re.findall(r"<heap nr=", open(path).read()))
+
+if sys.argv[1] == "cap":
+  print(plan.limit_malloc_arenas(1), file=sys.stderr)
+before = heaps()
+barrier = threading.Barrier(8)
+def work():  # eight threads alive at once, each allocating: glibc would give each its own arena
+  p = libc.malloc(1 << 16)
+  barrier.wait()
+  libc.free(p)
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(heaps() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not os.path.exists("/proc/self/maps")
+                    or "libc.so.6" not in open("/proc/self/maps").read(), reason="needs glibc")
+def test_plan_caps_glibc_malloc_arenas():
+  """Threads allocating at once get new glibc arenas unless capped; the plan's cap stops that
+  (glibc's malloc_info counts the arenas)."""
+  env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+  def new_arenas(mode):
+    out = subprocess.run([sys.executable, "-c", _ARENA_PROBE, mode], env=env, capture_output=True,
+                         text=True, check=True, timeout=120)
+    return int(out.stdout.split()[-1]), out.stderr
+  assert new_arenas("free")[0] >= 4                 # the probe does create arenas when uncapped
+  added, log = new_arenas("cap")
+  assert added == 0, log
+  assert "capped at 1" in log
+  # The user's own MALLOC_ARENA_MAX is left alone.
+  env["MALLOC_ARENA_MAX"] = "3"
+  assert "from the environment" in new_arenas("cap")[1]

@@ -60,6 +60,8 @@ _TPU_COMPILE_ONLY_ENV = {"TPU_ACCELERATOR_TYPE": "v5p-8", "TPU_SKIP_MDS_QUERY": 
 def run(args: argparse.Namespace) -> int:
   """Sets the compile-only TPU environment for the plan and puts the previous one back after it,
   so a later `train` in the same process does not take TPU_WORKER_HOSTNAMES for a TPU pod."""
+  from glide_jax import plan as plan_lib
+  print(f"glide-jax plan: host memory: {plan_lib.limit_malloc_arenas()}", file=sys.stderr)
   if args.topology == "cpu":
     return _run(args)
   saved = {k: os.environ.get(k) for k in _TPU_COMPILE_ONLY_ENV}
