@@ -108,7 +108,7 @@ def test_run_sweep_table_and_statistics_match_hand_counts(tmp_path):
   at_1[5] = 200  # grey only: no shape to read
   at_4 = render.render(a, 32)
 
-  rows = sweep.run_sweep(lambda ps, scale: at_4 if scale == 4 else at_1, prompts, [1.0, 4.0], tmp_path,
+  rows = sweep.run_sweep(lambda ps, scale, **_: at_4 if scale == 4 else at_1, prompts, [1.0, 4.0], tmp_path,
                          attributes=expected, log=lambda s: None)
   hand = {"all": 6 / 12, "colour": 9 / 12, "shape": 9 / 12, "size": 10 / 12, "position": 10 / 12}
   for a_name, value in hand.items():
@@ -161,11 +161,11 @@ def test_compare_sweeps_pairs_prompts_and_counts_by_hand(tmp_path, capsys):
   teacher_at_1 = right.copy()
   teacher_at_1[7] = wrong[0]  # the teacher at scale 1 gets prompt 7 wrong (a different caption's image)
   quiet = lambda s: None
-  sweep.run_sweep(lambda ps, s: teacher_at_1 if s == 1 else right, prompts, [1.0, 3.0], tmp_path / "teacher",
+  sweep.run_sweep(lambda ps, s, **_: teacher_at_1 if s == 1 else right, prompts, [1.0, 3.0], tmp_path / "teacher",
                   attributes=expected, log=quiet)
-  sweep.run_sweep(lambda ps, s: wrong, prompts, [1.0, 3.0, 5.0], tmp_path / "student", attributes=expected,
+  sweep.run_sweep(lambda ps, s, **_: wrong, prompts, [1.0, 3.0, 5.0], tmp_path / "student", attributes=expected,
                   log=quiet)
-  sweep.run_sweep(lambda ps, s: right[:4], prompts[:4], [3.0], tmp_path / "short",
+  sweep.run_sweep(lambda ps, s, **_: right[:4], prompts[:4], [3.0], tmp_path / "short",
                   attributes=A.parse_captions(prompts[:4]), log=quiet)
 
   out = sweep.compare_sweeps(tmp_path / "teacher", [tmp_path / "student", tmp_path / "short"], log=quiet)
@@ -190,7 +190,7 @@ def test_compare_sweeps_pairs_prompts_and_counts_by_hand(tmp_path, capsys):
   assert [c["all"]["diff"] for c in doc["comparisons"]] == pytest.approx([-0.2, -0.3])
   assert "shape 70.0 vs 100.0 %" in capsys.readouterr().out
   other_prompts, _ = sweep.shapes_validation_prompts(12)
-  sweep.run_sweep(lambda ps, s: render.render(render.sample_attributes(render.SPLIT_SEEDS["validation"], 0, 12), 32)[2:],
+  sweep.run_sweep(lambda ps, s, **_: render.render(render.sample_attributes(render.SPLIT_SEEDS["validation"], 0, 12), 32)[2:],
                   other_prompts[2:], [3.0], tmp_path / "other", attributes=A.parse_captions(other_prompts[2:]),
                   log=quiet)
   with pytest.raises(SystemExit, match="sampled different prompts .*line 1"):
@@ -299,6 +299,45 @@ def test_sweep_cli_end_to_end(tiny_bundles, tmp_path):
     cli.main(["eval", "sweep", "--rescore", str(out), "--bundle", str(base)])
   with pytest.raises(SystemExit, match="needs --bundle and --out"):
     cli.main(["eval", "sweep", "--shapes-validation", "4"])
+
+
+def test_a_stopped_sweep_resumes_to_the_samples_of_an_uninterrupted_one(tiny_bundles, tmp_path, monkeypatch):
+  from glide_jax import cli, sampling
+
+  base, _ = tiny_bundles
+  args = ["eval", "sweep", "--bundle", str(base), "--scales", "3", "--shapes-validation", "6", "--batch-size", "2"]
+  full = tmp_path / "full"
+  assert cli.main(args + ["--out", str(full)]) == 0
+
+  real, calls = sampling.generate, []
+
+  def counted(sm, batch, key, **kwargs):
+    calls.append(len(calls))
+    if stop_at is not None and len(calls) == stop_at:
+      raise KeyboardInterrupt  # the user stops the sweep while its third batch samples
+    return real(sm, batch, key, **kwargs)
+
+  monkeypatch.setattr(sampling, "generate", counted)
+  part = tmp_path / "part"
+  stop_at = 3
+  with pytest.raises(KeyboardInterrupt):
+    cli.main(args + ["--out", str(part)])
+  assert sorted(p.name for p in (part / "scale_3").glob("*.png")) == [f"{i:05d}.png" for i in range(4)]
+  assert not (part / "sweep.csv").exists()
+  calls.clear()
+  stop_at = None
+  assert cli.main(args + ["--out", str(part)]) == 0
+  assert len(calls) == 1  # only the batch that had not been written
+  for i in range(6):
+    np.testing.assert_array_equal(np.asarray(Image.open(part / "scale_3" / f"{i:05d}.png")),
+                                  np.asarray(Image.open(full / "scale_3" / f"{i:05d}.png")), err_msg=str(i))
+  assert sweep.read_table(part / "sweep.csv") == sweep.read_table(full / "sweep.csv")
+  # Samples of another sampler setting are not mixed into the directory.
+  with pytest.raises(SystemExit, match="timestep_respacing: '4' there, '2' now"):
+    cli.main(args + ["--out", str(part), "--steps", "2"])
+  (part / "scale_3" / ".sweep_settings.json").unlink()
+  with pytest.raises(SystemExit, match="samples of an unknown run"):
+    cli.main(args + ["--out", str(part)])
 
 
 def test_accuracy_cli_attribute_files(tmp_path):

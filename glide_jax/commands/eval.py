@@ -79,7 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--rescore", metavar="DIR",
                  help="re-read an earlier sweep's output directory (prompts.txt, scale_*/) and rewrite "
                       "its table, statistics, plot and grids; no sampling")
-  p.add_argument("--out", help="output directory (required unless --rescore)")
+  p.add_argument("--out", help="output directory (required unless --rescore); samples are written batch by "
+                               "batch, and the same command run again resumes a stopped sweep from them")
   p.add_argument("--sampler", default=None, help="ancestral | ddim | plms | dpm++ (default: the bundle's)")
   p.add_argument("--steps", default=None, help="timestep respacing, e.g. 50 or ddim25 (default: the bundle's, else 100)")
   p.add_argument("--batch-size", type=int, default=16)
@@ -271,8 +272,11 @@ def _sweep(args) -> int:
                                             batch_size=args.batch_size, seed=args.seed, dtype=args.dtype)
   settings["prompts"] = args.prompts or f"glide_shapes validation[:{args.shapes_validation}]"
   settings["clip_bundle"] = args.clip_bundle
-  sweep.run_sweep(generate, prompts, scales, args.out, attributes=expected, clip=args.clip_bundle,
-                  tensorboard=args.tensorboard, settings=settings)
+  try:
+    sweep.run_sweep(generate, prompts, scales, args.out, attributes=expected, clip=args.clip_bundle,
+                    tensorboard=args.tensorboard, settings=settings)
+  except sweep.SampleDirError as e:
+    raise SystemExit(f"glide-jax eval sweep: {e}") from None
   print(f"wrote {args.out}/sweep.csv, sweep.json" + (", sweep.png" if expected is not None or args.clip_bundle else ""))
   return 0
 

@@ -20,9 +20,11 @@ distilled student against its teacher on the same captions).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import pathlib
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -33,7 +35,9 @@ from glide_jax.eval import plots
 from glide_jax.eval import stats
 
 # prompts, guidance scale -> uint8 images [N, H, W, 3]
-GenerateFn = Callable[[Sequence[str], float], np.ndarray]
+# generate(prompts, guidance_scale, sample_dir=None) -> uint8 [N, S, S, 3]. With sample_dir the
+# generator may write each batch's PNGs there as it goes and resume from those already written.
+GenerateFn = Callable[..., np.ndarray]
 
 COLUMNS = ("guidance_scale", "n", "acc_all", "acc_colour", "acc_shape", "acc_size", "acc_position",
            "unreadable", "clip_score_mean", "clip_score_std", "samples_dir")
@@ -83,20 +87,73 @@ def shapes_validation_prompts(n: int) -> tuple[list[str], dict[str, np.ndarray]]
   return captions, {k: np.asarray(a[k], np.int64) for k in attrs_lib.ATTRIBUTES}
 
 
-def save_images(directory: str | os.PathLike, images: np.ndarray) -> pathlib.Path:
+def save_images(directory: str | os.PathLike, images: np.ndarray, start: int = 0) -> pathlib.Path:
+  """images[i] -> directory/{start + i:05d}.png, each written whole or not at all (temporary file,
+  then rename), so an interrupted sweep never leaves a truncated sample behind."""
   from PIL import Image
 
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   for i, im in enumerate(images):
-    Image.fromarray(np.asarray(im, np.uint8)).save(directory / f"{i:05d}.png")
+    path = directory / f"{start + i:05d}.png"
+    tmp = path.with_name(path.name + ".partial")
+    Image.fromarray(np.asarray(im, np.uint8)).save(tmp, format="PNG")
+    os.replace(tmp, path)
   return directory
+
+
+_CLAIM = ".sweep_settings.json"
+
+
+class SampleDirError(ValueError):
+  """A scale directory holds samples that are not this sweep's."""
+
+
+def _prompts_digest(prompts: Sequence[str]) -> str:
+  return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+
+
+def _claim_sample_dir(directory: str | os.PathLike, settings: Mapping[str, Any]) -> None:
+  """Records what a scale directory's samples are; refuses to mix them with another run's."""
+  directory = pathlib.Path(directory)
+  claim = directory / _CLAIM
+  wanted = json.loads(json.dumps(dict(settings)))
+  if claim.is_file():
+    have = json.loads(claim.read_text())
+    differ = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
+    if differ:
+      raise SampleDirError(f"{directory} holds samples of another sweep (differs in "
+                       + ", ".join(f"{k}: {have.get(k)!r} there, {wanted.get(k)!r} now" for k in differ)
+                       + "); give another --out or remove it")
+    return
+  if directory.is_dir() and any(directory.glob("*.png")):
+    raise SampleDirError(f"{directory} holds samples of an unknown run (no {_CLAIM}); give another --out "
+                     "or remove it")
+  directory.mkdir(parents=True, exist_ok=True)
+  tmp = claim.with_name(claim.name + ".partial")
+  tmp.write_text(json.dumps(wanted, indent=2, sort_keys=True))
+  os.replace(tmp, claim)
+
+
+def _read_batch(directory: str | os.PathLike, start: int, n: int) -> np.ndarray | None:
+  """The PNGs start..start+n-1 of a directory as uint8 [n, S, S, 3], or None if any is missing."""
+  from PIL import Image
+
+  paths = [pathlib.Path(directory) / f"{start + i:05d}.png" for i in range(n)]
+  if not all(p.is_file() for p in paths):
+    return None
+  images = []
+  for p in paths:
+    with Image.open(p) as im:
+      images.append(np.asarray(im.convert("RGB"), np.uint8))
+  return np.stack(images)
 
 
 def make_generator(bundle_path: str | os.PathLike, sampler: str | None = None,
                    respacing: str | None = None, batch_size: int = 16, seed: int = 0,
                    tokenizer: Any = None, dtype: str = "float32") -> tuple[GenerateFn, dict[str, Any]]:
-  """A base (text2im) bundle or workdir -> generate(prompts, guidance_scale) -> uint8 [N, S, S, 3].
+  """A base (text2im) bundle or workdir -> generate(prompts, guidance_scale, sample_dir=None) ->
+  uint8 [N, S, S, 3].
 
   Sampling goes through `glide_jax.sampling.generate` (what `glide-jax sample` runs):
   classifier-free guidance on one doubled batch, the text encoded once per batch, one compilation
@@ -116,22 +173,48 @@ def make_generator(bundle_path: str | os.PathLike, sampler: str | None = None,
   diffusion = sampling.make_diffusion(sm, respacing)
   root = jax.random.PRNGKey(seed)
 
-  def generate(prompts: Sequence[str], guidance_scale: float) -> np.ndarray:
-    out = []
-    for b, lo in enumerate(range(0, len(prompts), batch_size)):
-      batch = list(prompts[lo:lo + batch_size])
-      n = len(batch)
-      batch += [batch[-1]] * (batch_size - n)  # fixed batch shape: one compilation
-      x = sampling.generate(sm, batch, jax.random.fold_in(root, b), guidance_scale=float(guidance_scale),
-                            sampler=sampler, respacing=respacing)
-      out.append(np.clip(np.round((np.asarray(x[:n], np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8))
-    return np.concatenate(out)
-
   settings = {"bundle": str(bundle_path), "sampler": sampler,
               "timestep_respacing": diffusion.timestep_respacing or str(diffusion.num_timesteps),
               "sampling_steps": int(diffusion.num_timesteps),
               "diffusion_steps": int(diffusion.original_num_steps), "image_size": int(sm.image_size),
               "seed": seed, "batch_size": batch_size}
+
+  # What the samples depend on (the CLI adds bookkeeping to `settings` later).
+  sample_settings = {**settings, "dtype": dtype}
+
+  def generate(prompts: Sequence[str], guidance_scale: float,
+               sample_dir: str | os.PathLike | None = None) -> np.ndarray:
+    """With sample_dir, each batch's PNGs are written there as soon as it is sampled and a batch
+    whose PNGs are all there already is read back, not sampled: a stopped sweep resumes where it
+    stopped, with the same keys, so its samples are those of an uninterrupted run."""
+    from tqdm import tqdm
+
+    if sample_dir is not None:
+      _claim_sample_dir(sample_dir, {**sample_settings, "guidance_scale": float(guidance_scale),
+                                     "prompts_sha256": _prompts_digest(prompts)})
+    starts = range(0, len(prompts), batch_size)
+    out, resumed = [], 0
+    for b, lo in enumerate(tqdm(starts, desc=f"scale {guidance_scale:g}", unit="batch", leave=False)):
+      batch = list(prompts[lo:lo + batch_size])
+      n = len(batch)
+      if sample_dir is not None:
+        done = _read_batch(sample_dir, lo, n)
+        if done is not None:
+          out.append(done)
+          resumed += n
+          continue
+      batch += [batch[-1]] * (batch_size - n)  # fixed batch shape: one compilation
+      x = sampling.generate(sm, batch, jax.random.fold_in(root, b), guidance_scale=float(guidance_scale),
+                            sampler=sampler, respacing=respacing)
+      images = np.clip(np.round((np.asarray(x[:n], np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+      if sample_dir is not None:
+        save_images(sample_dir, images, start=lo)
+      out.append(images)
+    if resumed:
+      print(f"scale {guidance_scale:g}: {resumed} of {len(prompts)} samples were already in {sample_dir}",
+            file=sys.stderr)
+    return np.concatenate(out)
+
   return generate, settings
 
 
@@ -158,10 +241,10 @@ def run_sweep(generate: GenerateFn, prompts: Sequence[str], scales: Sequence[flo
   tb = plots.TensorBoard(tensorboard)
   rows = []
   for step, scale in enumerate(scales):
-    images = generate(prompts, float(scale))
+    sdir = out / scale_dirname(scale)
+    images = generate(prompts, float(scale), sample_dir=sdir) if write_samples else generate(prompts, float(scale))
     if len(images) != len(prompts):
       raise RuntimeError(f"generator returned {len(images)} images for {len(prompts)} prompts")
-    sdir = out / scale_dirname(scale)
     if write_samples:
       save_images(sdir, images)
     row: dict[str, Any] = {c: None for c in COLUMNS}
