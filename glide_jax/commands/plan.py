@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
   """Sets the compile-only TPU environment for the plan and puts the previous one back after it,
   so a later `train` in the same process does not take TPU_WORKER_HOSTNAMES for a TPU pod."""
   from glide_jax import plan as plan_lib
-  print(f"glide-jax plan: host memory: {plan_lib.limit_malloc_arenas()}", file=sys.stderr)
+  args.host_memory = plan_lib.limit_malloc_arenas()  # before libtpu starts its compiler threads
   if args.topology == "cpu":
     return _run(args)
   saved = {k: os.environ.get(k) for k in _TPU_COMPILE_ONLY_ENV}
@@ -106,6 +106,8 @@ def _run(args: argparse.Namespace) -> int:
   print(f"topology {args.topology}: {n_chips} chips ({len(devices)} devices, {per_chip} per chip), "
         f"{_gib(chip.hbm_bytes)} HBM and {chip.peak_flops / 1e12:.0f} TFLOP/s bf16 per chip"
         + (" (cpu: host memory shared by the devices; no peak known)" if args.topology == "cpu" else ""))
+  if getattr(args, "host_memory", None):
+    print(f"host memory: {args.host_memory}")
 
   # --- analytic count: conv + matmul FLOPs of the model's forward pass, from its jaxpr ----------
   stage = stages.make_stage(config)
