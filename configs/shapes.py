@@ -11,7 +11,8 @@ about 1.35 s per step inside the trainer) with a 3-layer, 256-wide text transfor
 closed shapes vocabulary. Channel counts are multiples of 32 because GroupNorm uses 32 groups.
 The learning rate decays to zero at step 1500 (about 36 minutes on that machine): at 750 steps
 (`:steps=750`, 20 minutes) colour and position follow the caption as well, but shape is right in
-60 % of guided samples against 87-95 % after 1500 (docs/experiments.md).
+60 % of guided samples against 87-95 % after 1500, 77 % with the peak rate halved
+(`--config.optimizer.lr=5e-4`, the best measured for 750 steps; docs/experiments.md, runs U1-U5).
 """
 from __future__ import annotations
 

@@ -220,3 +220,27 @@ def test_demo_distill_exports_and_scores_each_student(tmp_path, schedule, checkp
     assert os.readlink(work / "bundle4") == "bundle"
   finished = max(checkpoints) == 1800  # every schedule here ends at step 1800
   assert ("no checkpoint at step" in proc.stderr) == (not finished), proc.stderr
+
+
+def test_demo_passes_lr_and_train_steps_to_the_trainer(tmp_path):
+  """`TRAIN_STEPS=750 LR=5e-4 bash launch/demo.sh` (the README's 20-minute variant) trains
+  configs/shapes.py:steps=750 at peak learning rate 5e-4; without LR the config's own rate stands.
+  Stubs as above: the stub timeout records the train command line and stops the script."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  record = tmp_path / "timeout_args"
+  (bin_dir / "timeout").write_text(f'#!/usr/bin/env bash\necho "$@" > {record}\nexit 3\n')
+  (bin_dir / "glide-jax").write_text("#!/usr/bin/env bash\nexit 0\n")
+  for f in bin_dir.iterdir():
+    f.chmod(0o755)
+  env = {k: v for k, v in os.environ.items() if k not in ("TRAIN_MINUTES", "QUICK", "LR", "TRAIN_STEPS")}
+  env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SKIP_SETUP="1", WORKDIR=str(tmp_path / "w"),
+             DATA_DIR=str(tmp_path / "data"))
+  for extra, expect_lr in (({"TRAIN_STEPS": "750", "LR": "5e-4"}, True), ({}, False)):
+    proc = subprocess.run(["bash", str(LAUNCH / "demo.sh")], env={**env, **extra}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    args = record.read_text().split()
+    config = args[args.index("--config") + 1]
+    assert config == ("configs/shapes.py:steps=750" if extra else "configs/shapes.py"), args
+    assert ("--config.optimizer.lr=5e-4" in args) == expect_lr, args
