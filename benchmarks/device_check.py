@@ -275,13 +275,22 @@ def run_section(section: Section, env: dict, timeout: float, out_dir: pathlib.Pa
   return {"status": status, "seconds": round(time.perf_counter() - t0, 1), **result}
 
 
+def parity_platforms(probe: dict) -> str:
+  """JAX_PLATFORMS for the parity tests on the probed accelerator: the device first (it is the
+  default backend), then the CPU, which the flash-attention test's interpreted Pallas kernel needs
+  for its host callbacks (on an H200 with the device alone it failed: 'io_callback failed to find
+  a local CPU device')."""
+  version = str(probe.get("platform_version", "")).lower()
+  device = ("cuda" if "cuda" in version else "rocm" if "rocm" in version
+            else probe.get("platform") or probe["backend"])
+  return f"{device},cpu"
+
+
 def _parity(tests: list[str], env: dict, timeout: float, out_dir: pathlib.Path, log, probe: dict) -> dict:
   env = dict(env, JAX_DEFAULT_MATMUL_PRECISION="highest")
   if probe.get("backend") != "cpu":
     # tests/conftest.py defaults to the CPU (JAX_PLATFORMS=cpu, no CUDA devices): name the device.
-    version = str(probe.get("platform_version", "")).lower()
-    env["JAX_PLATFORMS"] = ("cuda" if "cuda" in version else "rocm" if "rocm" in version
-                            else probe.get("platform") or probe["backend"])
+    env["JAX_PLATFORMS"] = parity_platforms(probe)
     env.setdefault("CUDA_VISIBLE_DEVICES", "0")
     if not env["CUDA_VISIBLE_DEVICES"]:
       env["CUDA_VISIBLE_DEVICES"] = "0"

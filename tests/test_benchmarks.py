@@ -280,6 +280,18 @@ def test_device_check_parity_tests_exist():
     assert any(line.startswith(test) for line in collected), test
 
 
+@pytest.mark.parametrize("probe,expected", [
+    ({"backend": "gpu", "platform": "gpu", "platform_version": "cuda 13000"}, "cuda,cpu"),
+    ({"backend": "gpu", "platform": "gpu", "platform_version": "rocm 6.3"}, "rocm,cpu"),
+    ({"backend": "tpu", "platform": "tpu", "platform_version": "TFRT TPU v5e"}, "tpu,cpu")])
+def test_device_check_parity_names_the_device_then_the_cpu(probe, expected):
+  """On an H200 the parity tests ran with JAX_PLATFORMS=cuda alone and the interpreted Pallas flash
+  kernel failed for want of a CPU device for its host callbacks: the device comes first (the
+  default backend), the CPU after it."""
+  from benchmarks import device_check
+  assert device_check.parity_platforms(probe) == expected
+
+
 def test_dtype_benchmark_alternates_two_different_programs(capsys):
   """Both dtypes run the same number of alternated rounds, and their programs differ (a dtype that
   failed to reach the model would time float32 twice and report a ratio of about 1)."""
