@@ -131,13 +131,9 @@ def test_tpu_vm_dry_run(tmp_path):
   assert bad.returncode == 2 and "--tpu" in bad.stderr
 
 
-@pytest.mark.parametrize("script,minutes", [("demo.sh", 45), ("demo_distill.sh", 40), ("demo_upsample.sh", 20),
-                                            ("demo_inpaint.sh", 20)])
-def test_demo_scripts_bound_training_by_their_documented_minutes(tmp_path, script, minutes):
-  """Each demo script's training runs under `timeout` with the minutes its header documents (a script
-  that set its own default after sourcing demo_lib.sh, which sets 20 first, silently got 20).
-  `timeout` and `glide-jax` are stubs on PATH: the stub timeout records its seconds and fails, which
-  stops the script right there."""
+def _stub_timeout_and_glide_jax(tmp_path):
+  """A bin folder for PATH whose `timeout` writes its arguments to the returned file and exits 3
+  (stopping a demo script at its training command) and whose `glide-jax` does nothing."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   record = tmp_path / "timeout_args"
@@ -145,6 +141,17 @@ def test_demo_scripts_bound_training_by_their_documented_minutes(tmp_path, scrip
   (bin_dir / "glide-jax").write_text("#!/usr/bin/env bash\nexit 0\n")
   for f in bin_dir.iterdir():
     f.chmod(0o755)
+  return bin_dir, record
+
+
+@pytest.mark.parametrize("script,minutes", [("demo.sh", 45), ("demo_distill.sh", 40), ("demo_upsample.sh", 20),
+                                            ("demo_inpaint.sh", 20)])
+def test_demo_scripts_bound_training_by_their_documented_minutes(tmp_path, script, minutes):
+  """Each demo script's training runs under `timeout` with the minutes its header documents (a script
+  that set its own default after sourcing demo_lib.sh, which sets 20 first, silently got 20).
+  `timeout` and `glide-jax` are stubs on PATH: the stub timeout records its seconds and fails, which
+  stops the script right there."""
+  bin_dir, record = _stub_timeout_and_glide_jax(tmp_path)
   base = tmp_path / "base"
   base.mkdir()
   (base / "meta.json").write_text("{}")
@@ -226,13 +233,7 @@ def test_demo_passes_lr_and_train_steps_to_the_trainer(tmp_path):
   """`TRAIN_STEPS=750 LR=5e-4 bash launch/demo.sh` (the README's 20-minute variant) trains
   configs/shapes.py:steps=750 at peak learning rate 5e-4; without LR the config's own rate stands.
   Stubs as above: the stub timeout records the train command line and stops the script."""
-  bin_dir = tmp_path / "bin"
-  bin_dir.mkdir()
-  record = tmp_path / "timeout_args"
-  (bin_dir / "timeout").write_text(f'#!/usr/bin/env bash\necho "$@" > {record}\nexit 3\n')
-  (bin_dir / "glide-jax").write_text("#!/usr/bin/env bash\nexit 0\n")
-  for f in bin_dir.iterdir():
-    f.chmod(0o755)
+  bin_dir, record = _stub_timeout_and_glide_jax(tmp_path)
   env = {k: v for k, v in os.environ.items() if k not in ("TRAIN_MINUTES", "QUICK", "LR", "TRAIN_STEPS")}
   env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SKIP_SETUP="1", WORKDIR=str(tmp_path / "w"),
              DATA_DIR=str(tmp_path / "data"))
