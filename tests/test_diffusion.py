@@ -271,3 +271,61 @@ def test_min_snr_gamma_from_the_config_reaches_the_train_loss():
   assert weight[0] < 1.0 and weight[-1] == 1.0
   np.testing.assert_allclose(l2, weight * mse + vb, rtol=1e-5)
   np.testing.assert_allclose(l0, mse + vb, rtol=1e-5)
+
+
+def _eval_with_division_one_ulp_off(closed, *args):
+  """Evaluates a closed jaxpr with every `div` result moved one ulp up: what a device whose float32
+  division is not correctly rounded (GPUs') may return. Recurses into nested jitted calls."""
+  def run(jaxpr, consts, vals):
+    env = {}
+    read = lambda v: v.val if isinstance(v, jax.extend.core.Literal) else env[v]
+    for var, val in zip(jaxpr.constvars, consts):
+      env[var] = val
+    for var, val in zip(jaxpr.invars, vals):
+      env[var] = val
+    for eqn in jaxpr.eqns:
+      ins = [read(v) for v in eqn.invars]
+      sub = eqn.params.get("jaxpr")
+      if sub is not None and hasattr(sub, "jaxpr") and hasattr(sub, "consts"):
+        outs = run(sub.jaxpr, sub.consts, ins)
+      else:
+        outs = eqn.primitive.bind(*ins, **eqn.params)
+        if eqn.primitive is jax.lax.div_p and jnp.issubdtype(outs.dtype, jnp.floating):
+          outs = jnp.nextafter(outs, jnp.full_like(outs, jnp.inf))
+        outs = outs if eqn.primitive.multiple_results else [outs]
+      for var, val in zip(eqn.outvars, outs):
+        env[var] = val
+    return [read(v) for v in jaxpr.outvars]
+  return run(closed.jaxpr, closed.consts, list(args))
+
+
+def test_ddim_sigma_does_not_depend_on_the_devices_division(dump):
+  # The full cosine schedule at t = 1, where 1 - abar / abar_prev cancels (beta ~ 4.6e-5): one ulp
+  # off in that division moved the eta 0.5 step by 4.06e-5 (relative to the dump), the error
+  # the H200 showed; with sigma from the host-built table the step no longer divides there.
+  prefix = "squaredcos_cap_v2/full"
+  d = schedules.create_diffusion(1000, "squaredcos_cap_v2")
+  nhwc = lambda name: jnp.asarray(np.moveaxis(dump[f"{prefix}/input/{name}"], 1, -1), jnp.float32)
+  t = jnp.asarray(dump[f"{prefix}/input/t"], jnp.int32)
+  out = gaussian.p_mean_variance(d, nhwc("model_out"), nhwc("x_t"), t, clip_denoised=True)
+  step = lambda x, noise: gaussian.ddim_step(d, out, x, t, noise, 0.5)
+  exact = step(nhwc("x_t"), nhwc("step_noise"))
+  closed = jax.make_jaxpr(step)(nhwc("x_t"), nhwc("step_noise"))
+  (nudged,) = _eval_with_division_one_ulp_off(closed, nhwc("x_t"), nhwc("step_noise"))
+  ref = dump[f"{prefix}/output/ddim_eta0.5"]
+  assert parity.relative_error(np.moveaxis(np.asarray(exact), -1, 1), ref) <= 1e-6
+  assert parity.relative_error(np.moveaxis(np.asarray(nudged), -1, 1), ref) <= 1e-6
+
+
+def test_ddim_sigma_table_is_the_reference_formula():
+  # [G] ddim_sample: eta * sqrt((1 - abar_prev) / (1 - abar)) * sqrt(1 - abar / abar_prev), formed
+  # from the float32 buffers in float32; independently here in float64 from the betas.
+  d = schedules.create_diffusion(1000, "squaredcos_cap_v2", "100")
+  abar = np.cumprod(1 - np.asarray(d.betas, np.float64))
+  abar_prev = np.append(1.0, abar[:-1])
+  closed = np.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+  assert d.ddim_sigma_unit.dtype == np.float32
+  # float32's own cancellation at the smallest t: 2.3e-4 relative at index 1, 1e-6 elsewhere.
+  np.testing.assert_allclose(d.ddim_sigma_unit, closed, rtol=1e-3, atol=0)
+  np.testing.assert_allclose(d.ddim_sigma_unit[2:], closed[2:], rtol=1e-5)
+  assert d.ddim_sigma_unit[0] == 0.0

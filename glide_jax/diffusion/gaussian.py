@@ -175,11 +175,11 @@ def ddim_step(diffusion: Diffusion, out: MeanVariance, x: jax.Array, t: jax.Arra
               eta: float | jax.Array = 0.0) -> jax.Array:
   """DDIM step; epsilon is re-derived from the (clipped) x0 prediction, as [G] does."""
   eps = predict_eps_from_xstart(diffusion, x, t, out.pred_xstart)
-  # The reference forms sigma and the square roots from the gathered float32 buffers in float32;
-  # doing the same keeps a float64 run within 1e-7 of it (float64 here would differ by ~1e-6).
-  abar = jnp.asarray(diffusion.alphas_cumprod)[t]
+  # sigma from the host-built table (`Diffusion.ddim_sigma_unit`, formed as the reference forms it
+  # from the float32 buffers): computing 1 - abar / abar_prev here would leave it to the device's
+  # division, and it cancels at small t.
   abar_prev = jnp.asarray(diffusion.alphas_cumprod_prev)[t]
-  sigma = jnp.asarray(eta, abar.dtype) * jnp.sqrt((1 - abar_prev) / (1 - abar)) * jnp.sqrt(1 - abar / abar_prev)
+  sigma = jnp.asarray(eta, abar_prev.dtype) * jnp.asarray(diffusion.ddim_sigma_unit)[t]
   coef_eps = jnp.sqrt(1 - abar_prev - sigma ** 2)
   shape = (-1,) + (1,) * (x.ndim - 1)
   cast = lambda a: a.astype(x.dtype).reshape(shape)

@@ -138,6 +138,7 @@ class Diffusion:
   posterior_log_variance_clipped: Any
   posterior_mean_coef1: Any
   posterior_mean_coef2: Any
+  ddim_sigma_unit: Any
   timestep_map: Any
   num_timesteps: int = struct.field(pytree_node=False, default=0)
   original_num_steps: int = struct.field(pytree_node=False, default=0)
@@ -164,6 +165,12 @@ def diffusion_from_betas(betas: np.ndarray, timestep_map: np.ndarray | None = No
   # log of the posterior variance, with index 0 (which is 0) replaced by index 1's value.
   post_log_var = np.log(np.append(post_var[1], post_var[1:])) if n > 1 else np.log(betas)
   cast = lambda a: np.asarray(a, dtype=dtype)
+  # DDIM's sigma at eta = 1, formed here as the reference forms it on the fly (from the cast
+  # buffers, in their dtype): 1 - abar / abar_prev cancels at small t, so one ulp off in a device's
+  # division (GPUs do not round float32 division correctly) moved a DDIM eta 0.5 step by 4e-5.
+  a, ap = cast(abar), cast(abar_prev)
+  one = np.asarray(1, dtype)
+  ddim_sigma_unit = np.sqrt((one - ap) / (one - a)) * np.sqrt(one - a / ap)
   if timestep_map is None:
     timestep_map = np.arange(n, dtype=np.int32)
   return Diffusion(
@@ -179,6 +186,7 @@ def diffusion_from_betas(betas: np.ndarray, timestep_map: np.ndarray | None = No
       posterior_log_variance_clipped=cast(post_log_var),
       posterior_mean_coef1=cast(betas * np.sqrt(abar_prev) / (1.0 - abar)),
       posterior_mean_coef2=cast((1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar)),
+      ddim_sigma_unit=cast(ddim_sigma_unit),
       timestep_map=np.asarray(timestep_map, dtype=np.int32),
       num_timesteps=n,
       original_num_steps=int(original_num_steps or n),
