@@ -312,6 +312,25 @@ def _parity(tests: list[str], env: dict, timeout: float, out_dir: pathlib.Path, 
           "jax_platforms": env.get("JAX_PLATFORMS"), **counts}
 
 
+def with_caps(sections: list[Section], caps: list[str]) -> list[Section]:
+  """The plan with `NAME=SECONDS` overrides of section caps (e.g. a slow first compile on a new device:
+  `--cap train_step=300`); an unknown section or a bad number is refused by name."""
+  by_name = {s.name: s for s in sections}
+  out = dict(by_name)
+  for item in caps:
+    name, sep, value = item.partition("=")
+    if not sep or name not in by_name:
+      raise ValueError(f"--cap {item!r}: expected SECTION=SECONDS with SECTION one of {', '.join(by_name)}")
+    try:
+      seconds = float(value)
+    except ValueError:
+      raise ValueError(f"--cap {item!r}: {value!r} is not a number of seconds") from None
+    if not seconds > 0:
+      raise ValueError(f"--cap {item!r}: the seconds must be positive")
+    out[name] = dataclasses.replace(by_name[name], cap_s=seconds)
+  return [out[s.name] for s in sections]
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="device_check", description=__doc__.splitlines()[0])
   p.add_argument("--cpu", action="store_true", help="small sizes on the CPU (CI); otherwise the default backend")
@@ -319,11 +338,17 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--budget-s", type=float, default=None,
                  help="the whole check's time (default 450 s; --cpu 900 s); each section gets its share")
   p.add_argument("--only", nargs="+", default=None, help="run only these sections")
+  p.add_argument("--cap", action="append", default=[], metavar="SECTION=SECONDS",
+                 help="the most one section may take (repeatable; defaults in plan())")
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.child is not None:
     return _child([tuple(s) for s in json.loads(args.child)])
 
+  try:
+    sections = with_caps(plan(args.cpu), args.cap)
+  except ValueError as e:
+    p.error(str(e))
   start = time.perf_counter()
   budget = args.budget_s or (900.0 if args.cpu else 450.0)
   out_dir = pathlib.Path(args.out or os.environ.get("OUT") or ROOT / "runs" / "device_check")
@@ -355,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     probe = report["machine"] = rows[-1]
     write()
     gpu = probe["backend"] == "gpu"
-    for section in plan(args.cpu):
+    for section in sections:
       if args.only and section.name not in args.only:
         continue
       if section.gpu_only and not gpu:

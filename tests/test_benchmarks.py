@@ -292,6 +292,26 @@ def test_device_check_parity_names_the_device_then_the_cpu(probe, expected):
   assert device_check.parity_platforms(probe) == expected
 
 
+def test_device_check_cap_overrides_one_section_and_refuses_unknown_ones(tmp_path, capsys):
+  """The H200 run's train step outlasted its 150 s share; `--cap train_step=300` gives it more
+  without touching the other sections, and a misspelt section is refused before anything runs."""
+  from benchmarks import device_check
+  base = device_check.plan(cpu=False)
+  capped = device_check.with_caps(base, ["train_step=300"])
+  assert [s.name for s in capped] == [s.name for s in base]
+  for old, new in zip(base, capped):
+    assert new.cap_s == (300.0 if old.name == "train_step" else old.cap_s)
+    assert new.specs == old.specs
+  for bad, word in (("train_stp=300", "train_stp"), ("train_step", "SECTION=SECONDS"),
+                    ("train_step=soon", "soon"), ("train_step=0", "positive")):
+    with pytest.raises(ValueError, match=word):
+      device_check.with_caps(base, [bad])
+  with pytest.raises(SystemExit):
+    device_check.main(["--cpu", "--out", str(tmp_path), "--cap", "train_stp=300"])
+  assert "train_stp" in capsys.readouterr().err
+  assert not (tmp_path / "device_check.json").exists()
+
+
 def test_dtype_benchmark_alternates_two_different_programs(capsys):
   """Both dtypes run the same number of alternated rounds, and their programs differ (a dtype that
   failed to reach the model would time float32 twice and report a ratio of about 1)."""
