@@ -165,19 +165,20 @@ def diffusion_from_betas(betas: np.ndarray, timestep_map: np.ndarray | None = No
   # log of the posterior variance, with index 0 (which is 0) replaced by index 1's value.
   post_log_var = np.log(np.append(post_var[1], post_var[1:])) if n > 1 else np.log(betas)
   cast = lambda a: np.asarray(a, dtype=dtype)
+  abar_cast, abar_prev_cast = cast(abar), cast(abar_prev)
   # DDIM's sigma at eta = 1, formed here as the reference forms it on the fly (from the cast
   # buffers, in their dtype): 1 - abar / abar_prev cancels at small t, so one ulp off in a device's
-  # division (GPUs do not round float32 division correctly) moved a DDIM eta 0.5 step by 4e-5.
-  a, ap = cast(abar), cast(abar_prev)
+  # division (a GPU's float32 division need not round correctly) moved a DDIM eta 0.5 step by 4e-5.
   one = np.asarray(1, dtype)
-  ddim_sigma_unit = np.sqrt((one - ap) / (one - a)) * np.sqrt(one - a / ap)
+  ddim_sigma_unit = (np.sqrt((one - abar_prev_cast) / (one - abar_cast))
+                     * np.sqrt(one - abar_cast / abar_prev_cast))
   if timestep_map is None:
     timestep_map = np.arange(n, dtype=np.int32)
   return Diffusion(
       betas=cast(betas),
       log_betas=cast(np.log(betas)),
-      alphas_cumprod=cast(abar),
-      alphas_cumprod_prev=cast(abar_prev),
+      alphas_cumprod=abar_cast,
+      alphas_cumprod_prev=abar_prev_cast,
       sqrt_alphas_cumprod=cast(np.sqrt(abar)),
       sqrt_one_minus_alphas_cumprod=cast(np.sqrt(1.0 - abar)),
       sqrt_recip_alphas_cumprod=cast(np.sqrt(1.0 / abar)),
@@ -186,7 +187,7 @@ def diffusion_from_betas(betas: np.ndarray, timestep_map: np.ndarray | None = No
       posterior_log_variance_clipped=cast(post_log_var),
       posterior_mean_coef1=cast(betas * np.sqrt(abar_prev) / (1.0 - abar)),
       posterior_mean_coef2=cast((1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar)),
-      ddim_sigma_unit=cast(ddim_sigma_unit),
+      ddim_sigma_unit=ddim_sigma_unit,
       timestep_map=np.asarray(timestep_map, dtype=np.int32),
       num_timesteps=n,
       original_num_steps=int(original_num_steps or n),
