@@ -329,3 +329,36 @@ def test_dtype_benchmark_alternates_two_different_programs(capsys):
   assert summary["summary"] and {r["what"] for r in summary["results"]} == set(dtype.WHAT)
   for r in summary["results"]:
     assert r["bf16_over_f32"] == pytest.approx(r["bfloat16_s"] / r["float32_s"], rel=1e-2)
+
+
+def test_demo_variants_parses_values_with_commas_and_refuses_bad_specs():
+  from benchmarks import demo_variants as dv
+  assert dv.parse_variant("v:attention_resolutions=8,channel_mult=1,2,2,resblock_updown=False,num_heads=-1") == (
+      "v", {"attention_resolutions": "8", "channel_mult": "1,2,2", "resblock_updown": "False", "num_heads": "-1"})
+  assert dv._cast("resblock_updown", True, "False") is False and dv._cast("num_heads", 1, "-1") == -1
+  with pytest.raises(ValueError, match="num_heads"):
+    dv._cast("num_heads", 1, "many")
+  for bad in ("nocolon", "v:", "v:1,2", ":a=1", "v:=3"):
+    with pytest.raises(ValueError):
+      dv.parse_variant(bad)
+
+
+def test_demo_variants_alternates_different_programs_against_the_demo(capsys):
+  """The baseline is the config as is and every variant a different program (an override that did
+  not reach the model would time the baseline twice); each runs every round; ratios are to the
+  baseline's median."""
+  from benchmarks import demo_variants as dv
+  assert dv.main(["--preset", "tiny", "--rounds", "2", "--fast-compile", "--batch", "2",
+                  "--variant", "attn16:attention_resolutions=16"]) == 0
+  records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+  per = {r["variant"]: r for r in records if "variant" in r}
+  assert set(per) == {"demo", "attn16"}
+  assert per["demo"]["overrides"] == {} and per["attn16"]["overrides"] == {"attention_resolutions": "16"}
+  assert per["demo"]["program_fingerprint"] != per["attn16"]["program_fingerprint"]
+  assert all(len(r["runs_s"]) == 2 for r in per.values())
+  summary = records[-1]
+  assert summary["summary"] and summary["ratio_to_baseline"]["demo"] == 1.0
+  assert summary["ratio_to_baseline"]["attn16"] == pytest.approx(
+      per["attn16"]["median_s"] / per["demo"]["median_s"], rel=1e-2)
+  with pytest.raises(ValueError, match="unknown model options"):
+    dv.main(["--preset", "tiny", "--rounds", "1", "--fast-compile", "--variant", "x:attention_resolution=8"])
