@@ -66,13 +66,11 @@ def parse_variant(spec: str) -> tuple[str, dict]:
       pairs[-1][1] += "," + piece
     else:
       raise ValueError(f"variant {spec!r}: {piece!r} is not key=value")
-  return name, {k: v for k, v in pairs}
+  return name, dict(pairs)
 
 
 def _step(args, overrides: dict):
   """A zero-argument callable running one donated demo train step with `overrides` applied."""
-  import jax
-
   from benchmarks import train_step
   ns = argparse.Namespace(preset=args.preset if args.preset in ("tiny", "micro") else "shapes",
                           attention_impl=args.attention_impl, dtype=None, batch=args.batch)
@@ -83,20 +81,9 @@ def _step(args, overrides: dict):
   overrides = {k: _cast(k, config.model.options[k], v) for k, v in overrides.items()}
   with config.unlocked():
     config.model.options.update(overrides)
-  program = train_step.build_program(config, jax.devices()[:1])
-  options = dict(config.model.options)
-  params = common.random_params("text2im", options, args.seed)
-  holder = [program.init_state(jax.random.key(args.seed), params=params)]
-  batch = program.put_batch(train_step.make_batch("shapes", options, int(config.batch_size), 0, args.seed))
-  rng = program.put_rng(jax.random.key(args.seed + 3))
-  compiled, compile_s, flops, fingerprint = common.compile_program_timed(program, options=common.compiler_options(args))
-
-  def run():
-    holder[0], metrics = compiled(holder[0], batch, rng)
-    return metrics["loss"]
-  return run, {"overrides": overrides, "compile_s": round(compile_s, 2), "gflop": flops and round(flops / 1e9, 3),
-               "batch": int(config.batch_size), "params": common.count_params(params),
-               "program_fingerprint": fingerprint}
+  run, compile_s, flops, meta = train_step.demo_step(config, args)
+  return run, {"overrides": overrides, "compile_s": round(compile_s, 2),
+               "gflop": flops and round(flops / 1e9, 3), **meta}
 
 
 def measure(variants: list[tuple[str, dict]], args) -> dict:

@@ -28,25 +28,10 @@ DTYPES = ("float32", "bfloat16")
 
 def _demo_step(args, dtype: str):
   """A zero-argument callable running one donated train step of the demo config at `dtype`."""
-  import jax
-
   from benchmarks import train_step
   ns = argparse.Namespace(preset=args.preset if args.preset in ("tiny", "micro") else "shapes",
                           attention_impl=args.attention_impl, dtype=dtype, batch=args.batch)
-  config = train_step.benchmark_config("shapes", ns)
-  program = train_step.build_program(config, jax.devices()[:1])
-  options = dict(config.model.options)
-  params = common.random_params("text2im", options, args.seed)
-  holder = [program.init_state(jax.random.key(args.seed), params=params)]
-  batch = program.put_batch(train_step.make_batch("shapes", options, int(config.batch_size), 0, args.seed))
-  rng = program.put_rng(jax.random.key(args.seed + 3))
-  compiled, compile_s, flops, fingerprint = common.compile_program_timed(program, options=common.compiler_options(args))
-
-  def run():
-    holder[0], metrics = compiled(holder[0], batch, rng)
-    return metrics["loss"]
-  return run, compile_s, flops, {"batch": int(config.batch_size), "params": common.count_params(params),
-                                 "program_fingerprint": fingerprint}
+  return train_step.demo_step(train_step.benchmark_config("shapes", ns), args)
 
 
 def _forward(args, dtype: str):

@@ -81,6 +81,26 @@ def build_program(config, devices):
   return program_lib.build(config, devices=devices)
 
 
+def demo_step(config, args):
+  """One donated train step of a demo `config` (random weights, the benchmark's batch), compiled:
+  returns (run, compile_s, flops, meta); `run()` advances the state and returns the loss. Shared
+  by the benchmarks that alternate demo programs (dtype, demo_variants)."""
+  import jax
+  program = build_program(config, jax.devices()[:1])
+  options = dict(config.model.options)
+  params = common.random_params("text2im", options, args.seed)
+  holder = [program.init_state(jax.random.key(args.seed), params=params)]
+  batch = program.put_batch(make_batch("shapes", options, int(config.batch_size), 0, args.seed))
+  rng = program.put_rng(jax.random.key(args.seed + 3))
+  compiled, compile_s, flops, fingerprint = common.compile_program_timed(program, options=common.compiler_options(args))
+
+  def run():
+    holder[0], metrics = compiled(holder[0], batch, rng)
+    return metrics["loss"]
+  return run, compile_s, flops, {"batch": int(config.batch_size), "params": common.count_params(params),
+                                 "program_fingerprint": fingerprint}
+
+
 def run_stage(stage_name: str, args, use_ref: bool, threads: int | None) -> None:
   import jax
   import numpy as np
