@@ -88,7 +88,7 @@ def skeleton(stage: str) -> ml_collections.ConfigDict:
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.steps = 1000
   c.diffusion.noise_schedule = "squaredcos_cap_v2"  # [G] base; 'linear' for the upsampler
-  c.diffusion.schedule_sampler = "uniform"          # [GD] default; or 'loss-second-moment', 'logit-normal'
+  c.diffusion.schedule_sampler = "uniform"          # [GD] default; or 'stratified', 'loss-second-moment', 'logit-normal'
   c.diffusion.logit_normal_loc = 0.0                # 'logit-normal' only: t/T = sigmoid(loc + scale * N(0, 1))
   c.diffusion.logit_normal_scale = 1.0
   c.diffusion.prediction = "epsilon"                # [G]; 'v' for velocity, 'x0' (glide_jax/diffusion/schedules.py)

@@ -197,6 +197,29 @@ def test_uniform_timesteps():
   np.testing.assert_allclose(np.bincount(np.asarray(t)) / 5000, 0.1, atol=0.02)
 
 
+def test_stratified_timesteps_cover_every_stratum_and_stay_uniform():
+  """Each batch holds exactly one draw per stratum of T/b timesteps (in shuffled order); over many
+  batches every position's t is uniform on {0..T-1}; and the batch mean of t varies far less than
+  under independent uniform draws, whose variance is (T^2 - 1) / (12 b) in closed form."""
+  n, b, batches = 64, 32, 2000
+  sample = jax.jit(jax.vmap(lambda k: timesteps.stratified(n).sample({}, k, b)))
+  t, w = sample(jax.random.split(jax.random.key(5), batches))
+  t = np.asarray(t)
+  assert t.shape == (batches, b) and t.dtype == np.int32 and np.all(np.asarray(w) == 1.0)
+  # n = 2b: the draw (u + i/b) mod 1 of stratum i lands on timestep 2i or 2i + 1.
+  np.testing.assert_array_equal(np.sort(t // (n // b), axis=1), np.broadcast_to(np.arange(b), (batches, b)))
+  strata = t // (n // b)  # shuffled: example 1's stratum is not always the one after example 0's
+  assert len(set(((strata[:, 1] - strata[:, 0]) % b).tolist())) > b // 2
+  for column in (t[:, 0], t[:, b - 1]):  # any one example's t is uniform
+    np.testing.assert_allclose(np.bincount(column, minlength=n) / batches, 1 / n, atol=0.012)
+  uniform_var = (n ** 2 - 1) / 12 / b
+  assert np.var(t.mean(axis=1)) < uniform_var / 20  # 0.25 here: the mean is 31 or 32
+  tu, _ = jax.vmap(lambda k: timesteps.uniform(n).sample({}, k, b))(jax.random.split(jax.random.key(5), batches))
+  np.testing.assert_allclose(np.var(np.asarray(tu).mean(axis=1)), uniform_var, rtol=0.1)
+  cfg = ts.tiny_config("base", "--config.diffusion.schedule_sampler=stratified")
+  assert timesteps.sampler_from_config(cfg, n).name == "stratified"
+
+
 def test_loss_second_moment_matches_reference_algorithm():
   n, hist = 6, 10
   sampler = timesteps.loss_second_moment(n, hist)
