@@ -4,19 +4,18 @@
 # then sample held-out validation captions at guidance scales 1 and 3 and score them with the
 # shapes attribute reader. Everything lands in $WORKDIR (default runs/shapes).
 #
-#   bash launch/demo.sh                 # the full demo (1500 steps, 36-42 minutes on 2 cores)
-#   TRAIN_STEPS=750 LR=5e-4 bash launch/demo.sh
-#                                      # the 20-minute variant (all four attributes right in 77 % of
-#                                      # guided samples, against 87-93 % after 1500; README)
+#   bash launch/demo.sh                 # the demo (1400 steps; about 18 minutes on 2 cores, README)
+#   TRAIN_STEPS=700 LR=5e-4 bash launch/demo.sh
+#                                      # a shorter schedule at another peak rate (both optional)
 #   QUICK=1 bash launch/demo.sh         # a few steps of everything, to check the plumbing
 #   SKIP_SETUP=1 ...                    # use the glide-jax on PATH instead of ./.venv
 #
-# Training ends at the config's last step (TRAIN_STEPS, default configs/shapes.py's 1500) or after
+# Training ends at the config's last step (TRAIN_STEPS, default configs/shapes.py's 1400) or after
 # TRAIN_MINUTES (default 45, compilation included), whichever comes first: on the SIGTERM the
 # trainer saves a checkpoint and exits cleanly. Rerunning resumes the same workdir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TRAIN_MINUTES="${TRAIN_MINUTES:-45}"  # a bound on a slow machine; 1500 steps take ~36 min here
+TRAIN_MINUTES="${TRAIN_MINUTES:-45}"  # a bound on a slow machine; 1400 steps take ~15 min here
 source launch/demo_lib.sh
 WORKDIR="${WORKDIR:-runs/shapes}"
 N_PROMPTS="${N_PROMPTS:-60}"
@@ -35,7 +34,7 @@ echo "== 1/4 prepare glide_shapes/size32 in $DATA_DIR"
 $gj data prepare --name glide_shapes/size32 --data-dir "$DATA_DIR" "${prepare[@]}"
 
 echo "== 2/4 train $config in $WORKDIR"
-# LR overrides the config's peak learning rate (1e-3, tuned for 1500 steps; 5e-4 is best measured at 750).
+# LR overrides the config's peak learning rate (1e-3).
 train_bounded --config "$config" --workdir "$WORKDIR" --config.data.data_dir="$DATA_DIR" \
   ${LR:+"--config.optimizer.lr=$LR"}
 
