@@ -15,8 +15,9 @@ training on that machine) at peak rate 1e-3, decaying to zero.
 Why this network: what a short run gets wrong is the large triangle (drawn as a blob of its area,
 read as a small square), and in every run measured triangles came with steps, not width; the
 earlier network (64 and 128 channels at 16 and 8 px, res-block resampling: 6.1 M parameters, 1.7x
-this step) needed its 1500 steps, 36 minutes, for them. Keeping the attention at 16 px is what holds colour and
-position in the cheaper networks (docs/experiments.md, runs W1-W4, X1, Z0-Z2).
+this step) needed its 1500 steps, 36 minutes, for them. The cheaper networks that dropped the 16 px
+attention, or made its head 64 channels wide, lost colour or position; this one kept both in its
+run (docs/experiments.md, runs W1-W4, X1, Z0-Z2).
 """
 from __future__ import annotations
 
