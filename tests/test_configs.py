@@ -116,7 +116,7 @@ def test_model_initialises_under_eval_shape(spec):
   elif "variant=tiny" in spec:
     assert n < 2_000_000 if isinstance(n, int) else sum(n) < 2_000_000
   elif spec.startswith("configs/shapes.py"):
-    assert 5_000_000 < n < 30_000_000, n
+    assert 2_000_000 < n < 30_000_000, n  # the CPU demo: a few million (3,585,958 in its docstring)
 
 
 def test_hyper_parameters_follow_the_sources():

@@ -230,8 +230,8 @@ def test_demo_distill_exports_and_scores_each_student(tmp_path, schedule, checkp
 
 
 def test_demo_passes_lr_and_train_steps_to_the_trainer(tmp_path):
-  """`TRAIN_STEPS=750 LR=5e-4 bash launch/demo.sh` (the README's 20-minute variant) trains
-  configs/shapes.py:steps=750 at peak learning rate 5e-4; without LR the config's own rate stands.
+  """`TRAIN_STEPS=750 LR=5e-4 bash launch/demo.sh` trains configs/shapes.py:steps=750 at peak
+  learning rate 5e-4; without them the config's own steps and rate stand.
   Stubs as above: the stub timeout records the train command line and stops the script."""
   bin_dir, record = _stub_timeout_and_glide_jax(tmp_path)
   env = {k: v for k, v in os.environ.items() if k not in ("TRAIN_MINUTES", "QUICK", "LR", "TRAIN_STEPS")}
