@@ -37,7 +37,7 @@ MODEL = dict(
     attention_resolutions="16,8", num_heads=1, num_head_channels=32, num_heads_upsample=-1,
     dropout=0.0,  # an endless procedural dataset does not overfit
     use_scale_shift_norm=True,
-    resblock_updown=False,  # convolutional resampling: 0.9x the step, accuracy kept (run Z2)
+    resblock_updown=False,  # convolutional resampling: 0.9x the step (docs/experiments.md, run Z2)
     text_ctx=24, xf_width=256, xf_layers=3, xf_heads=4, xf_final_ln=True, xf_padding=True,
     n_vocab=256,
     # Ours, not GLIDE's: without it the features carry no position at high noise, where the layout
@@ -88,8 +88,8 @@ def get_config(arg: str | None = None):
   c.log.sample_every = 500
   c.log.sample_prompts = PROMPTS
   c.checkpoint.every = 1000
-  # DPM++ 15: the caption accuracy of ancestral 100 on the demo model in a seventh of the passes
-  # (docs/performance.md); the trainer's sample grids and the bundle's default sampler.
+  # DPM++ 15: ancestral 100's caption accuracy on the demo models measured, in a seventh of the
+  # passes (docs/performance.md); the trainer's sample grids and the bundle's default sampler.
   c.sampling.update(sampler="dpm++", steps="15", guidance_scale=3.0)
   # A small model learns faster than ADM's 1e-4..3e-4 allows; warm up to avoid early blow-ups.
   short_cpu_run(c, lr=1e-3, warmup_steps=100, text_ctx=MODEL["text_ctx"], runlocal=arg.runlocal)

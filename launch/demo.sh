@@ -4,7 +4,7 @@
 # then sample held-out validation captions at guidance scales 1 and 3 and score them with the
 # shapes attribute reader. Everything lands in $WORKDIR (default runs/shapes).
 #
-#   bash launch/demo.sh                 # the demo (1400 steps; about 18 minutes on 2 cores, README)
+#   bash launch/demo.sh                 # the demo (1400 steps; 17 minutes on 2 cores, README)
 #   TRAIN_STEPS=700 LR=5e-4 bash launch/demo.sh
 #                                      # a shorter schedule at another peak rate (both optional)
 #   QUICK=1 bash launch/demo.sh         # a few steps of everything, to check the plumbing
