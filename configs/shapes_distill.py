@@ -21,7 +21,9 @@ teacher, and its rounds lost more against the phase-1 student sampled at the sam
 launch/demo_distill.sh's 40 minutes on 2 CPU cores: batch 16, each step one student forward and
 backward plus two teacher forwards, 1.43x the base demo's step at that batch (1.047 s against
 0.730 s, alone, `python -m benchmarks.run train_step --stages shapes shapes_distill --batch 16
---no-reference`); the 1,800 steps took 1,992 s with compilation in run R.
+--no-reference`); the 1,800 steps took 1,992 s with compilation in run R. Those figures are the
+previous demo network's (6.1 M parameters, `channel_mult=1,2,4`); the student follows whatever
+`configs/shapes.py` holds, and with the current, 1.7x cheaper one it is not measured yet.
 """
 from __future__ import annotations
 
