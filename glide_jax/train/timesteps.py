@@ -32,6 +32,11 @@ def _stateless(name: str, draw) -> TimestepSampler:
   return TimestepSampler(init=dict, sample=sample, update=lambda state, t, losses: state, name=name)
 
 
+def _timestep_of(u, num_timesteps: int):
+  """The integer timestep whose bin [t/T, (t+1)/T) holds u in [0, 1] (u = 1 falls in the last)."""
+  return jnp.clip(jnp.floor(u * num_timesteps), 0, num_timesteps - 1).astype(jnp.int32)
+
+
 def uniform(num_timesteps: int) -> TimestepSampler:
   return _stateless("uniform", lambda key, b: jax.random.randint(key, (b,), 0, num_timesteps, jnp.int32))
 
@@ -80,7 +85,7 @@ def logit_normal(num_timesteps: int, loc: float = 0.0, scale: float = 1.0) -> Ti
 
   def draw(key, b):
     u = jax.nn.sigmoid(loc + scale * jax.random.normal(key, (b,), jnp.float32))
-    return jnp.clip(jnp.floor(u * num_timesteps), 0, num_timesteps - 1).astype(jnp.int32)
+    return _timestep_of(u, num_timesteps)
   return _stateless(f"logit-normal(loc={loc:g}, scale={scale:g})", draw)
 
 
@@ -92,7 +97,7 @@ def stratified(num_timesteps: int) -> TimestepSampler:
     # spread over [0, T) rather than one end of it.
     order = jax.random.permutation(k_order, b)
     u = jnp.mod(offset + order.astype(jnp.float32) / b, 1.0)
-    return jnp.clip(jnp.floor(u * num_timesteps), 0, num_timesteps - 1).astype(jnp.int32)
+    return _timestep_of(u, num_timesteps)
   return _stateless("stratified", draw)
 
 
