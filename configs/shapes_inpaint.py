@@ -9,7 +9,8 @@ weights; a workdir also works and gives its raw weights). The 4 extra input chan
 mask, [P] §4.3) start at zero, so step 0 predicts what the base model predicts. Random masks (boxes,
 ellipses, strokes) come from the data pipeline. The architecture is the base demo's, read from
 configs/shapes.py, so the two must come from the same version of that file. Sized like the base
-demo (launch/demo_inpaint.sh, bounded by TRAIN_MINUTES); measured in the README.
+demo (launch/demo_inpaint.sh, bounded by TRAIN_MINUTES); measured in docs/experiments.md, "Second
+demo stage".
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def get_config(arg: str | None = None):
   c.model.dtype = "float32"
   c.init_from = arg.init_from
 
-  c.total_steps = arg.steps or 750  # the decay ends about where the 20 minutes of demo_inpaint.sh do
+  c.total_steps = arg.steps or 750  # 534 s on 2 CPU cores with the current demo network (~20 min before)
   c.batch_size = 32
   c.diffusion.noise_schedule = "squaredcos_cap_v2"  # the base model's schedule
   c.diffusion.prediction = shapes.PREDICTION         # and its target (init_from checks it)
