@@ -88,12 +88,12 @@ def get_config(arg: str | None = None):
   # noisy steps where only the caption can tell the colour count; after 200 steps the caption cut
   # the error at t=800 by 21 % (epsilon: 1 %); measurements in the README demo section.
   c.diffusion.prediction = PREDICTION
-  # Timesteps t/T = sigmoid(0.8 + 1.6 N(0, 1)) instead of uniform: 9 % of draws at t > 0.95 T (uniform
-  # 5 %), where only the caption can place the shape, and 3 % below 0.1 T (uniform 10 %), where the
-  # v target's x0 weight SNR + 1 is largest and its gradients noisiest. With uniform draws the
-  # 1400-step run tied position to the caption late or not at all with some seeds (seed 2: position
-  # 52 %, all four 38 % at g=3); with these, position was right in every guided sample of seeds 0-3
-  # on the 60 captions (docs/experiments.md, runs A1-A2). The large triangle still depends on the seed.
+  # Timesteps t/T = sigmoid(0.8 + 1.6 N(0, 1)) instead of uniform: 9 % of draws at t > 0.95 T
+  # (uniform 5 %), where only the caption can place the shape, and 3 % below 0.1 T (uniform 10 %),
+  # where the v target's x0 weight SNR + 1 is largest. With uniform draws seed 2's 1400-step run had
+  # not tied position to the caption (position 52 %, all four 38 % at g=3; at 2000 steps 93 %); with
+  # these, position was right in every guided sample of seeds 0-3 on the 60 captions
+  # (docs/experiments.md, runs A1-A2). The large triangle still depends on the seed.
   c.diffusion.schedule_sampler = "logit-normal"
   c.diffusion.logit_normal_loc = 0.8
   c.diffusion.logit_normal_scale = 1.6
