@@ -120,7 +120,8 @@ def _compiled_sampler(sm: SamplerModel, diffusion: schedules.Diffusion, shape: t
     variables = {"params": params}
     text = model.apply(variables, tokens, mask, method="encode_text")
     extra = {}
-    if low_res:
+    if low_res:  # rounded here, not on the host, so that the exported sampler's program is this one
+      low_res_img = guidance.round_to_uint8(low_res_img)
       extra["low_res"] = low_res_img
     if inpaint and sm.is_inpaint:
       extra["inpaint_image"] = inpaint_image * inpaint_mask
@@ -187,7 +188,7 @@ def generate(sm: SamplerModel, prompts: Sequence[str], key: jax.Array, *, guidan
   if sm.is_upsampler:
     if low_res is None:
       raise ValueError(f"the {sm.kind} model needs low_res images")
-    low_res = np.asarray(guidance.round_to_uint8(jnp.asarray(low_res, jnp.float32)))
+    low_res = np.asarray(low_res, np.float32)  # rounded to the 8-bit grid inside the sampler
     if low_res.shape[0] != b:
       raise ValueError(f"low_res has {low_res.shape[0]} images for {b} prompts")
   elif low_res is not None:
