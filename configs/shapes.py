@@ -80,7 +80,7 @@ def get_config(arg: str | None = None):
   c.model.options = dict(MODEL)
   c.model.dtype = "float32"       # CPU: bf16 convolutions are slower than f32 here
 
-  c.total_steps = arg.steps or 1400
+  c.total_steps = arg.steps or 1700
   c.batch_size = 32
   c.diffusion.noise_schedule = "squaredcos_cap_v2"
   # v-prediction: with GLIDE's epsilon target this small model barely used its captions after 785
