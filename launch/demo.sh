@@ -4,18 +4,18 @@
 # then sample held-out validation captions at guidance scales 1 and 3 and score them with the
 # shapes attribute reader. Everything lands in $WORKDIR (default runs/shapes).
 #
-#   bash launch/demo.sh                 # the demo (1400 steps; 17 minutes on 2 cores, README)
+#   bash launch/demo.sh                 # the demo (1700 steps; 18 minutes on 2 cores, README)
 #   TRAIN_STEPS=700 LR=5e-4 bash launch/demo.sh
 #                                      # a shorter schedule at another peak rate (both optional)
 #   QUICK=1 bash launch/demo.sh         # a few steps of everything, to check the plumbing
 #   SKIP_SETUP=1 ...                    # use the glide-jax on PATH instead of ./.venv
 #
-# Training ends at the config's last step (TRAIN_STEPS, default configs/shapes.py's 1400) or after
+# Training ends at the config's last step (TRAIN_STEPS, default configs/shapes.py's 1700) or after
 # TRAIN_MINUTES (default 45, compilation included), whichever comes first: on the SIGTERM the
 # trainer saves a checkpoint and exits cleanly. Rerunning resumes the same workdir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TRAIN_MINUTES="${TRAIN_MINUTES:-45}"  # a bound on a slow machine; 1400 steps take ~15 min here
+TRAIN_MINUTES="${TRAIN_MINUTES:-45}"  # a bound on a slow machine; 1700 steps take ~17 min here
 source launch/demo_lib.sh
 WORKDIR="${WORKDIR:-runs/shapes}"
 N_PROMPTS="${N_PROMPTS:-60}"
