@@ -6,6 +6,7 @@ exact x0 predictor is affine in x_t, as in tests/test_samplers.py), and an unint
 Tiny models (configs/distill.py:variant=tiny, 8 px, 50 diffusion steps)."""
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 
@@ -342,3 +343,22 @@ def test_the_exported_student_samples_in_one_pass_per_step(run, tmp_path):
     sampling.generate(sm, prompts, jax.random.key(0), guidance_scale=3.0, sampler="ddim", respacing="4")
   with pytest.warns(UserWarning, match=r"distilled for DDIM"):
     sampling.generate(sm, prompts, jax.random.key(0), guidance_scale=3.0, sampler="dpm++", respacing="2")
+
+
+def test_the_serialized_student_samples_what_generate_does(run, tmp_path):
+  # `export --serialize` of a student: its inputs (tokens, mask, key, w; no unconditional caption),
+  # its trailing grid and its guidance input, against sampling.generate on the same bundle.
+  _config, workdir, _ = run
+  path = export_cmd.export(str(workdir), str(tmp_path / "served"), serialize=True, serialize_batch=2)
+  spec = json.loads((path / "sampler.json").read_text())
+  assert [d.split()[0] for d in spec["inputs"]] == ["params", "tokens", "mask", "key_data", "guidance_scale"]
+  assert spec["steps"] == "trailing2" and spec["sampler"] == "ddim"
+  exported = jax.export.deserialize(bytearray((path / "sampler.jax_exported").read_bytes()))
+  sm = sampling.load_sampler_model(path)
+  prompts, key = ["a b", "c d e"], jax.random.key(3)
+  tokens, mask = sm.tokenizer.encode_batch(prompts)
+  served = {g: np.asarray(exported.call(sm.params, tokens, mask, jax.random.key_data(key), jnp.float32(g)))
+            for g in (1.0, 3.0)}
+  for g, out in served.items():
+    np.testing.assert_allclose(out, sampling.generate(sm, prompts, key, guidance_scale=g), rtol=1e-5, atol=1e-5)
+  assert np.abs(served[3.0] - served[1.0]).max() > 1e-4  # w is an input that matters

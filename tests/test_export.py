@@ -79,8 +79,9 @@ def test_bf16_export_holds_the_rounded_params_and_samples_like_float32(trained, 
 
 
 def test_serialized_sampler_samples_what_generate_does(trained, tmp_path):
-  # The serialized sampler against sampling.generate (a separate implementation), for two token
-  # rows and two guidance scales: it must change with each input exactly as generate does.
+  # The serialized sampler against sampling.generate, for two token rows and two guidance scales:
+  # both trace pipeline.sampling_program, so this checks what the export adds (which input feeds
+  # which argument, the raw key, the bundle's settings): each input must act exactly as in generate.
   from glide_jax import sampling
 
   workdir, config, _ = trained
@@ -126,16 +127,19 @@ class _FixedTokens:
     return self.tokenizer.empty(b)
 
 
-@pytest.mark.parametrize("stage", ["upsample", "upsample-residual", "inpaint"])
+@pytest.mark.parametrize("stage", ["upsample", "upsample-residual", "inpaint", "upsample-inpaint"])
 def test_serialized_upsample_and_inpaint_samplers_equal_generate(stage, tmp_path, tmp_path_factory):
   from glide_jax import sampling
 
   ts.session_cache(tmp_path_factory)
-  extra = []
+  extra, arg = [], ""
   if stage == "upsample-residual":  # diffusion.upsample_residual: both add bicubic(low_res) back
     stage, extra = "upsample", ["--config.diffusion.upsample_residual=bicubic", "--config.diffusion.prediction=x0"]
+  if stage == "upsample-inpaint":  # configs/inpaint.py:upsample, kind upsample_inpaint
+    stage, arg = "inpaint", "upsample"
   config = ts.tiny_config(stage, "--config.total_steps=1", "--config.sampling.steps=3", *ts.mesh_overrides(1, 8),
-                          *extra)
+                          *extra, arg=arg)
+  stage = export_cmd.signature_name(config)
   train.train(config, str(tmp_path / "wd"), data_iterator=ts.SyntheticIterator(config),
               tokenizer=ts.tokenizer(config), progress=False, compiler_options=ts.FAST)
   path = export_cmd.export(str(tmp_path / "wd"), str(tmp_path / "b"), serialize=True, serialize_batch=2)
@@ -160,6 +164,17 @@ def test_serialized_upsample_and_inpaint_samplers_equal_generate(stage, tmp_path
     direct = sampling.generate(sm, ["a", "b"], key, low_res=low_res, temperature=0.997)
     served = exported.call(params, tokens, mask, low_res, jax.random.key_data(key), jnp.float32(0.997))
     other = exported.call(params, tokens, mask, -low_res, jax.random.key_data(key), jnp.float32(0.997))
+  elif stage == "upsample_inpaint":
+    assert meta["model"]["kind"] == "upsample_inpaint" and spec["low_res_size"] == 4
+    low_res = r.uniform(-1, 1, (2, 4, 4, 3)).astype(np.float32)
+    image = r.uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
+    known = np.zeros((2, 8, 8, 1), np.float32)
+    known[:, :4] = 1.0  # keep the top half
+    direct = sampling.generate(sm, ["a", "b"], key, low_res=low_res, inpaint_image=image, inpaint_mask=known,
+                               temperature=0.997)
+    served = exported.call(params, tokens, mask, low_res, image, known, jax.random.key_data(key), jnp.float32(0.997))
+    other = exported.call(params, tokens, mask, low_res, -image, known, jax.random.key_data(key),
+                          jnp.float32(0.997))
   else:
     assert meta["model"]["kind"] == "inpaint"
     image = r.uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)

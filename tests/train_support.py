@@ -29,13 +29,15 @@ def enable_compilation_cache(path: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def tiny_config(stage: str, *overrides: str):
+def tiny_config(stage: str, *overrides: str, arg: str = ""):
+  """configs/{stage}.py at variant=tiny (plus `arg`, e.g. 'upsample' for the upsampling inpainter)."""
   extra = CLIP_TINY if stage == "clip" else UNET_TINY
-  if stage == "upsample":
+  if stage == "upsample" or "upsample" in arg:
     extra = extra + ["--config.data.low_res_size=4"]
   base = ["--config.log.every=1", "--config.checkpoint.every=2", "--config.checkpoint.keep=3",
           "--config.log.tensorboard=false", "--config.diffusion.steps=50"]
-  return config_lib.load_config(f"configs/{stage}.py:variant=tiny", base + extra + list(overrides))
+  spec = f"configs/{stage}.py:variant=tiny" + (f",{arg}" if arg else "")
+  return config_lib.load_config(spec, base + extra + list(overrides))
 
 
 class SyntheticIterator:
@@ -72,7 +74,7 @@ class SyntheticIterator:
     mask = np.arange(L)[None] < lengths[:, None]
     tokens = np.where(mask, r.randint(1, self.vocab, (b, L)), 0).astype(np.int32)
     out = {"image": image, "tokens": tokens, "mask": mask}
-    if self.stage == "upsample":
+    if self.low:  # the upsamplers, inpainting one included
       f = s // self.low
       out["low_res"] = image.reshape(b, self.low, f, self.low, f, 3).mean(axis=(2, 4)).astype(np.float32)
     if self.stage == "inpaint":

@@ -130,7 +130,7 @@ def export(workdir: str, out: str | None = None, which: str = "ema", rate: float
   meta = bundle_meta(config, tok_spec, dtype, step, which)
   path = bundle.save_bundle(out, params, meta, tok_files)
   if serialize:
-    write_serialized_sampler(path, config, params, serialize_batch)
+    write_serialized_sampler(path, config, params, serialize_batch, meta["diffusion"])
   return path
 
 
@@ -161,7 +161,24 @@ SIGNATURES = {
                 "guidance_scale"),
     "upsample": ("tokens", "mask", "low_res", "key_data", "temperature"),
     "upsample_inpaint": ("tokens", "mask", "low_res", "image", "image_mask", "key_data", "temperature"),
+    # A guidance-distilled text2im student (`guidance_embed`): w is the model's input, one pass per step.
+    "student": ("tokens", "mask", "key_data", "guidance_scale"),
 }
+
+
+def signature_name(config) -> str:
+  """The SIGNATURES entry of a training config's model: its kind, or 'student'."""
+  from glide_jax.models import registry
+
+  kind = registry.canonical_kind(config.model.kind)
+  if config.model.options.get("guidance_embed"):
+    if kind != "text2im":
+      raise ValueError(f"--serialize supports guidance-distilled text2im students, not {kind!r} ones")
+    return "student"
+  if kind not in SIGNATURES:
+    raise ValueError(f"--serialize supports {', '.join(k for k in SIGNATURES if k != 'student')} bundles "
+                     f"and distilled students, not {kind!r}")
+  return kind
 
 
 def low_res_size(config) -> int:
@@ -169,62 +186,45 @@ def low_res_size(config) -> int:
   return int(config.data.get("low_res_size", 0) or 0) or int(config.model.options.image_size) // 4
 
 
-def sampling_function(config, params_dtype=None):
-  """(fn, image size). fn(params, *inputs) -> images [B, H, W, 3], inputs named by SIGNATURES[kind]
+def sampling_function(config, settings: dict):
+  """(fn, image size) for a training config and its bundle's diffusion settings (`meta['diffusion']`:
+  its sampler and step count; a student's on the trailing grid it was distilled on).
+  fn(params, *inputs) -> images [B, H, W, 3], inputs named by SIGNATURES[signature_name(config)]
   (`key` a typed PRNG key here; the serialized function takes its raw `key_data` instead).
 
-  It computes what `sampling.generate` does for that kind: CFG on one doubled batch for text2im and
-  inpaint; low_res rounded to the 8-bit grid; inpainting feeds `image * image_mask` and the mask to the
-  model and writes the known pixels (image_mask = 1) into each predicted x0.
+  It is the program `sampling.generate` jits for that kind (`pipeline.sampling_program`): CFG on one
+  doubled batch for text2im and inpaint; a distilled student's guidance scale as its input, one pass
+  per step; low_res rounded to the 8-bit grid; inpainting feeds `image * image_mask` and the mask to
+  the model and writes the known pixels (image_mask = 1) into each predicted x0.
   """
-  del params_dtype
   import jax
   import jax.numpy as jnp
 
-  from glide_jax.diffusion import guidance, residual, samplers, schedules
+  from glide_jax.diffusion import pipeline
   from glide_jax.models import registry
   from glide_jax.sampling import canonical_sampler
 
   kind = registry.canonical_kind(config.model.kind)
-  if kind not in SIGNATURES:
-    raise ValueError(f"--serialize supports {', '.join(SIGNATURES)} bundles, not {kind!r}")
+  name = signature_name(config)
   options = dict(config.model.options)
-  if options.get("guidance_embed"):
-    raise ValueError("--serialize does not support distilled students (guidance_embed) yet")
   model = registry.create_model(kind, options)
   size = registry.image_size_of(kind, options)
-  diffusion = schedules.diffusion_from_settings(config.diffusion, str(config.sampling.steps))
-  sampler = canonical_sampler(config.sampling.sampler)
+  diffusion = pipeline.diffusion_of_settings(settings)
+  sampler = canonical_sampler(settings["sampler"])
   upsampler, inpaint = kind in ("upsample", "upsample_inpaint"), kind in ("inpaint", "upsample_inpaint")
 
   def fn(params, *inputs):
-    named = dict(zip(SIGNATURES[kind], inputs, strict=True))
+    named = dict(zip(SIGNATURES[name], inputs, strict=True))
     params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
-    variables = {"params": params}
-    tokens = named["tokens"]
-    extra, denoised_fn = {}, None
-    if upsampler:
-      extra["low_res"] = guidance.round_to_uint8(named["low_res"].astype(jnp.float32))
-    if inpaint:
-      image, known = named["image"].astype(jnp.float32), named["image_mask"].astype(jnp.float32)
-      extra.update(inpaint_image=image * known, inpaint_mask=known)
-      denoised_fn = guidance.inpaint_denoised_fn(image, known)
-
-    def apply_fn(x, t, cond):
-      text_cond, kw = cond
-      return model.apply(variables, x, t, text_cond=text_cond, **kw)
-
-    cond = (model.apply(variables, tokens, named["mask"], method="encode_text"), extra)
-    if "guidance_scale" in named:
-      uncond = (model.apply(variables, named["uncond_tokens"], named["uncond_mask"], method="encode_text"), extra)
-      model_fn = guidance.cfg_model_fn(apply_fn, cond, uncond, named["guidance_scale"])
-    else:
-      model_fn = lambda x, t: apply_fn(x, t, cond)
-    denoised_fn, clip_denoised, finish = residual.sampler_wrapping(
-        residual.residual_of(config.diffusion) if upsampler else "", extra.get("low_res"), size, denoised_fn)
-    return finish(samplers.sample_loop(model_fn, diffusion, (tokens.shape[0], size, size, 3), named["key_data"],
-                                       sampler=sampler, denoised_fn=denoised_fn, clip_denoised=clip_denoised,
-                                       temperature=named.get("temperature", 1.0)))
+    b = named["tokens"].shape[0]
+    f32 = lambda k: named[k].astype(jnp.float32) if k in named else None
+    run = pipeline.sampling_program(
+        model, diffusion, (b, size, size, 3), sampler=sampler, cfg="uncond_tokens" in named,
+        low_res=upsampler, inpaint=inpaint, inpaint_inputs=inpaint, guided_input=name == "student",
+        upsample_residual=settings["upsample_residual"] if upsampler else "")
+    return run(params, named["tokens"], named["mask"], named.get("uncond_tokens"), named.get("uncond_mask"),
+               f32("low_res"), f32("image"), f32("image_mask"), named["key_data"],
+               named.get("guidance_scale", 1.0), named.get("temperature", 1.0), 0.0, None, None, 0.0)
   return fn, size
 
 
@@ -251,20 +251,22 @@ def input_specs(config, batch: int) -> tuple[list, list[str]]:
       "guidance_scale": ((), jnp.float32, "guidance_scale [] float32"),
       "temperature": ((), jnp.float32, "temperature [] float32 (x_T scale; GLIDE uses 0.997)"),
   }
-  names = SIGNATURES[kind]
+  names = SIGNATURES[signature_name(config)]
   return ([jax.ShapeDtypeStruct(table[n][0], table[n][1]) for n in names],
           ["params"] + [table[n][2] for n in names])
 
 
-def write_serialized_sampler(path, config, params, batch: int) -> None:
+def write_serialized_sampler(path, config, params, batch: int, settings: dict) -> None:
+  """Writes `sampler.jax_exported` and `sampler.json` into the bundle at `path` (its diffusion
+  settings: `settings`), through a temporary file so that no half-written program is left."""
   import jax
   import jax.numpy as jnp
 
-  from glide_jax.models import registry
+  from glide_jax.diffusion import pipeline
 
-  fn, _ = sampling_function(config)
+  fn, _ = sampling_function(config, settings)
   specs, described = input_specs(config, batch)
-  names = SIGNATURES[registry.canonical_kind(config.model.kind)]
+  names = SIGNATURES[signature_name(config)]
   key_at = names.index("key_data")
   args = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), params), *specs)
 
@@ -281,7 +283,7 @@ def write_serialized_sampler(path, config, params, batch: int) -> None:
   spec = {"kind": config.model.kind, "inputs": described, "batch": batch,
           "text_ctx": int(config.model.options.text_ctx),
           "output": "images [B, H, W, 3] float32 in [-1, 1]",
-          "sampler": config.sampling.sampler, "steps": str(config.sampling.steps)}
+          "sampler": settings["sampler"], "steps": pipeline.diffusion_of_settings(settings).timestep_respacing}
   if "low_res" in names:
     spec["low_res_size"] = low_res_size(config)
   with open(os.path.join(str(path), "sampler.json"), "w") as f:

@@ -71,11 +71,15 @@ def make_diffusion(sm: SamplerModel, respacing: str | int | None = None) -> sche
   """The bundle's diffusion respaced by `respacing` (default: the bundle's). Where the settings say
   `timestep_spacing: trailing` (distilled students), a bare count N means 'trailingN', the grid the
   student was distilled on."""
-  s = sm.diffusion_settings
-  respacing = s.get("timestep_respacing", "") if respacing is None else str(respacing)
-  if s.get("timestep_spacing") == "trailing" and respacing.strip().isdigit():
+  return diffusion_of_settings(sm.diffusion_settings, respacing)
+
+
+def diffusion_of_settings(settings: dict, respacing: str | int | None = None) -> schedules.Diffusion:
+  """`make_diffusion` for a bundle's diffusion settings (`settings_from_config`'s dict)."""
+  respacing = settings.get("timestep_respacing", "") if respacing is None else str(respacing)
+  if settings.get("timestep_spacing") == "trailing" and respacing.strip().isdigit():
     respacing = f"trailing{respacing.strip()}"
-  return schedules.diffusion_from_settings(s, respacing)
+  return schedules.diffusion_from_settings(settings, respacing)
 
 
 def check_distilled_steps(sm: SamplerModel, diffusion: schedules.Diffusion, sampler: str) -> None:
@@ -100,33 +104,34 @@ def _report_progress(done):
     _PROGRESS[0](done)
 
 
-def _compiled_sampler(sm: SamplerModel, diffusion: schedules.Diffusion, shape: tuple[int, ...], *, sampler: str,
-                      cfg: bool, low_res: bool, inpaint: bool, clip: Any, threshold: Any,
-                      progress: bool, guided_input: bool = False) -> Callable:
-  # Flax modules hash and compare by their fields, so equal architectures share a program; the
-  # diffusion's buffers and prediction target are baked into it, so every static field is in the key.
-  upsample_residual = residual.residual_of(sm.diffusion_settings) if low_res else ""
-  key = (sm.kind, sm.model,
-         diffusion.noise_schedule, diffusion.timestep_respacing, diffusion.original_num_steps,
-         diffusion.num_timesteps, diffusion.prediction, upsample_residual, shape, sampler,
-         cfg, low_res, inpaint, None if clip is None else id(clip[0]), threshold, progress, guided_input)
-  if key in _COMPILED:
-    return _COMPILED[key]
-  model = sm.model
-  progress_fn = _report_progress if progress else None
+def sampling_program(model: Any, diffusion: schedules.Diffusion, shape: tuple[int, ...], *, sampler: str,
+                     cfg: bool, low_res: bool = False, inpaint: bool = False, inpaint_inputs: bool = False,
+                     upsample_residual: str = "", guided_input: bool = False, clip_module: Any = None,
+                     threshold: Any = None, progress: Callable | None = None) -> Callable:
+  """The whole sampler of one Flax U-Net as one traceable function, unjitted:
 
+    run(params, tokens, mask, u_tokens, u_mask, low_res_img, inpaint_image, inpaint_mask, rng,
+        guidance_scale, temperature, eta, clip_params, clip_z_text, clip_scale) -> images `shape`
+
+  `generate` jits it (`_compiled_sampler`) and `glide-jax export --serialize` exports it, so a served
+  sampler computes what `generate` does. Inputs a configuration does not use may be None: u_* without
+  `cfg`, low_res_img without `low_res`, the inpaint pair without `inpaint`, clip_* without `clip_module`.
+  inpaint: known pixels (inpaint_mask = 1) are written into each predicted x0; inpaint_inputs: the
+  model also takes the masked image and the mask (inpainting models). guided_input: a
+  guidance-distilled student, w an input, one pass per step on the conditional batch.
+  """
   def run(params, tokens, mask, u_tokens, u_mask, low_res_img, inpaint_image, inpaint_mask, rng,
           guidance_scale, temperature, eta, clip_params, clip_z_text, clip_scale):
     variables = {"params": params}
     text = model.apply(variables, tokens, mask, method="encode_text")
     extra = {}
-    if low_res:  # rounded here, not on the host, so that the exported sampler's program is this one
+    if low_res:  # on the 8-bit grid, as the training data's low-res images were
       low_res_img = guidance.round_to_uint8(low_res_img)
       extra["low_res"] = low_res_img
-    if inpaint and sm.is_inpaint:
+    if inpaint and inpaint_inputs:
       extra["inpaint_image"] = inpaint_image * inpaint_mask
       extra["inpaint_mask"] = inpaint_mask
-    if guided_input:  # a guidance-distilled student: w is an input, one pass per step, no doubled batch
+    if guided_input:  # w is an input: one pass per step, no doubled batch
       extra["guidance"] = jnp.full((shape[0],), guidance_scale, jnp.float32)
 
     def apply_fn(x, t, cond):
@@ -143,13 +148,32 @@ def _compiled_sampler(sm: SamplerModel, diffusion: schedules.Diffusion, shape: t
     denoised_fn, clip_denoised, finish = residual.sampler_wrapping(upsample_residual, low_res_img, shape[1],
                                                                    denoised_fn)
     cond_fn = None
-    if clip is not None:
-      cond_fn = guidance.clip_cond_fn(clip[0], clip_params, clip_z_text, clip_scale)
+    if clip_module is not None:
+      cond_fn = guidance.clip_cond_fn(clip_module, clip_params, clip_z_text, clip_scale)
     return finish(samplers.sample_loop(model_fn, diffusion, shape, rng, sampler=sampler, denoised_fn=denoised_fn,
                                        clip_denoised=clip_denoised, cond_fn=cond_fn, temperature=temperature,
-                                       threshold=threshold, eta=eta, progress=progress_fn))
+                                       threshold=threshold, eta=eta, progress=progress))
 
-  fn = jax.jit(run)
+  return run
+
+
+def _compiled_sampler(sm: SamplerModel, diffusion: schedules.Diffusion, shape: tuple[int, ...], *, sampler: str,
+                      cfg: bool, low_res: bool, inpaint: bool, clip: Any, threshold: Any,
+                      progress: bool, guided_input: bool = False) -> Callable:
+  # Flax modules hash and compare by their fields, so equal architectures share a program; the
+  # diffusion's buffers and prediction target are baked into it, so every static field is in the key.
+  upsample_residual = residual.residual_of(sm.diffusion_settings) if low_res else ""
+  key = (sm.kind, sm.model,
+         diffusion.noise_schedule, diffusion.timestep_respacing, diffusion.original_num_steps,
+         diffusion.num_timesteps, diffusion.prediction, upsample_residual, shape, sampler,
+         cfg, low_res, inpaint, None if clip is None else id(clip[0]), threshold, progress, guided_input)
+  if key in _COMPILED:
+    return _COMPILED[key]
+  fn = jax.jit(sampling_program(sm.model, diffusion, shape, sampler=sampler, cfg=cfg, low_res=low_res,
+                                inpaint=inpaint, inpaint_inputs=sm.is_inpaint,
+                                upsample_residual=upsample_residual, guided_input=guided_input,
+                                clip_module=None if clip is None else clip[0], threshold=threshold,
+                                progress=_report_progress if progress else None))
   _COMPILED[key] = fn
   return fn
 
