@@ -23,8 +23,9 @@ backward plus two teacher forwards, 1.43x the base demo's step at that batch (1.
 0.730 s, alone, `python -m benchmarks.run train_step --stages shapes shapes_distill --batch 16
 --no-reference`); the 1,800 steps took 1,992 s with compilation in run R. Those figures are the
 previous demo network's (6.1 M parameters, `channel_mult=1,2,4`); the student follows whatever
-`configs/shapes.py` holds, and with the current one the 1,800 steps took 871 s (0.43-0.51 s per
-step, run S; the README's "The distilled students, measured").
+`configs/shapes.py` holds, and with the current one the 1,800 steps took 871 s on the AMD EPYC
+(0.43-0.51 s per step, run S) and 774 s on the Intel Xeon (0.40-0.43 s, run S2; the README's "The
+distilled students, measured").
 """
 from __future__ import annotations
 
