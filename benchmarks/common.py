@@ -126,6 +126,19 @@ def emit(record: dict[str, Any]) -> None:
   print(json.dumps(record, default=_jsonable), flush=True)
 
 
+class Phases:
+  """Progress lines of a long benchmark, `{"benchmark", "phase", "elapsed_s", ...}`, printed as each
+  step ends: a run cut off by a time limit (the device check's sections) still says how far it got
+  and where its seconds went. The first H200 run's train step timed out with nothing to show."""
+
+  def __init__(self, benchmark: str, **tags: Any):
+    self.benchmark, self.tags, self.t0 = benchmark, tags, time.perf_counter()
+
+  def __call__(self, name: str, **extra: Any) -> None:
+    emit({"benchmark": self.benchmark, "phase": name, "elapsed_s": round(time.perf_counter() - self.t0, 3),
+          **self.tags, **extra})
+
+
 def _jsonable(x):
   try:
     return float(x)
@@ -179,11 +192,15 @@ def compile_timed(jitted, *args, options: dict[str, Any] | None = None) -> tuple
   return compiled, seconds, hardware.compiled_flops(compiled)
 
 
-def compile_program_timed(program, options: dict[str, Any] | None = None) -> tuple[Any, float, float | None, str]:
-  """A train program (glide_jax/train/program.py) compiled: (executable, seconds, FLOPs, fingerprint)."""
+def compile_program_timed(program, options: dict[str, Any] | None = None,
+                          phase: Callable[..., None] | None = None) -> tuple[Any, float, float | None, str]:
+  """A train program (glide_jax/train/program.py) compiled: (executable, seconds, FLOPs, fingerprint).
+  `phase` (a `Phases`) is told when the program is lowered, before XLA compiles it."""
   t0 = time.perf_counter()
   lowered = program.lower()
   fingerprint = program.fingerprint(lowered)
+  if phase is not None:
+    phase("lowered", lower_s=round(time.perf_counter() - t0, 3))
   compiled = lowered.compile(compiler_options=options)
   seconds = time.perf_counter() - t0
   return compiled, seconds, hardware.compiled_flops(compiled), fingerprint

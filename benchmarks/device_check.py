@@ -200,12 +200,18 @@ _KEEP = ("params", "batch", "image_size", "dtype", "attention_impl", "median_s",
          "loss", "gflop", "tflops_per_s", "peak_tflops_per_s", "mfu")
 
 
-def _benchmark_result(name: str, group: list[dict]) -> dict[str, Any]:
-  """The figures of one benchmark run from its JSON lines."""
+def _benchmark_result(name: str, group: list[dict], timed_out: bool = False) -> dict[str, Any]:
+  """The figures of one benchmark run from its JSON lines; `phases` (seconds since it started at the
+  end of each step it reports, benchmarks/common.py Phases) says where a cut-off run had got to."""
   errors = [r["error"] for r in group if "device_check_error" in r]
   summary = next((r for r in reversed(group) if r.get("summary")), None)
+  phases = {r["phase"]: r["elapsed_s"] for r in group if "phase" in r}
   if summary is None:
-    return {"status": "failed", "error": errors[0] if errors else "no summary line"}
+    if timed_out and not errors:
+      out = {"status": "timed_out", "reached": next(reversed(phases), None)}
+    else:
+      out = {"status": "failed", "error": errors[0] if errors else "no summary line"}
+    return {**out, "phases": phases} if phases else out
   ours = next((r for r in group if r.get("side") == "ours"), {})
   config = summary.get("config") or {}
   flat = {**config, **ours, **summary, "median_s": summary.get("ours_s")}
@@ -216,6 +222,8 @@ def _benchmark_result(name: str, group: list[dict]) -> dict[str, Any]:
   else:
     keep = _KEEP
   out = {k: flat.get(k) for k in keep if k in flat}
+  if phases:
+    out["phases"] = phases
   out["status"] = "failed" if errors else "ok"
   if errors:
     out["error"] = errors[0]
@@ -261,14 +269,15 @@ def run_section(section: Section, env: dict, timeout: float, out_dir: pathlib.Pa
     if errors:
       result["error"] = errors
   else:
+    statuses = []
     for i, (name, spec_argv) in enumerate(section.specs):
       key = spec_argv[spec_argv.index("--dtype") + 1] if "--dtype" in spec_argv and len(section.specs) > 1 else None
-      res = _benchmark_result(name, groups[i]) if i < len(groups) else {"status": "not run"}
+      res = _benchmark_result(name, groups[i], timed_out) if i < len(groups) else {"status": "not run"}
+      statuses.append(res["status"])
       if key:
         result[key] = res
       else:
         result.update(res)
-    statuses = [v["status"] for v in result.values() if isinstance(v, dict)] or [result.get("status")]
     result.pop("status", None)
     ok = all(s == "ok" for s in statuses)
   status = "timed_out" if timed_out else ("ok" if ok and rc == 0 else "failed")

@@ -107,10 +107,13 @@ def run_stage(stage_name: str, args, use_ref: bool, threads: int | None) -> None
 
   _, kind = STAGES[stage_name]
   config = benchmark_config(stage_name, args)
+  phase = common.Phases("train_step", stage=stage_name, dtype=str(config.model.dtype))
   options = dict(config.model.options)
   program = build_program(config, jax.devices()[:1])
   params = common.random_params(kind, options, args.seed)
-  state = program.init_state(jax.random.key(args.seed), params=params)
+  phase("params", params=common.count_params(params))
+  state = jax.block_until_ready(program.init_state(jax.random.key(args.seed), params=params))
+  phase("state")
   ema_rates = program.ema_rates
   low = int(config.data.get("low_res_size", 0) or 0)
   host_batch = make_batch(stage_name, options, int(config.batch_size), low, args.seed)
@@ -120,7 +123,9 @@ def run_stage(stage_name: str, args, use_ref: bool, threads: int | None) -> None
          "batch": int(config.batch_size), "image_size": int(options["image_size"]), "dtype": str(config.model.dtype),
          "prediction": str(config.diffusion.get("prediction", "epsilon")), "attention_impl": args.attention_impl,
          "optimizer": "adamw", "ema_rates": list(ema_rates), "dropout": float(options["dropout"])}
-  compiled, compile_s, flops, fingerprint = common.compile_program_timed(program, options=common.compiler_options(args))
+  compiled, compile_s, flops, fingerprint = common.compile_program_timed(program, options=common.compiler_options(args),
+                                                                         phase=phase)
+  phase("compiled", compile_s=round(compile_s, 3))
   holder = [state]
 
   def run_ours():
@@ -128,6 +133,7 @@ def run_stage(stage_name: str, args, use_ref: bool, threads: int | None) -> None
     return metrics["loss"]
   ours = common.time_fn(run_ours, args.repeats)
   loss = float(run_ours())
+  phase("timed", runs=ours["runs"])
   common.emit({"benchmark": "train_step", "side": "ours", "config": cfg, "program_fingerprint": fingerprint,
                "shapes": {k: list(v.shape) for k, v in host_batch.items()}, "compile_s": round(compile_s, 3),
                "gflop": flops and flops / 1e9, "gflops_per_s": flops and flops / 1e9 / ours["median_s"],

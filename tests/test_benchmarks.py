@@ -54,6 +54,28 @@ def test_train_step(capsys):
   assert ours["config"]["batch"] == 4 and ours["shapes"]["image"] == [4, 16, 16, 3]
   assert np.isfinite(ours["loss"]) and ours["compile_s"] > 0 and ours["median_s"] > 0
   assert rows[-1]["summary"] and rows[-1]["config"]["stage"] == "base"
+  # Progress as each step ends, in order, for a run a time limit cuts off (the device check).
+  phases = [r for r in rows if "phase" in r]
+  assert [r["phase"] for r in phases] == ["params", "state", "lowered", "compiled", "timed"]
+  assert all(r["stage"] == "base" and r["dtype"] == "float32" for r in phases)
+  elapsed = [r["elapsed_s"] for r in phases]
+  assert elapsed == sorted(elapsed) and elapsed[0] >= 0
+  compiled = phases[3]
+  assert compiled["compile_s"] == rows[-1]["compile_s"]
+  assert compiled["elapsed_s"] - phases[1]["elapsed_s"] >= compiled["compile_s"]  # lowering and compiling
+  assert phases[0]["params"] == ours["config"]["params"]
+
+  # The device check's reading of these lines, whole and cut off after the compile.
+  from benchmarks import device_check
+  whole = device_check._benchmark_result("train_step", rows)
+  assert whole["status"] == "ok" and list(whole["phases"]) == ["params", "state", "lowered", "compiled", "timed"]
+  cut = rows[:rows.index(compiled) + 1]
+  late = device_check._benchmark_result("train_step", cut, timed_out=True)
+  assert late["status"] == "timed_out" and late["reached"] == "compiled"
+  assert late["phases"]["compiled"] == compiled["elapsed_s"] and "timed" not in late["phases"]
+  early = device_check._benchmark_result("train_step", rows[:1], timed_out=True)
+  assert early == {"status": "timed_out", "reached": None}
+  assert device_check._benchmark_result("train_step", cut)["status"] == "failed"  # ended without a summary
 
 
 def test_sample_speed(capsys):
@@ -278,6 +300,21 @@ def test_device_check_parity_tests_exist():
   collected = [line for line in out.stdout.splitlines() if "::" in line]
   for test in device_check.PARITY_TESTS:
     assert any(line.startswith(test) for line in collected), test
+
+
+def test_device_check_keeps_what_a_timed_out_section_printed(tmp_path):
+  """A section cut off by its share keeps the lines it printed before the kill: the figures of the
+  benchmarks it finished and the phases of the one it was in."""
+  import os
+  import sys
+
+  from benchmarks import device_check
+  code = "import json, time; print(json.dumps({'phase': 'compiled'}), flush=True); time.sleep(60)"
+  with open(tmp_path / "log", "w") as log:
+    stdout, rc, timed_out = device_check._run([sys.executable, "-c", code], dict(os.environ), 5, log)
+  assert timed_out and rc is None
+  assert device_check._json_lines(stdout) == [{"phase": "compiled"}]
+  assert '{"phase": "compiled"}' in (tmp_path / "log").read_text()
 
 
 @pytest.mark.parametrize("probe,expected", [
