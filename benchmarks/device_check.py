@@ -3,6 +3,7 @@
   bash benchmarks/device_check.sh                  # on a GPU/TPU machine: within 8 minutes
   bash benchmarks/device_check.sh --cpu            # the same at small sizes on the CPU (CI)
   python -m benchmarks.device_check --cpu --out /tmp/dc
+  bash benchmarks/device_check.sh --only parity train_step --parity-tests flash --cap train_step=240
 
 Sections, each in its own process under a share of one time budget (a section that runs out of
 time is recorded as timed out and the next one starts; the JSON is rewritten after each):
@@ -340,6 +341,25 @@ def with_caps(sections: list[Section], caps: list[str]) -> list[Section]:
   return [out[s.name] for s in sections]
 
 
+def with_parity_tests(sections: list[Section], patterns: list[str]) -> list[Section]:
+  """The plan with the parity section running the tests of PARITY_TESTS whose id contains one of
+  `patterns` (a rerun that only has to confirm a fix: `--parity-tests test_diffusion flash`; with
+  --cpu the same tests, so the command can be tried here first); a pattern that matches none of
+  them is refused by name."""
+  if not patterns:
+    return sections
+  tests = list(PARITY_TESTS)
+  out = []
+  for section in sections:
+    if section.name == "parity":
+      for pattern in patterns:
+        if not any(pattern in t for t in tests):
+          raise ValueError(f"--parity-tests {pattern!r} matches none of the parity tests: {', '.join(tests)}")
+      section = dataclasses.replace(section, specs=[("pytest", [t for t in tests if any(q in t for q in patterns)])])
+    out.append(section)
+  return out
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="device_check", description=__doc__.splitlines()[0])
   p.add_argument("--cpu", action="store_true", help="small sizes on the CPU (CI); otherwise the default backend")
@@ -349,15 +369,20 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--only", nargs="+", default=None, help="run only these sections")
   p.add_argument("--cap", action="append", default=[], metavar="SECTION=SECONDS",
                  help="the most one section may take (repeatable; defaults in plan())")
+  p.add_argument("--parity-tests", nargs="+", default=[], metavar="PATTERN",
+                 help="run only the parity tests whose id contains one of these")
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.child is not None:
     return _child([tuple(s) for s in json.loads(args.child)])
 
   try:
-    sections = with_caps(plan(args.cpu), args.cap)
+    sections = with_parity_tests(with_caps(plan(args.cpu), args.cap), args.parity_tests)
   except ValueError as e:
     p.error(str(e))
+  unknown = sorted(set(args.only or ()) - {s.name for s in sections})
+  if unknown:
+    p.error(f"--only {' '.join(unknown)}: no such section (the sections: {', '.join(s.name for s in sections)})")
   start = time.perf_counter()
   budget = args.budget_s or (900.0 if args.cpu else 450.0)
   out_dir = pathlib.Path(args.out or os.environ.get("OUT") or ROOT / "runs" / "device_check")

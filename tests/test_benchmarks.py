@@ -349,6 +349,29 @@ def test_device_check_cap_overrides_one_section_and_refuses_unknown_ones(tmp_pat
   assert not (tmp_path / "device_check.json").exists()
 
 
+def test_device_check_narrows_the_parity_tests_and_refuses_unknown_names(tmp_path, capsys):
+  """A rerun that confirms a fix runs only the parity tests named (by part of their id); a pattern
+  matching none, or a misspelt `--only` section, is refused before anything runs."""
+  from benchmarks import device_check
+  base = device_check.plan(cpu=False)
+  narrowed = device_check.with_parity_tests(base, ["test_diffusion.py", "flash"])
+  parity = next(s for s in narrowed if s.name == "parity")
+  assert parity.specs == [("pytest", ["tests/test_diffusion.py::test_parity_every_array_float64",
+                                      "tests/test_diffusion.py::test_parity_every_array_float32",
+                                      "tests/test_attention.py::test_xla_and_flash_paths_match_the_reference_dumps"])]
+  assert [s for s in narrowed if s.name != "parity"] == [s for s in base if s.name != "parity"]
+  cpu = device_check.with_parity_tests(device_check.plan(cpu=True), ["test_diffusion.py", "flash"])
+  assert next(s for s in cpu if s.name == "parity").specs == parity.specs  # the same command tried here first
+  assert device_check.with_parity_tests(base, []) == base
+  with pytest.raises(ValueError, match="'flsah' matches none"):
+    device_check.with_parity_tests(base, ["flash", "flsah"])
+  for argv, word in ((["--parity-tests", "flsah"], "flsah"), (["--only", "parity", "train_stpe"], "train_stpe")):
+    with pytest.raises(SystemExit):
+      device_check.main(["--cpu", "--out", str(tmp_path), *argv])
+    assert word in capsys.readouterr().err
+  assert not (tmp_path / "device_check.json").exists()
+
+
 def test_dtype_benchmark_alternates_two_different_programs(capsys):
   """Both dtypes run the same number of alternated rounds, and their programs differ (a dtype that
   failed to reach the model would time float32 twice and report a ratio of about 1)."""
