@@ -1,4 +1,6 @@
 """glide-jax: train and sample GLIDE-style text-to-image diffusion models in JAX/Flax."""
+import pathlib
+
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
@@ -37,7 +39,8 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # playwright drives the app's page in tests/test_app_browser.py with Debian's chromium
     # (apt-get install chromium; launch/test.sh installs it when it can), not a downloaded browser.
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "gradio>=6,<7", "playwright>=1.50"],
+    # ruff pinned: its default rules grow between releases, and tests/test_style.py holds the tree to them.
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff==0.17.6", "gradio>=6,<7", "playwright>=1.50"],
     # `glide-jax app`: the interactive editor in the browser (docs/app.md).
     "app": ["gradio>=6,<7"],
     # libtpu lets `glide-jax plan` compile ahead of time for TPU topologies from a CPU machine.
@@ -54,7 +57,7 @@ setup(
     name="glide-jax",
     version="0.1.0",
     description="GLIDE text-to-image diffusion in JAX/Flax: models, samplers, sharded training.",
-    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description=pathlib.Path("README.md").read_text() if pathlib.Path("README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["glide_jax", "glide_jax.*"]),

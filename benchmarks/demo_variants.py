@@ -45,7 +45,7 @@ def _cast(name: str, like, text: str):
     except (ValueError, SyntaxError):
       value = None
     if not isinstance(value, (int, float)) or isinstance(value, bool):
-      raise ValueError(f"model option {name}: {text!r} is not a number")
+      raise ValueError(f"model option {name}: {text!r} is not a number")  # noqa: TRY004 - a user's bad value
     return type(like)(value)
   return text
 

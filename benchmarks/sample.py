@@ -39,8 +39,8 @@ def sampler_model(kind: str, options: dict, params, dtype):
   import jax
   import jax.numpy as jnp
 
-  from glide_jax.data import tokenizers
   from glide_jax import sampling
+  from glide_jax.data import tokenizers
   from glide_jax.models import registry
   schedule = "linear" if kind == "upsample" else "squaredcos_cap_v2"
   return sampling.SamplerModel(

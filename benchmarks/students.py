@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     key = jax.random.PRNGKey(args.seed)
 
-    def call(entry):
+    def call(entry, prompts=prompts, key=key):
       _, sm, sampler, respacing, _ = entry
       t0 = time.perf_counter()
       out = sampling.generate(sm, prompts, key, guidance_scale=args.guidance_scale, sampler=sampler,

@@ -14,8 +14,7 @@ demo stage".
 """
 from __future__ import annotations
 
-from configs import common
-from configs import shapes
+from configs import common, shapes
 from glide_jax import config_lib
 
 DEFAULT_INIT = "runs/shapes/bundle"

@@ -23,8 +23,7 @@ fast27, 10 steps and temperature 0 gave the same errors).
 """
 from __future__ import annotations
 
-from configs import common
-from configs import shapes
+from configs import common, shapes
 from glide_jax import config_lib
 
 MODEL = dict(

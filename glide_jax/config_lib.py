@@ -21,7 +21,8 @@ import keyword
 import os
 import sys
 import types
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import ml_collections
 from absl import flags
@@ -186,7 +187,7 @@ def _field(config: ConfigDict, key: str) -> tuple[ConfigDict, str]:
 
 
 def _split_override(item: str) -> tuple[str, str]:
-  text = item[len(OVERRIDE_PREFIX):] if item.startswith(OVERRIDE_PREFIX) else item
+  text = item.removeprefix(OVERRIDE_PREFIX)
   key, eq, value = text.partition("=")
   if not eq or not key.strip():
     raise ConfigError(f"override {item!r} is not of the form --config.key=value")

@@ -17,7 +17,8 @@ import dataclasses
 import math
 import re
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -58,7 +59,7 @@ def limit_malloc_arenas(arenas: int = PLAN_MALLOC_ARENAS) -> str:
   try:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     mallopt = libc.mallopt
-    libc.gnu_get_libc_version  # glibc only; musl and others have no M_ARENA_MAX
+    _ = libc.gnu_get_libc_version  # glibc only; musl and others have no M_ARENA_MAX
   except (OSError, AttributeError):
     return "not glibc: malloc arenas left as they are"
   mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
@@ -236,7 +237,7 @@ def _cost(compiled: Any, result: Result) -> None:
   result.bytes_accessed_per_device = float(cost.get("bytes accessed", 0.0))
 
 
-_OOM = re.compile(r"Used\s+([\d.]+)([KMGT]?)i?B?\s+of\s+([\d.]+)([KMGT]?)i?B?\s+hbm", re.I)
+_OOM = re.compile(r"Used\s+([\d.]+)([KMGT]?)i?B?\s+of\s+([\d.]+)([KMGT]?)i?B?\s+hbm", re.IGNORECASE)
 
 
 def _oom_bytes(message: str) -> int:

@@ -23,12 +23,11 @@ import numpy as np
 
 from glide_jax import bundle, images
 from glide_jax.data import tokenizers
-from glide_jax.diffusion.pipeline import (SamplerModel, canonical_sampler, generate, make_diffusion,
-                                          settings_from_config)
+from glide_jax.diffusion.pipeline import SamplerModel, canonical_sampler, generate, make_diffusion, settings_from_config
 from glide_jax.models import layout, registry
 
-__all__ = ["UNET_KINDS", "SamplerModel", "canonical_sampler", "generate", "make_diffusion",
-           "settings_from_config", "resolve_bundle_dir", "load_sampler_model", "compute_dtype", "cascade", "inpaint_stages"]
+__all__ = ["UNET_KINDS", "SamplerModel", "canonical_sampler", "cascade", "compute_dtype", "generate",
+    "inpaint_stages", "load_sampler_model", "make_diffusion", "resolve_bundle_dir", "settings_from_config"]
 
 UNET_KINDS = ("text2im", "upsample", "inpaint", "upsample_inpaint")
 

@@ -154,9 +154,9 @@ def test_flash_gradients_match_the_einsum_softmax(lq, lk):
 
 def test_flash_runs_per_batch_shard_under_a_mesh():
   """Under a mesh the kernel runs inside shard_map over the batch axes; same result as unsharded."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
-
   import flax.linen as nn
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
   devices = np.array(jax.devices()[:4]).reshape(2, 2)
   mesh = jax.sharding.Mesh(devices, ("data", "fsdp"))
   q, k, v = _inputs(jnp.float32, b=8, lq=24, lk=40, h=2, d=32)

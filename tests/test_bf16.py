@@ -113,8 +113,7 @@ def test_a_bf16_bundle_samples_in_bf16_like_the_float32_bundle(tmp_path, _cache)
   of the float32 bundle sampled in float32 from the same noise."""
   import ml_dtypes
 
-  from glide_jax import bundle
-  from glide_jax import sampling
+  from glide_jax import bundle, sampling
 
   config = ts.tiny_config("base")
   params = ts.perturbed_params(config)

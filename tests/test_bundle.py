@@ -1,4 +1,5 @@
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ def test_round_trip_and_tokenizer_files(tmp_path):
   np.testing.assert_array_equal(loaded["a"]["kernel"], params["a"]["kernel"])
   np.testing.assert_array_equal(loaded["b"], params["b"])
   assert meta["model"]["options"] == {"x": 1}
-  assert open(meta["tokenizer"]["files"]["tok.model"], "rb").read() == b"abc"
+  assert pathlib.Path(meta["tokenizer"]["files"]["tok.model"]).read_bytes() == b"abc"
   # Overwriting leaves exactly one complete bundle and no temporaries.
   bundle.save_bundle(out, {"b": np.zeros(2, np.float32)}, {"model": {"kind": "text2im"}})
   assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "tok.model"]

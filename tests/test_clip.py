@@ -135,8 +135,8 @@ def test_single_tower_import_matches_two_tower_import(dump):
     jax.tree_util.tree_map(np.testing.assert_array_equal, one, both[tower])
     out = clip_keys.export_tower_state_dict(one, tower, options)
     assert set(out) == set(released)
-    for k in released:
-      np.testing.assert_array_equal(out[k], released[k])
+    for k, v in released.items():
+      np.testing.assert_array_equal(out[k], v)
 
 
 def test_export_refuses_a_foreign_tree(tiny):

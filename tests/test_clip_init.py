@@ -111,8 +111,8 @@ def test_clip_stage_starts_from_the_released_pair(released, tmp_path, tmp_path_f
   got = flat(jax.device_get(result["state"].params))
   want = {f"{t}/{p}": v for t, sd in towers.items() for p, v in ours_from_released(sd).items()}
   assert sorted(got) == sorted(want)
-  for k in want:
-    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  for k, v in want.items():
+    np.testing.assert_array_equal(got[k], v, err_msg=k)
 
   direct = {t: clip_keys.import_tower_state_dict(sd, t, options) for t, sd in towers.items()}
   ref = first_loss(config, jax.tree.map(jnp.asarray, direct))

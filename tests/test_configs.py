@@ -39,6 +39,7 @@ def _count(tree) -> int:
 def abstract_param_count(config) -> int | tuple[int, int]:
   """Parameters of the config's model, built through the registry and initialised abstractly."""
   import flax.linen as nn
+
   from glide_jax.models import registry
 
   dtype = jnp.dtype(config.model.dtype)
@@ -81,12 +82,11 @@ def test_config_builds_with_the_schema(spec):
 @pytest.mark.parametrize("spec", SPECS)
 def test_trainer_accepts_the_config(spec):
   """The training code builds its stage, optimizer and timestep sampler from every config."""
-  from glide_jax.train import stages
-  from glide_jax.train import optim, timesteps
+  from glide_jax.train import optim, stages, timesteps
   c = config_lib.load_config(spec)
   stage = stages.make_stage(c)
   assert stage.name == c.stage
-  tx, schedule = optim.make_optimizer(c.optimizer)
+  _, schedule = optim.make_optimizer(c.optimizer)
   assert float(schedule(c.optimizer.warmup_steps)) == pytest.approx(c.optimizer.lr)
   timesteps.make_sampler(c.diffusion.schedule_sampler, c.diffusion.steps)
   if c.stage != "clip":

@@ -252,6 +252,7 @@ def test_min_snr_caps_the_weight_on_x0_errors_at_gamma(prediction, snr_offset):
 
 def test_min_snr_gamma_from_the_config_reaches_the_train_loss():
   import train_support as ts
+
   from glide_jax.train import stages
   per_example = {}
   for gamma in (0.0, 2.0):

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glide_jax.models import clip as clip_mod
 from glide_jax.data.tokenizers import Tokenizer
 from glide_jax.eval import clip_score as cs
+from glide_jax.models import clip as clip_mod
 
 TINY = {"image_size": 16, "patch_size": 4, "n_vocab": 40, "max_text_len": 12, "n_embd": 16, "n_timesteps": 1000,
             "n_head_text": 2, "n_head_state_text": 8, "n_xf_blocks_text": 1,

@@ -87,7 +87,7 @@ def test_missing_unexpected_and_misshapen_keys_are_named(base_dump):
 
 
 def test_load_and_save_every_format(tmp_path, base_dump):
-  sd, kind, options = base_dump
+  sd, _, _ = base_dump
   small = {k: sd[k] for k in list(sd)[:5]}
   for name in ("sd.safetensors", "sd.pt"):
     if name.endswith(".pt"):
@@ -95,8 +95,8 @@ def test_load_and_save_every_format(tmp_path, base_dump):
     path = state_dicts.save_state_dict(small, tmp_path / name)
     loaded = state_dicts.load_state_dict(path)
     assert set(loaded) == set(small)
-    for k in small:
-      np.testing.assert_array_equal(loaded[k], small[k])
+    for k, v in small.items():
+      np.testing.assert_array_equal(loaded[k], v)
   np.savez(tmp_path / "dump.npz", **{f"param/{k}": v for k, v in small.items()}, config=np.array("{}"))
   assert set(state_dicts.load_state_dict(tmp_path / "dump.npz")) == set(small)
   with pytest.raises(FileNotFoundError):
@@ -182,13 +182,13 @@ def test_inpaint_params_from_base(base_kind, kind):
 def test_import_export_commands_round_trip(tmp_path, base_dump, capsys):
   from glide_jax import cli
 
-  sd, kind, options = base_dump
+  sd, _, options = base_dump
   ckpt = state_dicts.save_state_dict(sd, tmp_path / "base.safetensors")
   out = tmp_path / "bundle"
   rc = cli.main(["import-torch", "--kind", "base", "--checkpoint", str(ckpt), "--out", str(out),
                  "--options", json.dumps(options)])
   assert rc == 0
-  params, meta = bundle.load_bundle(out)
+  _, meta = bundle.load_bundle(out)
   assert meta["model"] == {"kind": "text2im", "options": options}
   assert meta["diffusion"]["noise_schedule"] == "squaredcos_cap_v2" and meta["diffusion"]["timestep_respacing"] == "100"
   assert meta["tokenizer"] == {"type": "gpt2_bpe"}
@@ -221,8 +221,8 @@ def test_import_clip_towers_into_one_bundle(tmp_path, reference_dir):
   back = state_dicts.load_state_dict(tmp_path / "img.safetensors")
   want = {k[len("param/image/"):]: v for k, v in data.items() if k.startswith("param/image/")}
   assert set(back) == set(want)
-  for k in want:
-    np.testing.assert_array_equal(back[k], want[k])
+  for k, v in want.items():
+    np.testing.assert_array_equal(back[k], v)
   # both towers at once, keys prefixed 'image/' and 'text/' as in the reference dump
   assert cli.main(["export-torch", "--bundle", str(tmp_path / "clip"), "--out", str(tmp_path / "both.safetensors")]) == 0
   both = state_dicts.load_state_dict(tmp_path / "both.safetensors")

@@ -86,9 +86,9 @@ def _group(module: str) -> tuple[int, str]:
   for rank, groups in enumerate(LAYERS):
     for group in groups:
       # the package itself is only its __init__; every other group takes the modules below it
-      if module == group or (group != "glide_jax" and module.startswith(group + ".")):
-        if best is None or len(group) > len(best[1]):
-          best = (rank, group)
+      inside = module == group or (group != "glide_jax" and module.startswith(group + "."))
+      if inside and (best is None or len(group) > len(best[1])):
+        best = (rank, group)
   if best is None:
     raise AssertionError(f"{module} is in no layer of tests/test_layering.py LAYERS; place it there "
                          "and in docs/architecture.md")

@@ -34,7 +34,7 @@ def _text_formula(o):
 
 @pytest.mark.parametrize("name", sorted(RELEASED))
 def test_released_counts(name):
-  kind, o, flat = _counts(name)
+  _, o, flat = _counts(name)
   assert sum(flat.values()) == RELEASED[name]
   text = sum(n for p, n in flat.items() if p.startswith(("text_encoder/", "transformer_proj/")))
   assert text == _text_formula(o) == 76_301_824 + 393_984
@@ -42,7 +42,7 @@ def test_released_counts(name):
 
 @pytest.mark.parametrize("name", sorted(FULL))
 def test_full_size_counts(name):
-  kind, o, flat = _counts(name)
+  _, o, flat = _counts(name)
   exact, low, high = FULL[name]
   total = sum(flat.values())
   assert low < total < high and total == exact

@@ -60,7 +60,7 @@ def test_survivor_exits_with_a_message_when_its_peer_is_killed(victim, tmp_path,
   base.pop("XLA_FLAGS", None)  # process_env sets the device count per process
   coordinator = f"localhost:{local.free_port()}"
   outs = [tmp_path / f"out{i}.txt" for i in range(2)]
-  files = [open(o, "w") for o in outs]
+  files = [open(o, "w") for o in outs]  # noqa: SIM115 - the children's stdout, closed below
   procs = [subprocess.Popen([sys.executable, str(script)], cwd=str(REPO), stdout=files[i],
                             stderr=subprocess.STDOUT, env=local.process_env(base, i, 2, coordinator, 2))
            for i in range(2)]

@@ -3,6 +3,7 @@ search for settings that fit, and (with libtpu installed) an ahead-of-time TPU c
 import importlib.util
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -10,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from glide_jax import config_lib, plan
 
@@ -88,7 +90,7 @@ def test_candidates_offer_fsdp_remat_and_microbatches():
   for _, overrides in plan.candidates(c, devices):  # every suggestion is a valid override
     config_lib.load_config("configs/base.py:variant=released", overrides)
   full = config_lib.load_config("configs/base.py:variant=full")  # already fsdp + remat
-  assert [label for label, _ in plan.candidates(full, devices)][0].endswith("2 microbatches")
+  assert next(label for label, _ in plan.candidates(full, devices)).endswith("2 microbatches")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the tpu extra) is not installed")
@@ -161,7 +163,7 @@ print(heaps() - before)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not os.path.exists("/proc/self/maps")
-                    or "libc.so.6" not in open("/proc/self/maps").read(), reason="needs glibc")
+                    or "libc.so.6" not in pathlib.Path("/proc/self/maps").read_text(), reason="needs glibc")
 def test_plan_caps_glibc_malloc_arenas():
   """Threads allocating at once get new glibc arenas unless capped; the plan's cap stops that
   (glibc's malloc_info counts the arenas)."""

@@ -8,11 +8,11 @@ import json
 import jax
 import numpy as np
 import pytest
-
 import train_support as ts
+
 from glide_jax import config_lib
-from glide_jax.constants import STAGES
 from glide_jax.commands import plan as plan_cmd
+from glide_jax.constants import STAGES
 from glide_jax.train import program as program_lib
 from glide_jax.train import train as train_lib
 

@@ -334,8 +334,8 @@ def test_noised_clip_import_and_export_in_both_layouts(reference_dir):
   for params, opts in ((scanned, scan_opts), (scanned, options), (per_layer, scan_opts)):
     out = clip_keys.export_clip_state_dict(params, opts)
     assert sorted(out) == sorted(sd)
-    for k in sd:
-      np.testing.assert_array_equal(out[k], sd[k])
+    for k, v in sd.items():
+      np.testing.assert_array_equal(out[k], v)
   tower_sd = {k[len("text/"):]: v for k, v in sd.items() if k.startswith("text/")}
   tower = clip_keys.import_tower_state_dict(tower_sd, "text", scan_opts)
   _equal_trees(tower, scanned["text"])

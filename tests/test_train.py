@@ -291,7 +291,7 @@ def stage_config(stage_name, bundle, *extra):
   return ts.tiny_config(stage_name, f"--config.total_steps={STEPS}", *ts.SGD, f"--config.init_from={bundle}", *extra)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_losses(stage_name: str, bundle: str, extra: tuple[str, ...] = ()) -> tuple[float, ...]:
   """STEPS losses of plain gradient descent on ONE device, written out here: the stage's loss
   function and its gradient on the whole batch, params -= lr * grad (no step function, no sharding).

@@ -33,9 +33,9 @@ def load_clip_bundle(path: str | os.PathLike) -> ClipBundle:
   tokenizer); the params in the layout of the model its options build (models/layout.py)."""
   from glide_jax import bundle
   from glide_jax.data.tokenizers import load_tokenizer
-  from glide_jax.sampling import resolve_bundle_dir
   from glide_jax.models import layout
   from glide_jax.models.clip import create_clip_model
+  from glide_jax.sampling import resolve_bundle_dir
 
   path = resolve_bundle_dir(path)
   params, meta = bundle.load_bundle(path)

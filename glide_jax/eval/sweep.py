@@ -31,8 +31,7 @@ from typing import Any
 import numpy as np
 
 from glide_jax.eval import attributes as attrs_lib
-from glide_jax.eval import plots
-from glide_jax.eval import stats
+from glide_jax.eval import plots, stats
 
 # prompts, guidance scale -> uint8 images [N, H, W, 3]
 # generate(prompts, guidance_scale, sample_dir=None) -> uint8 [N, S, S, 3]. With sample_dir the

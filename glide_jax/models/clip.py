@@ -379,7 +379,7 @@ def clip_score(z_text: jax.Array, z_image: jax.Array, logit_scale: float | jax.A
 
 def _params_of(params: Any) -> dict:
   """Accepts either the params tree or the full variables dict {'params': ...}."""
-  return params["params"] if "params" in params else params
+  return params.get("params", params)
 
 
 def guidance_grad(model: NoisedCLIP, params: Any, image: jax.Array, timesteps: jax.Array,
@@ -423,7 +423,5 @@ def count_params(tree: Any) -> int:
   return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.meta.unbox(tree)))
 
 
-__all__: list[str] = [
-    "CLIPImageEncoder", "CLIPTextEncoder", "CLIP_PRESETS", "NoisedCLIP", "clip_score", "contrastive_loss",
-    "count_params", "create_clip_model", "guidance_grad", "normalise", "resolve_clip_options",
-]
+__all__: list[str] = ["CLIP_PRESETS", "CLIPImageEncoder", "CLIPTextEncoder", "NoisedCLIP", "clip_score",
+    "contrastive_loss", "count_params", "create_clip_model", "guidance_grad", "normalise", "resolve_clip_options"]

@@ -25,11 +25,12 @@ import contextlib
 import contextvars
 import functools
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import numpy as np
 
 Dtype = Any

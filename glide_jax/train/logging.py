@@ -29,7 +29,7 @@ class MetricWriter:
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._file = open(os.path.join(workdir, "train.log"), "a", buffering=1)
+    self._file = open(os.path.join(workdir, "train.log"), "a", buffering=1)  # noqa: SIM115 - open for the run; close()
     if tensorboard:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
