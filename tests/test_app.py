@@ -92,6 +92,48 @@ def test_editor_paint_becomes_the_mask_counted_by_hand():
     core.editor_inputs(dict(value, layers=[np.zeros((10, 10, 4), np.uint8)]), 8, source)
 
 
+def test_a_rectangle_becomes_exactly_its_model_pixels_in_the_mask():
+  """The rectangle tool paints the screen pixels of a box of model pixels: read back by the editor's
+  own rule it is that box (counted here by slicing), on top of brush paint, on a zoomed result, an
+  upload of another size and one smaller than the model."""
+  source = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+  value = core.editor_value(source)
+  painted = core.paint_rectangle(value, 8, 1, 2, 5, 7)  # left, top, right, bottom
+  image, known, _ = core.editor_inputs(painted, 8, source)
+  expected = np.ones((8, 8), bool)
+  expected[2:7, 1:5] = False
+  np.testing.assert_array_equal(known, expected)
+  np.testing.assert_array_equal(image, source)  # the image is untouched: only the layer is painted
+  np.testing.assert_array_equal(painted["composite"][2 * 32, 1 * 32], core.PAINT)  # shown as paint
+  np.testing.assert_array_equal(painted["composite"][7 * 32, 1 * 32, :3], source[7, 1])
+  np.testing.assert_array_equal(painted["composite"][2 * 32, 5 * 32, :3], source[2, 5])
+  # over brush paint at model pixel (0, 7), which stays
+  brushed = _painted(value, slice(0, 3), slice(7 * 32 + 4, 7 * 32 + 9))
+  _, known, _ = core.editor_inputs(core.paint_rectangle(brushed, 8, 1, 2, 5, 7), 8, source)
+  expected[0, 7] = False
+  np.testing.assert_array_equal(known, expected)
+  # an upload 100 wide and 70 high (resized to 8 px): still exactly the box
+  upload = {"background": np.random.default_rng(1).integers(0, 256, (70, 100, 4), dtype=np.uint8), "layers": []}
+  _, known, _ = core.editor_inputs(core.paint_rectangle(upload, 8, 0, 5, 3, 8), 8)
+  expected = np.ones((8, 8), bool)
+  expected[5:8, 0:3] = False
+  np.testing.assert_array_equal(known, expected)
+  # a 4 px upload for an 8 px model: one screen pixel is 2x2 model pixels, so the box grows to them
+  small = {"background": np.zeros((4, 4, 3), np.uint8), "layers": []}
+  _, known, _ = core.editor_inputs(core.paint_rectangle(small, 8, 2, 2, 3, 3), 8)
+  expected = np.ones((8, 8), bool)
+  expected[2:4, 2:4] = False
+  np.testing.assert_array_equal(known, expected)
+  for box, message in (((5, 2, 5, 7), "left 5, right 5: need 0 <= left < right <= 8"),
+                       ((1, 2, 9, 7), "left 1, right 9"), ((1, -1, 5, 7), "top -1, bottom 7"),
+                       ((1, 2.5, 5, 7), "top 2.5 is not a whole number"), (("a", 2, 5, 7), "left 'a'"),
+                       ((1, 2, None, 7), "right None")):
+    with pytest.raises(core.AppError, match=message):
+      core.paint_rectangle(value, 8, *box)
+  with pytest.raises(core.AppError, match="editor is empty"):
+    core.paint_rectangle({"background": None, "layers": []}, 8, 1, 2, 5, 7)
+
+
 def test_paste_known_writes_back_exactly_the_known_pixels():
   rng = np.random.default_rng(2)
   samples = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)

@@ -175,6 +175,26 @@ def test_generate_inpaint_upsample_download(served, browser, tmp_path):
   assert pg.locator("#history .thumbnail-item").count() == 5
   assert "already an upsampled image" in _click(pg, "#upsample", "#5 is already an upsampled image")
 
+  # the rectangle tool: a box of model pixels, refused with a message when empty, then inpainted
+  pg.locator("#history .thumbnail-item").nth(1).click()
+  assert _wait_status(pg, "selected #2").startswith("selected #2")
+  pg.wait_for_timeout(1500)  # as for the brush: let the editor draw the selected image
+  box = {"left": SIZE // 2, "top": 1, "right": SIZE // 2, "bottom": SIZE - 2}
+  for name, v in box.items():
+    pg.locator(f"#rect-{name} input").fill(str(v))
+  assert "need 0 <= left < right" in _click(pg, "#paint-rectangle", f"rectangle left {SIZE // 2}, right {SIZE // 2}")
+  pg.locator("#rect-right input").fill(str(SIZE))
+  assert "caption it and press Inpaint" in _click(pg, "#paint-rectangle", "painted the rectangle")
+  pg.fill("#edit-prompt textarea", "a green triangle")
+  status = _click(pg, "#inpaint", "inpainted 2 image(s) #6-#7")
+  rect_mask = np.asarray(Image.open(max(session.glob("batch*-inpaint-mask.png")))) > 127
+  expected = np.ones((SIZE, SIZE), bool)
+  expected[1:SIZE - 2, SIZE // 2:] = False
+  np.testing.assert_array_equal(rect_mask, expected)
+  for rid in (6, 7):
+    out = np.asarray(Image.open(session / f"{rid:04d}.png"))
+    np.testing.assert_array_equal(out[expected], source[expected])
+
   if SCREENSHOT:
     pg.locator("#history .thumbnail-item").nth(2).click()
     _wait_status(pg, "selected #3")

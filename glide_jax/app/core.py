@@ -372,11 +372,68 @@ def editor_value(image: np.ndarray) -> dict:
   return {"background": rgba, "layers": [], "composite": rgba}
 
 
+PAINT = (255, 0, 255, 255)  # the editor's brush colour (ui.py), so a rectangle looks like brushed paint
+
+
+def _whole(name: str, x: Any) -> int:
+  try:
+    f = float(x)
+  except (TypeError, ValueError):
+    raise AppError(f"rectangle {name} {x!r} is not a whole number") from None
+  if not f.is_integer():
+    raise AppError(f"rectangle {name} {x!r} is not a whole number of pixels")
+  return int(f)
+
+
+def paint_rectangle(value: Any, size: int, left: Any, top: Any, right: Any, bottom: Any) -> dict:
+  """The editor's value with the model pixels [top, bottom) x [left, right) of a `size` px model painted
+  over whatever paint it has, so that `editor_inputs` generates exactly that box (GLIDE's notebook's
+  rectangular masks); the brush and eraser still work on it. On an image smaller than the model's
+  size a screen pixel stands for several model pixels, and the box grows to whole screen pixels."""
+  if not isinstance(value, dict) or value.get("background") is None:
+    raise AppError("the editor is empty: select an image (or upload one), then paint the rectangle")
+  box = {k: _whole(k, v) for k, v in (("left", left), ("top", top), ("right", right), ("bottom", bottom))}
+  for lo, hi in (("left", "right"), ("top", "bottom")):
+    if not 0 <= box[lo] < box[hi] <= size:
+      raise AppError(f"rectangle {lo} {box[lo]}, {hi} {box[hi]}: need 0 <= {lo} < {hi} <= {size} "
+                     f"(model pixels; {hi} is not included)")
+  bg = np.asarray(value["background"])
+  h, w = bg.shape[:2]
+  layers = [np.asarray(layer) for layer in value.get("layers") or []]
+  for layer in layers:
+    if layer.shape[:2] != (h, w):
+      raise AppError(f"a mask layer is {layer.shape[1]}x{layer.shape[0]} px, the image {w}x{h}: paint on the image")
+
+  def screen(lo: int, hi: int, n: int) -> np.ndarray:
+    # the screen pixels editor_inputs reads for model pixels lo..hi-1 (the same rule, inverted)
+    if n >= size:
+      return np.arange((lo * n) // size, (hi * n) // size)
+    return np.unique((np.arange(lo, hi) * n) // size)
+  rows, cols = screen(box["top"], box["bottom"], h), screen(box["left"], box["right"], w)
+  paint = np.array(layers[0], np.uint8, copy=True) if layers else np.zeros((h, w, 4), np.uint8)
+  if paint.ndim == 2 or paint.shape[-1] != 4:  # an RGB or grey layer: painted where any channel is
+    grey = paint.reshape(h, w, -1).max(-1) > 0
+    paint = np.zeros((h, w, 4), np.uint8)
+    paint[grey] = PAINT
+  paint[np.ix_(rows, cols)] = PAINT
+  rgba = bg if bg.ndim == 3 and bg.shape[-1] == 4 else np.concatenate(
+      [np.repeat(bg[..., None], 3, -1) if bg.ndim == 2 else bg[..., :3],
+       np.full((h, w, 1), 255, np.uint8)], -1)
+  layers = [paint, *layers[1:]]
+  composite = rgba.astype(np.uint8, copy=True)
+  for layer in layers:  # what the editor shows: each layer's paint over the image
+    drawn = (layer[..., 3] > 0) if layer.ndim == 3 and layer.shape[-1] == 4 else None
+    if drawn is not None:
+      composite[drawn] = layer[drawn]
+  return {"background": value["background"], "layers": layers, "composite": composite}
+
+
 def check_known(known: np.ndarray) -> float:
   """The kept fraction of a known mask, refusing masks that keep everything or nothing."""
   frac = float(np.mean(known))
   if frac == 1.0:
-    raise AppError("the mask keeps every pixel: paint (brush) over the region to change, then press Inpaint")
+    raise AppError("the mask keeps every pixel: paint over the region to change (brush, or Paint rectangle), "
+                   "then press Inpaint")
   if frac == 0.0:
     raise AppError("the mask covers the whole image, so nothing is kept: paint only the region to change "
                    "(or use Generate for a new image)")

@@ -116,6 +116,18 @@ def build(models: core.Models, out_dir: str | os.PathLike | None = None):
     status = f"upsampled #{result.parent} to {size}x{size} px as #{result.id}"
     return (sess, sess.say(status), gallery_items([result]), gallery_items(sess.store.results)) + selection(sess, result.id)
 
+  mask_size = int((models.inpaint or models.base).image_size)  # the rectangle's model pixels
+
+  def on_rectangle(state, value, left, top, right, bottom):
+    sess = session(state)
+    try:
+      painted = core.paint_rectangle(value, mask_size, left, top, right, bottom)
+    except Exception as e:  # noqa: BLE001 - every failure is a status message
+      return sess, sess.say(failed(e)), gr.skip()
+    status = (f"painted the rectangle x {int(left)}-{int(right) - 1}, y {int(top)}-{int(bottom) - 1} of the "
+              f"{mask_size} px image; caption it and press Inpaint")
+    return sess, sess.say(status), painted
+
   def on_select(state, evt, which: str):
     sess = session(state)
     try:
@@ -159,11 +171,19 @@ def build(models: core.Models, out_dir: str | os.PathLike | None = None):
                              allow_preview=False, object_fit="contain")
     with gr.Row():
       with gr.Column(scale=2):
-        editor = gr.ImageEditor(label="Paint the region to change (brush; the eraser takes paint away)",
+        editor = gr.ImageEditor(label="Paint the region to change (brush or rectangle; the eraser takes paint away)",
                                 elem_id="editor", type="numpy", image_mode="RGBA", sources=("upload",), format="png",
                                 transforms=(), layers=False, canvas_size=(core.EDITOR_SIZE, core.EDITOR_SIZE),
                                 brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed", default_size=12),
                                 eraser=gr.Eraser(default_size=12), height=420)
+        with gr.Row(equal_height=True):
+          quarter = mask_size // 4
+          # no minimum/maximum: core.paint_rectangle's message says what is wrong, in the status line
+          rect = [gr.Number(label=label, value=v, precision=0, elem_id=f"rect-{name}", min_width=80)
+                  for name, label, v in (("left", "Rectangle: left", quarter), ("top", "top", quarter),
+                                         ("right", "right (excluded)", mask_size - quarter),
+                                         ("bottom", "bottom (excluded)", mask_size - quarter))]
+          paint_rect = gr.Button("Paint rectangle", elem_id="paint-rectangle", min_width=120)
       with gr.Column(scale=1):
         edit_prompt = gr.Textbox(label="What the painted region should show", elem_id="edit-prompt")
         inpaint = gr.Button("Inpaint", variant="primary", elem_id="inpaint",
@@ -192,6 +212,7 @@ def build(models: core.Models, out_dir: str | os.PathLike | None = None):
     generate.click(on_generate, [state, prompt, guidance, sampler, steps, seed, batch, clip_scale], outputs)
     inpaint.click(on_inpaint, [state, editor, edit_prompt, guidance, sampler, steps, seed, batch], outputs)
     upsample.click(on_upsample, [state, up_temp, up_steps, up_sampler], outputs)
+    paint_rect.click(on_rectangle, [state, editor, *rect], [state, status, editor])
     gallery.select(on_select_gallery, [state], [state, status] + shown)
     history.select(on_select_history, [state], [state, status] + shown)
   page.glide_jax_root = root
