@@ -60,6 +60,12 @@ DUMPS = ("text2im_base.npz", "text2im_upsample.npz", "text2im_inpaint.npz", "tex
          "noised_clip.npz", "diffusion.npz")
 DUMPS_CPU = ("diffusion.npz",)
 DTYPES = ("bfloat16", "float32")
+# Import names of setup.py's requirements that the accelerator machine lacks (it has jax, flax,
+# optax, orbax-checkpoint, chex, numpy, scipy, pillow, tqdm, sentencepiece, tokenizers, safetensors,
+# absl-py, PyYAML and pytest; ml_collections travels as a wheel): no process of the check may need
+# them. tests/test_benchmarks.py and tests/test_imports.py refuse them.
+DEVICE_LACKS = ("tensorflow", "tensorflow_datasets", "array_record", "importlib_resources", "ftfy", "braceexpand",
+                "filelock", "tensorboardX", "matplotlib")
 
 
 @dataclasses.dataclass

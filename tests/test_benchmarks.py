@@ -233,19 +233,20 @@ def test_attention(capsys):
 # of the check, the parity pytest and the benchmark children included.
 _DEVICE_LACKS = """
 import importlib.abc, sys
-BLOCKED = ("tensorflow", "tensorflow_datasets", "tensorboardX", "ftfy")
+BLOCKED = {blocked!r}
 class _Refuse(importlib.abc.MetaPathFinder):
   def find_spec(self, name, path=None, target=None):
     if name.split(".")[0] in BLOCKED:
-      raise ModuleNotFoundError(f"No module named {name!r} (not on the device machine)", name=name)
+      raise ModuleNotFoundError(f"No module named {{name!r}} (not on the device machine)", name=name)
 sys.meta_path.insert(0, _Refuse())
 """
 
 
 @pytest.mark.slow  # a dozen processes, each compiling (minutes)
 def test_device_check_on_the_cpu_without_tensorflow(tmp_path):
-  """`bash benchmarks/device_check.sh --cpu`, as CI runs it, with TensorFlow, TFDS, tensorboardX and
-  ftfy unimportable: every section passes and writes finite figures."""
+  """`bash benchmarks/device_check.sh --cpu`, as CI runs it, with what the device machine lacks
+  (`DEVICE_LACKS`: TensorFlow, TFDS, tensorboardX, ftfy, matplotlib, ...) unimportable: every section
+  passes and writes finite figures."""
   import os
   import pathlib
   import subprocess
@@ -253,7 +254,8 @@ def test_device_check_on_the_cpu_without_tensorflow(tmp_path):
 
   root = pathlib.Path(__file__).resolve().parent.parent
   (tmp_path / "site").mkdir()
-  (tmp_path / "site" / "sitecustomize.py").write_text(_DEVICE_LACKS)
+  from benchmarks import device_check
+  (tmp_path / "site" / "sitecustomize.py").write_text(_DEVICE_LACKS.format(blocked=device_check.DEVICE_LACKS))
   out = tmp_path / "out"
   env = dict(os.environ, OUT=str(out), PYTHON=sys.executable,
              PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))

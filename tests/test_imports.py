@@ -73,6 +73,14 @@ def test_core_imports_without_tensorflow_tfds_or_ml_collections():
   assert result == {"failed": {}, "leaked": []}, result
 
 
+def test_core_imports_without_anything_the_device_machine_lacks():
+  """benchmarks/device_check.py's DEVICE_LACKS (matplotlib, filelock, braceexpand, ... besides
+  TensorFlow), and ml_collections, which the check carries but the core must not need."""
+  from benchmarks import device_check
+  result = _import([*device_check.DEVICE_LACKS, "ml_collections"], CORE)
+  assert result == {"failed": {}, "leaked": []}, result
+
+
 def test_configs_trainer_and_commands_import_without_tensorflow():
   result = _import(TF, CONFIG_LAYER)
   assert result == {"failed": {}, "leaked": []}, result
