@@ -148,6 +148,23 @@ def _parity_dumps(dumps: list[str]) -> None:
       print(json.dumps(row), flush=True)
 
 
+def nvidia_smi() -> list[dict[str, str]] | None:
+  """Each GPU's name, driver, memory and clocks as `nvidia-smi` reports them (None without it): what
+  jax does not say about the machine a figure came from."""
+  import shutil
+  fields = ("name", "driver_version", "memory.total", "clocks.max.sm", "power.limit", "pcie.link.gen.current")
+  exe = shutil.which("nvidia-smi")
+  if exe is None:
+    return None
+  try:
+    out = subprocess.run([exe, f"--query-gpu={','.join(fields)}", "--format=csv,noheader"], capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+  except (OSError, subprocess.SubprocessError) as e:
+    return [{"error": f"{type(e).__name__}: {e}"[:300]}]
+  return [dict(zip(fields, (v.strip() for v in line.split(",")), strict=False)) for line in out.splitlines()
+          if line.strip()]
+
+
 def _probe() -> dict[str, Any]:
   """Run in a child: the backend and chip, and the peaks MFU is taken against."""
   import jax
@@ -161,7 +178,7 @@ def _probe() -> dict[str, Any]:
   chip = hardware.chip_for(kind)
   return {"backend": jax.default_backend(), "platform": device.platform, "platform_version": version,
           "device_kind": kind, "chip": chip and chip.name, "num_devices": len(jax.devices()),
-          "jax": jax.__version__, "python": sys.version.split()[0],
+          "jax": jax.__version__, "python": sys.version.split()[0], "nvidia_smi": nvidia_smi(),
           "peak_tflops_per_s": {k: v and v / 1e12 for k, v in peaks.items()}}
 
 

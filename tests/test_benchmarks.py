@@ -319,6 +319,26 @@ def test_device_check_keeps_what_a_timed_out_section_printed(tmp_path):
   assert '{"phase": "compiled"}' in (tmp_path / "log").read_text()
 
 
+def test_device_check_records_what_nvidia_smi_says(tmp_path, monkeypatch):
+  """The machine section names the GPU's driver, memory and clocks from nvidia-smi (a stand-in
+  script here, printing one line per GPU in nvidia-smi's CSV form); without nvidia-smi, None."""
+  from benchmarks import device_check
+  monkeypatch.setenv("PATH", str(tmp_path))
+  assert device_check.nvidia_smi() is None
+  fake = tmp_path / "nvidia-smi"
+  fake.write_text("#!/bin/sh\n"
+                  "case \"$1\" in --query-gpu=name,driver_version,memory.total,*) ;; *) exit 3 ;; esac\n"
+                  "echo 'NVIDIA H200, 580.159.04, 143771 MiB, 1980 MHz, 700.00 W, 5'\n"
+                  "echo 'NVIDIA H200, 580.159.04, 143771 MiB, 1980 MHz, 700.00 W, 5'\n")
+  fake.chmod(0o755)
+  rows = device_check.nvidia_smi()
+  assert len(rows) == 2 and rows[0] == {"name": "NVIDIA H200", "driver_version": "580.159.04",
+                                        "memory.total": "143771 MiB", "clocks.max.sm": "1980 MHz",
+                                        "power.limit": "700.00 W", "pcie.link.gen.current": "5"}
+  fake.write_text("#!/bin/sh\nexit 9\n")
+  assert "CalledProcessError" in device_check.nvidia_smi()[0]["error"]
+
+
 @pytest.mark.parametrize("probe,expected", [
     ({"backend": "gpu", "platform": "gpu", "platform_version": "cuda 13000"}, "cuda,cpu"),
     ({"backend": "gpu", "platform": "gpu", "platform_version": "rocm 6.3"}, "rocm,cpu"),
