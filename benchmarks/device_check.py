@@ -32,6 +32,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -337,12 +338,29 @@ def _parity(tests: list[str], env: dict, timeout: float, out_dir: pathlib.Path, 
     return {"status": status, "runner": "glide-jax parity", "matmul_precision": "highest", "summary": last}
   xml = out_dir / "parity_junit.xml"
   xml.unlink(missing_ok=True)
-  cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *tests]
-  _, rc, timed_out = _run(cmd, env, timeout, log)
+  cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", f"--junitxml={xml}", *tests]
+  stdout, rc, timed_out = _run(cmd, env, timeout, log)
   counts = _junit(xml)
+  if not counts:  # killed before pytest wrote its report: what its per-test lines said
+    counts = {**pytest_progress(stdout), "incomplete": True}
   status = "timed_out" if timed_out else ("ok" if rc == 0 and counts.get("passed", 0) > 0 else "failed")
-  return {"status": status, "runner": "pytest", "matmul_precision": "highest", "tests": tests,
+  return {"status": status, "runner": "pytest", "matmul_precision": "highest", "selected": tests,
           "jax_platforms": env.get("JAX_PLATFORMS"), **counts}
+
+
+_OUTCOME = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+
+
+def pytest_progress(stdout: str) -> dict[str, Any]:
+  """The outcomes `pytest -v` printed test by test, in the junit report's terms: all a parity run
+  cut off by its share leaves (pytest writes the report at the end)."""
+  outcomes = [m.groups() for m in map(_OUTCOME.match, stdout.splitlines()) if m]
+  count = {k: sum(1 for _, o in outcomes if o in v) for k, v in
+           (("passed", ("PASSED", "XPASS")), ("failures", ("FAILED",)), ("errors", ("ERROR",)),
+            ("skipped", ("SKIPPED", "XFAIL")))}
+  return {"tests": len(outcomes), **count,
+          "failing": [{"test": t, "message": o} for t, o in outcomes if o in ("FAILED", "ERROR")],
+          "last": outcomes[-1][0] if outcomes else None}
 
 
 def with_caps(sections: list[Section], caps: list[str]) -> list[Section]:

@@ -319,6 +319,34 @@ def test_device_check_keeps_what_a_timed_out_section_printed(tmp_path):
   assert '{"phase": "compiled"}' in (tmp_path / "log").read_text()
 
 
+def test_device_check_counts_a_cut_off_parity_run_from_pytests_lines(tmp_path):
+  """pytest writes its junit report at the end; a parity run killed by its share is counted from
+  the lines `pytest -v` printed test by test (a real run here: a pass, a failure, a skip, an error)."""
+  import subprocess
+  import sys
+
+  from benchmarks import device_check
+  (tmp_path / "test_four.py").write_text(
+      "import pytest\n"
+      "@pytest.fixture\ndef broken():\n  raise RuntimeError('setup')\n"
+      "def test_a():\n  pass\n"
+      "def test_b():\n  assert 1 == 2\n"
+      "@pytest.mark.parametrize('x', [1])\ndef test_c(x):\n  pytest.skip('no')\n"
+      "def test_d(broken):\n  pass\n")
+  run = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "test_four.py"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  whole = device_check.pytest_progress(run.stdout)
+  assert {k: whole[k] for k in ("tests", "passed", "failures", "errors", "skipped")} == \
+      {"tests": 4, "passed": 1, "failures": 1, "errors": 1, "skipped": 1}, run.stdout
+  assert [f["test"] for f in whole["failing"]] == ["test_four.py::test_b", "test_four.py::test_d"]
+  lines = run.stdout.splitlines()
+  cut = "\n".join(lines[:next(i for i, line in enumerate(lines) if "::test_b " in line) + 1])
+  part = device_check.pytest_progress(cut)
+  assert (part["tests"], part["passed"], part["failures"], part["last"]) == (2, 1, 1, "test_four.py::test_b")
+  assert device_check.pytest_progress("") == {"tests": 0, "passed": 0, "failures": 0, "errors": 0, "skipped": 0,
+                                              "failing": [], "last": None}
+
+
 def test_device_check_records_what_nvidia_smi_says(tmp_path, monkeypatch):
   """The machine section names the GPU's driver, memory and clocks from nvidia-smi (a stand-in
   script here, printing one line per GPU in nvidia-smi's CSV form); without nvidia-smi, None."""
