@@ -49,6 +49,9 @@ EXTRAS = {
     # NVIDIA GPUs: the CUDA build jax's install table names (jax 0.10: CUDA 13, driver >= 580; on an
     # older driver install "jax[cuda12]" instead).
     "gpu": ["jax[cuda13]"],
+    # `glide-jax plan --topology h100:8` on a machine without a GPU: jax's CUDA plugin alone (no CUDA
+    # libraries) compiles for a described GPU.
+    "gpu-plan": ["jax[cuda13-local]"],
     # Only needed to read or write `.pt` files; safetensors works without it.
     "torch": ["torch>=2.4"],
 }

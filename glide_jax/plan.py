@@ -1,12 +1,13 @@
-"""Ahead-of-time planning for TPU pods from a CPU machine (`glide-jax plan`).
+"""Ahead-of-time planning for TPU pods and NVIDIA GPU clusters from a CPU machine (`glide-jax plan`).
 
 The real train step (glide_jax/train: stage loss, caption dropout, timestep sampler, microbatch
 scan, AdamW, EMA) and one sampler step (classifier-free guided model call + sampler update) are
-lowered with the config's mesh and rule table over the devices of a TPU topology described by
-`jax.experimental.topologies` (compile-only: libtpu compiles, nothing runs). From the compiled
-program we read per-chip memory (`memory_analysis`), FLOPs (`cost_analysis`) and the collectives
-in the HLO; an analytic count of the model's conv and matmul FLOPs, taken from the model's jaxpr,
-sits next to the compiler's figure.
+lowered with the config's mesh and rule table over the devices of a topology described by
+`jax.experimental.topologies`, compile-only: libtpu compiles for a TPU slice, jax's CUDA plugin for
+GPUs described by an XLA target config (no GPU, no driver). From the compiled program we read
+per-chip memory (`memory_analysis`), FLOPs (`cost_analysis`, which XLA's GPU compiler leaves
+empty) and the collectives in the HLO; an analytic count of the model's conv and matmul FLOPs,
+taken from the model's jaxpr, sits next to the compiler's figure.
 
 When a config does not fit, a few alternatives are tried (all chips on fsdp, full remat, more
 microbatches) and the overrides of the first that fits are printed.
@@ -33,7 +34,76 @@ GiB = 1 << 30
 # The TPU generations a topology names, from the one chip table (glide_jax/hardware.py: peak
 # FLOP/s, HBM size and bandwidth with their sources). `chip.peak_flops` is the dense bf16 peak.
 TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
-CHIPS: dict[str, Chip] = {gen: hardware.CHIPS[gen] for gen in TPU_GENERATIONS}
+GPU_KINDS = ("a100", "h100", "h200")
+CHIPS: dict[str, Chip] = {gen: hardware.CHIPS[gen] for gen in TPU_GENERATIONS + GPU_KINDS}
+GPUS_PER_NODE_MAX = 8  # one HGX node's NVLink domain
+# jax preallocates this fraction of a GPU's memory and its allocator serves the program from it
+# (XLA_PYTHON_CLIENT_MEM_FRACTION, jax's GPU memory allocation docs): what a GPU plan must fit in.
+GPU_MEM_FRACTION_DEFAULT = 0.75
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuTarget:
+  """What XLA's GPU compiler needs to know of a chip it cannot query (no device): the SMs, their
+  clock, cache and shared memory, and the compute capability. Memory size and bandwidth come from
+  the chip table (hardware.CHIPS)."""
+  sm_count: int
+  clock_ghz: float          # max boost clock
+  l2_bytes: int
+  smem_per_sm: int          # shared memory per SM
+  smem_per_block_optin: int  # the most one block may opt in to
+  compute_capability: tuple[int, int]
+  fp32_cores_per_sm: int
+
+
+GPU_TARGETS: dict[str, GpuTarget] = {
+    # NVIDIA A100 Tensor Core GPU Architecture whitepaper, A100 SXM4: 108 SMs, 1410 MHz boost, 40 MB
+    # L2, 164 KB shared memory per SM (163 KB per block), 64 FP32 cores per SM; compute capability 8.0.
+    "a100": GpuTarget(108, 1.41, 40 * hardware.MiB, 164 * 1024, 163 * 1024, (8, 0), 64),
+    # NVIDIA H100 Tensor Core GPU Architecture whitepaper, H100 SXM5: 132 SMs, 1980 MHz max boost,
+    # 50 MB L2, 228 KB shared memory per SM (227 KB per block), 128 FP32 cores per SM; 9.0.
+    "h100": GpuTarget(132, 1.98, 50 * hardware.MiB, 228 * 1024, 227 * 1024, (9, 0), 128),
+    # H200 SXM: the same GH100 chip as the H100 SXM5 with 141 GB of HBM3e (hardware.CHIPS).
+    "h200": GpuTarget(132, 1.98, 50 * hardware.MiB, 228 * 1024, 227 * 1024, (9, 0), 128),
+}
+
+
+def gpu_target_config(gen: str) -> str:
+  """XLA's GpuTargetConfig (text proto) for a chip of GPU_KINDS: the device description a
+  deviceless compile uses in place of the one a real GPU would report."""
+  t, chip = GPU_TARGETS[gen], CHIPS[gen]
+  major, minor = t.compute_capability
+  return "\n".join([
+      "gpu_device_info {",
+      "  threads_per_block_limit: 1024", "  threads_per_warp: 32", "  shared_memory_per_block: 49152",
+      f"  shared_memory_per_core: {t.smem_per_sm}", "  threads_per_core_limit: 2048",
+      f"  core_count: {t.sm_count}", f"  fpus_per_core: {t.fp32_cores_per_sm}",
+      "  block_dim_limit_x: 2147483647", "  block_dim_limit_y: 65535", "  block_dim_limit_z: 65535",
+      f"  memory_bandwidth: {int(chip.hbm_bandwidth)}", f"  l2_cache_size: {t.l2_bytes}",
+      f"  clock_rate_ghz: {t.clock_ghz}", f"  device_memory_size: {chip.hbm_bytes}",
+      f"  shared_memory_per_block_optin: {t.smem_per_block_optin}",
+      f"  cuda_compute_capability {{ major: {major} minor: {minor} }}",
+      "  registers_per_core_limit: 65536", "  registers_per_block_limit: 65536",
+      "}",
+      'platform_name: "CUDA"',
+      "dnn_version_info { major: 9 }",
+      "runtime_version { major: 13 }",
+      f'device_description_str: "{chip.device_kinds[0]}"',
+  ])
+
+
+def gpu_memory_fraction() -> float:
+  """The share of each GPU's memory a jax process may use: XLA_PYTHON_CLIENT_MEM_FRACTION, else
+  jax's default 0.75 (XLA_PYTHON_CLIENT_PREALLOCATE=false does not raise the ceiling)."""
+  import os
+  text = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "")
+  try:
+    value = float(text) if text else GPU_MEM_FRACTION_DEFAULT
+  except ValueError:
+    raise PlanError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={text!r} is not a number") from None
+  if not 0 < value <= 1:
+    raise PlanError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={text!r} is not in (0, 1]")
+  return value
 
 
 # glibc's malloc gives contending threads their own arenas (up to 8 per core) and does not move
@@ -87,11 +157,20 @@ class PlanError(RuntimeError):
 
 # ----------------------------------------------------------------------------- topology
 def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
-  """'v5p:4x4x4' -> ('v5p', (4, 4, 4))."""
+  """'v5p:4x4x4' -> ('v5p', (4, 4, 4)); GPUs: 'h100:8' -> ('h100', (1, 8)) (one node of 8),
+  'h100:4x8' -> ('h100', (4, 8)) (4 nodes of 8)."""
+  g = re.fullmatch("(" + "|".join(GPU_KINDS) + r"):(?:(\d+)x)?(\d+)", name.strip())
+  if g:
+    nodes, gpus = int(g.group(2) or 1), int(g.group(3))
+    if not (nodes >= 1 and 1 <= gpus <= GPUS_PER_NODE_MAX):
+      raise PlanError(f"topology {name!r}: NODESxGPUS with 1 to {GPUS_PER_NODE_MAX} GPUs per node "
+                      f"(e.g. {g.group(1)}:8, {g.group(1)}:4x8)")
+    return g.group(1), (nodes, gpus)
   m = re.fullmatch("(" + "|".join(TPU_GENERATIONS) + r"):(\d+(?:x\d+)+)", name.strip())
   if not m:
-    raise PlanError(f"topology {name!r} is not of the form GEN:AxB[xC] with GEN in {sorted(CHIPS)}, "
-                    "e.g. v5p:4x4x4, v5e:16x16, v4:2x2x1, v6e:8x8")
+    raise PlanError(f"topology {name!r} is not of the form GEN:AxB[xC] with GEN in {list(TPU_GENERATIONS)} "
+                    f"(e.g. v5p:4x4x4, v5e:16x16, v4:2x2x1, v6e:8x8) or GPU:[NODESx]GPUS with GPU in "
+                    f"{list(GPU_KINDS)} (e.g. h100:8, h200:4x8)")
   dims = tuple(int(d) for d in m.group(2).split("x"))
   if m.group(1) in ("v4", "v5p") and len(dims) != 3:
     raise PlanError(f"topology {name!r}: {m.group(1)} slices are 3-D (e.g. {m.group(1)}:4x4x4)")
@@ -101,9 +180,22 @@ def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
 
 
 def topology_devices(name: str) -> list:
-  """Compile-only TPU devices of a topology (needs the libtpu package: `pip install glide-jax[tpu]`)."""
-  parse_topology(name)
+  """Compile-only devices of a topology: a TPU slice (needs libtpu: `pip install 'glide-jax[tpu]'`)
+  or GPU nodes (needs jax's CUDA plugin, `pip install 'glide-jax[gpu-plan]'`, and
+  JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 before jax starts: there is no driver to check;
+  `glide-jax plan` sets it)."""
+  gen, dims = parse_topology(name)
   from jax.experimental import topologies
+  if gen in GPU_KINDS:
+    nodes, gpus = dims
+    try:
+      topo = topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(gen),
+                                          topology=f"1x{nodes}x{gpus}")
+    except Exception as e:  # noqa: BLE001 - jax's own message, with what to install
+      raise PlanError(f"cannot describe GPU topology {name!r}: {type(e).__name__}: {str(e)[:300]}. Is jax's "
+                      "CUDA plugin installed (pip install 'glide-jax[gpu-plan]'), and was "
+                      "JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 set before jax started?") from e
+    return list(topo.devices)
   try:
     topo = topologies.get_topology_desc(name, "tpu")
   except Exception as e:  # noqa: BLE001 - the message from libtpu is what the user needs
@@ -382,6 +474,7 @@ def result_json(config: Any, topology: str, res: Result, chip: Chip, per_chip: i
       "topology": topology,
       "chips": n_chips,
       "per_chip_bytes": int(res.per_device_bytes * per_chip),
+      "argument_bytes": int(res.argument_bytes * per_chip),  # the sharded state and batch, per chip
       "hbm_bytes": int(chip.hbm_bytes),
       "flops_per_step": float(compiled_flops),
       "model_flops_per_step": float(model_flops),

@@ -1,5 +1,6 @@
 """`glide-jax plan` pieces: topology parsing, the analytic FLOP count, the HLO collective scan, the
-search for settings that fit, and (with libtpu installed) an ahead-of-time TPU compile."""
+search for settings that fit, and (with libtpu installed) an ahead-of-time TPU compile; (with jax's
+CUDA plugin in .venv/cuda-plan, as launch/test.sh installs it) a deviceless GPU compile."""
 import importlib.util
 import json
 import os
@@ -23,6 +24,24 @@ def test_parse_topology():
   for bad in ("v5p:4x4", "v5e:4x4x4", "v9:2x2", "v5p-128", "v4:2x2x"):
     with pytest.raises(plan.PlanError):
       plan.parse_topology(bad)
+  assert plan.parse_topology("h100:8") == ("h100", (1, 8))
+  assert plan.parse_topology("h200:4x8") == ("h200", (4, 8))
+  assert plan.parse_topology("a100:2") == ("a100", (1, 2))
+  for bad, word in (("h100:16", "1 to 8 GPUs per node"), ("h100:0", "1 to 8"), ("h100:0x8", "1 to 8"),
+                    ("h100:2x2x2", "GPU:[NODESx]GPUS"), ("b200:8", "GPU:[NODESx]GPUS"), ("h100", "GPU:[NODESx]GPUS")):
+    with pytest.raises(plan.PlanError, match=word.replace("[", r"\[").replace("]", r"\]")):
+      plan.parse_topology(bad)
+
+
+def test_gpu_memory_fraction_is_jaxs(monkeypatch):
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  assert plan.gpu_memory_fraction() == 0.75
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", ".9")
+  assert plan.gpu_memory_fraction() == 0.9
+  for bad in ("most", "0", "1.5"):
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", bad)
+    with pytest.raises(plan.PlanError, match="XLA_PYTHON_CLIENT_MEM_FRACTION"):
+      plan.gpu_memory_fraction()
 
 
 def test_analytic_flops_count_convs_matmuls_scans_and_remat():
@@ -114,9 +133,47 @@ def test_plan_command_compiles_for_a_tpu_topology():
   assert result["flops_per_step"] >= 0.8 * result["model_flops_per_step"] > 0
 
 
+CUDA_PLAN_SITE = pathlib.Path(__file__).resolve().parent.parent / ".venv" / "cuda-plan"
+
+
+def _plan_json(topology: str, extra_env: dict, *args: str) -> tuple[dict, str]:
+  env = dict(os.environ, **extra_env)
+  env.pop("XLA_FLAGS", None)
+  if topology == "cpu":
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  out = subprocess.run([sys.executable, "-m", "glide_jax.cli", "plan", "--topology", topology, *args],
+                       capture_output=True, text=True, env=env, timeout=900,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1]), out.stdout
+
+
+@pytest.mark.skipif(not (CUDA_PLAN_SITE / "jax_plugins").is_dir(),
+                    reason="jax's CUDA plugin is not in .venv/cuda-plan (launch/test.sh installs it there)")
+def test_plan_command_compiles_the_train_step_for_gpu_nodes():
+  """The tiny base on two nodes of four H100s, compiled without a GPU: the device jax describes is
+  the H100, the state and batch each chip holds are what the same program holds on 8 CPU devices
+  (a real compile of the same mesh), gradients are reduced and fsdp parameters gathered, and
+  `fits` is judged against jax's 0.75 of the chip's memory."""
+  from glide_jax import hardware
+  args = ("--config", "configs/base.py:variant=tiny", "--batch", "16", "--config.mesh.fsdp=2", "--no-search")
+  gpu, text = _plan_json("h100:2x4", {"PYTHONPATH": str(CUDA_PLAN_SITE), "JAX_PLATFORMS": "cpu"}, *args)
+  assert gpu["fits"] is True and gpu["topology"] == "h100:2x4" and gpu["chips"] == 8
+  assert gpu["device_kind"] == "NVIDIA H100 80GB HBM3" == hardware.CHIPS["h100"].device_kinds[0]
+  assert gpu["hbm_bytes"] == 81559 * (1 << 20) and gpu["usable_bytes"] == int(gpu["hbm_bytes"] * 0.75)
+  assert "the compiler reports none" in text and gpu["flops_per_step"] == 0.0  # XLA:GPU has no cost analysis
+  assert "collectives in the compiled step" in text and "step time >= " in text
+  assert gpu["step_time_lower_bound_s"] == pytest.approx(gpu["model_flops_per_step"] / (989.4e12 * 8))
+  assert gpu["collectives"]["all-reduce"] + gpu["collectives"]["reduce-scatter"] >= 1
+  assert gpu["collectives"]["all-gather"] >= 1
+  cpu, _ = _plan_json("cpu", {}, *args)
+  assert cpu["chips"] == 8 and gpu["argument_bytes"] == cpu["argument_bytes"] > 0
+  assert gpu["program_fingerprint"] != cpu["program_fingerprint"]  # each backend's own lowering
+
+
 def test_chips_come_from_the_one_hardware_table():
   from glide_jax import hardware
-  assert sorted(plan.CHIPS) == ["v4", "v5e", "v5p", "v6e"]
+  assert sorted(plan.CHIPS) == ["a100", "h100", "h200", "v4", "v5e", "v5p", "v6e"]
   for gen, chip in plan.CHIPS.items():
     assert chip is hardware.CHIPS[gen] and chip.peak_flops == chip.bf16_flops > 0
   host = plan.host_chip(4)

@@ -150,6 +150,12 @@ def test_a_tpu_plan_leaves_the_environment_as_it_was(capsys):
                                         "--config.no_such_key=1"])
   assert plan_cmd.run(args) == 2  # refused before anything compiles
   assert {k: os.environ.get(k) for k in plan_cmd._TPU_COMPILE_ONLY_ENV} == before
+  # a GPU plan sets the CUDA plugin's skip of the driver check, and only that, for its own time
+  before = {k: os.environ.get(k) for k in (*plan_cmd._TPU_COMPILE_ONLY_ENV, *plan_cmd._GPU_COMPILE_ONLY_ENV)}
+  args = config_lib.parse_args(parser, ["--config", "configs/base.py:variant=tiny", "--topology", "h100:8",
+                                        "--config.no_such_key=1"])
+  assert plan_cmd.run(args) == 2
+  assert {k: os.environ.get(k) for k in before} == before
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the tpu extra) is not installed")

@@ -1,11 +1,15 @@
-r"""`glide-jax plan`: compile a config's train step (and a sampler step) for a TPU topology on this
-machine and report per-chip memory against HBM, FLOPs, collectives and a step-time lower bound.
+r"""`glide-jax plan`: compile a config's train step (and a sampler step) for a TPU slice or for
+NVIDIA GPU nodes on this machine and report per-chip memory against HBM, FLOPs, collectives and a
+step-time lower bound.
 
   glide-jax plan --config configs/base.py:variant=full --topology v5p:4x4x4 --batch 2048
+  glide-jax plan --config configs/base.py:variant=full --topology h100:4x8 --batch 256
 
-Needs libtpu (`pip install 'glide-jax[tpu]'`); nothing runs on a TPU. When the config does not
-fit, alternatives (all chips on fsdp, full remat, microbatches) are compiled and the overrides of
-the first that fits are printed. The last line of output is one JSON object.
+TPUs need libtpu (`pip install 'glide-jax[tpu]'`), GPUs jax's CUDA plugin (`pip install
+'glide-jax[gpu-plan]'`, no CUDA libraries or driver); nothing runs on either. On a GPU the program
+must fit in the share of memory jax takes (XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75). When the
+config does not fit, alternatives (all chips on fsdp, full remat, microbatches) are compiled and
+the overrides of the first that fits are printed. The last line of output is one JSON object.
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ from glide_jax import config_lib
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   config_lib.add_config_flags(parser)
   parser.add_argument("--topology", required=True,
-                      help="TPU slice, e.g. v4:2x2x1, v5p:4x4x4, v5p:8x8x8, v5e:16x16, v6e:8x8; or 'cpu': "
+                      help="TPU slice, e.g. v4:2x2x1, v5p:4x4x4, v5p:8x8x8, v5e:16x16, v6e:8x8; NVIDIA GPU "
+                           "nodes, [NODESx]GPUS of a100, h100 or h200, e.g. h100:8, h200:4x8; or 'cpu': "
                            "this machine's local devices (e.g. the 8-device CPU platform), compiled for real")
   parser.add_argument("--batch", type=int, default=None, help="global batch (default: config.batch_size)")
   parser.add_argument("--sample-batch", type=int, default=None,
@@ -55,17 +60,25 @@ def _mesh_text(config, n_devices: int) -> str:
 # accelerator, warn at length, or hold the exclusive lock (plans may then run side by side).
 _TPU_COMPILE_ONLY_ENV = {"TPU_ACCELERATOR_TYPE": "v5p-8", "TPU_SKIP_MDS_QUERY": "1",
                          "TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+# jax's CUDA plugin checks the installed CUDA libraries against a driver when it starts; a
+# deviceless GPU compile has neither, and the plugin does not register unless told to skip that.
+_GPU_COMPILE_ONLY_ENV = {"JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"}
+
+
+def _is_gpu_topology(name: str) -> bool:
+  return name.split(":", 1)[0].strip() in ("a100", "h100", "h200")
 
 
 def run(args: argparse.Namespace) -> int:
-  """Sets the compile-only TPU environment for the plan and puts the previous one back after it,
-  so a later `train` in the same process does not take TPU_WORKER_HOSTNAMES for a TPU pod."""
+  """Sets the compile-only environment for the plan and puts the previous one back after it, so a
+  later `train` in the same process does not take TPU_WORKER_HOSTNAMES for a TPU pod."""
   from glide_jax import plan as plan_lib
   args.host_memory = plan_lib.limit_malloc_arenas()  # before libtpu starts its compiler threads
   if args.topology == "cpu":
     return _run(args)
-  saved = {k: os.environ.get(k) for k in _TPU_COMPILE_ONLY_ENV}
-  for k, v in _TPU_COMPILE_ONLY_ENV.items():
+  env = _GPU_COMPILE_ONLY_ENV if _is_gpu_topology(args.topology) else _TPU_COMPILE_ONLY_ENV
+  saved = {k: os.environ.get(k) for k in env}
+  for k, v in env.items():
     os.environ.setdefault(k, v)
   try:
     return _run(args)
@@ -96,16 +109,20 @@ def _run(args: argparse.Namespace) -> int:
       gen, _ = plan_lib.parse_topology(args.topology)
       devices = plan_lib.topology_devices(args.topology)
       chip = plan_lib.CHIPS[gen]
+    usable = plan_lib.gpu_memory_fraction() if _is_gpu_topology(args.topology) else 1.0
   except (config_lib.ConfigError, plan_lib.PlanError) as e:
     print(f"glide-jax plan: {e}", file=sys.stderr)
     return 2
   per_chip = plan_lib.devices_per_chip(devices)
   n_chips = len(devices) // per_chip
-  device_hbm = chip.hbm_bytes // per_chip
+  device_hbm = int(chip.hbm_bytes * usable) // per_chip
   print(f"glide-jax plan: {args.config} {' '.join(overrides)}")
   print(f"topology {args.topology}: {n_chips} chips ({len(devices)} devices, {per_chip} per chip), "
         f"{_gib(chip.hbm_bytes)} HBM and {chip.peak_flops / 1e12:.0f} TFLOP/s bf16 per chip"
         + (" (cpu: host memory shared by the devices; no peak known)" if args.topology == "cpu" else ""))
+  if usable < 1.0:
+    print(f"a program fits in {usable:g} of each GPU's memory, {_gib(device_hbm)}: what jax takes "
+          "(XLA_PYTHON_CLIENT_MEM_FRACTION; jax's default 0.75)")
   if getattr(args, "host_memory", None):
     print(f"host memory: {args.host_memory}")
 
@@ -139,7 +156,7 @@ def _run(args: argparse.Namespace) -> int:
       failures.append(f"{label}: {type(e).__name__}: {str(e).strip()[:600]}")
       return None
     res.fits = bool(res.per_device_bytes and not res.error and res.per_device_bytes <= device_hbm)
-    mem = f"{_gib(res.per_device_bytes * per_chip)} / {_gib(chip.hbm_bytes)}"
+    mem = f"{_gib(res.per_device_bytes * per_chip)} / {_gib(device_hbm * per_chip)}"
     print(f"{label:38s} {_mesh_text(cfg, len(devices)):>13s} {cfg.model.remat_policy:>6s} {cfg.microbatches:>5d} "
           f"{mem:>26s} {'yes' if res.fits else 'NO':>4s} {res.compile_seconds:7.0f}s", flush=True)
     if res.error:
@@ -175,15 +192,21 @@ def _run(args: argparse.Namespace) -> int:
     print(f"  per chip: arguments {_gib(res.argument_bytes * per_chip)}, outputs {_gib(res.output_bytes * per_chip)}, "
           f"aliased (donated) {_gib(res.alias_bytes * per_chip)}, temporaries {_gib(res.temp_bytes * per_chip)}, "
           f"code {_gib(res.code_bytes * per_chip)}")
-    print(f"  total {_gib(res.per_device_bytes * per_chip)} of {_gib(chip.hbm_bytes)} HBM "
+    print(f"  total {_gib(res.per_device_bytes * per_chip)} of {_gib(device_hbm * per_chip)} usable HBM "
           f"({100.0 * res.per_device_bytes / device_hbm:.1f}%)")
   summary = plan_lib.result_json(cfg, args.topology, res, chip, per_chip, n_chips, 3.0 * fwd * int(cfg.batch_size), fwd)
+  summary["usable_bytes"] = int(device_hbm * per_chip)  # what `fits` is judged against, per chip
+  summary["device_kind"] = devices[0].device_kind
   if not res.error:
     ratio = summary["flops_per_step"] / max(summary["model_flops_per_step"], 1.0)
-    print(f"  FLOPs per step: compiled {_flops(summary['flops_per_step'])} "
-          f"({_flops(res.flops_per_device)} per device x {len(devices)}); analytic {_flops(summary['model_flops_per_step'])}"
-          f" (compiled/analytic {ratio:.2f};{' remat recomputes the forward;' if cfg.model.remat_policy != 'none' else ''}"
-          f" elementwise ops and the optimizer are not in the analytic count{'; a microbatch scan body is counted once by the compiler' if cfg.microbatches > 1 else ''})")
+    if not res.flops_per_device:  # XLA's GPU compiler gives no cost analysis
+      print(f"  FLOPs per step: the compiler reports none; analytic {_flops(summary['model_flops_per_step'])} "
+            "(3 x forward conv+matmul FLOPs x batch)")
+    else:
+      print(f"  FLOPs per step: compiled {_flops(summary['flops_per_step'])} "
+            f"({_flops(res.flops_per_device)} per device x {len(devices)}); analytic {_flops(summary['model_flops_per_step'])}"
+            f" (compiled/analytic {ratio:.2f};{' remat recomputes the forward;' if cfg.model.remat_policy != 'none' else ''}"
+            f" elementwise ops and the optimizer are not in the analytic count{'; a microbatch scan body is counted once by the compiler' if cfg.microbatches > 1 else ''})")
     coll = ", ".join(f"{k} x{v['count']} ({_size(v['bytes'])})" for k, v in res.collectives.items() if v["count"]) or "none"
     print(f"  collectives in the compiled step (result sizes, per device): {coll}")
     if chip.peak_flops:
@@ -212,8 +235,10 @@ def _run(args: argparse.Namespace) -> int:
       print(f"\nsampler step ({cfg.sampling.sampler}, guidance {cfg.sampling.guidance_scale}, {sample_batch} images,"
             f" {2 * sample_batch if stage.uses_text else sample_batch} model rows): per chip "
             f"{_gib(s.per_device_bytes * per_chip)} ({'fits' if s_fits else 'does NOT fit'}), "
-            f"compiled FLOPs {_flops(s.flops_per_device * len(devices))}"
-            + (f", >= {s.flops_per_device * per_chip / chip.peak_flops * 1e3:.2f} ms at peak" if chip.peak_flops else "")
+            + (f"compiled FLOPs {_flops(s.flops_per_device * len(devices))}" if s.flops_per_device
+               else "no compiled FLOP count")
+            + (f", >= {s.flops_per_device * per_chip / chip.peak_flops * 1e3:.2f} ms at peak"
+               if chip.peak_flops and s.flops_per_device else "")
             + f"; compile {s.compile_seconds:.0f}s")
       summary["sampler"] = {"batch": sample_batch, "per_chip_bytes": int(s.per_device_bytes * per_chip),
                             "fits": bool(s_fits), "flops_per_step": s.flops_per_device * len(devices)}
