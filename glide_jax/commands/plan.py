@@ -66,7 +66,8 @@ _GPU_COMPILE_ONLY_ENV = {"JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"}
 
 
 def _is_gpu_topology(name: str) -> bool:
-  return name.split(":", 1)[0].strip() in ("a100", "h100", "h200")
+  from glide_jax import plan as plan_lib
+  return name.split(":", 1)[0].strip() in plan_lib.GPU_KINDS
 
 
 def run(args: argparse.Namespace) -> int:
