@@ -337,10 +337,7 @@ def editor_inputs(value: Any, size: int, source: np.ndarray | None = None) -> tu
   rgb = bg[..., :3].astype(np.uint8)
   painted = np.zeros((h, w), bool)
   for layer in value.get("layers") or []:
-    layer = np.asarray(layer)
-    if layer.shape[:2] != (h, w):
-      raise AppError(f"a mask layer is {layer.shape[1]}x{layer.shape[0]} px, the image {w}x{h}: paint on the image")
-    painted |= (layer[..., 3] > 0) if layer.ndim == 3 and layer.shape[-1] == 4 else (layer.reshape(h, w, -1).max(-1) > 0)
+    painted |= _layer_paint(layer, h, w)
   note = ""
   if h == w and h % size == 0:
     # `source` zoomed, or any image zoomed by whole pixels: its own pixels, not a resampling
@@ -357,6 +354,15 @@ def editor_inputs(value: Any, size: int, source: np.ndarray | None = None) -> tu
   row_any = np.logical_or.reduceat(painted, ys[:-1], axis=0) if h >= size else painted[(np.arange(size) * h) // size]
   gen = np.logical_or.reduceat(row_any, xs[:-1], axis=1) if w >= size else row_any[:, (np.arange(size) * w) // size]
   return image, ~gen, note
+
+
+def _layer_paint(layer: Any, h: int, w: int) -> np.ndarray:
+  """Where an editor layer is painted, [h, w] bool: an RGBA layer where its alpha is not 0 (erased
+  paint has none), any other where a channel is not 0; a layer of another size than the image is refused."""
+  layer = np.asarray(layer)
+  if layer.shape[:2] != (h, w):
+    raise AppError(f"a mask layer is {layer.shape[1]}x{layer.shape[0]} px, the image {w}x{h}: paint on the image")
+  return (layer[..., 3] > 0) if layer.ndim == 3 and layer.shape[-1] == 4 else (layer.reshape(h, w, -1).max(-1) > 0)
 
 
 def zoom(image: np.ndarray, factor: int) -> np.ndarray:
@@ -400,9 +406,7 @@ def paint_rectangle(value: Any, size: int, left: Any, top: Any, right: Any, bott
   bg = np.asarray(value["background"])
   h, w = bg.shape[:2]
   layers = [np.asarray(layer) for layer in value.get("layers") or []]
-  for layer in layers:
-    if layer.shape[:2] != (h, w):
-      raise AppError(f"a mask layer is {layer.shape[1]}x{layer.shape[0]} px, the image {w}x{h}: paint on the image")
+  drawn = [_layer_paint(layer, h, w) for layer in layers]
 
   def screen(lo: int, hi: int, n: int) -> np.ndarray:
     # the screen pixels editor_inputs reads for model pixels lo..hi-1 (the same rule, inverted)
@@ -410,21 +414,22 @@ def paint_rectangle(value: Any, size: int, left: Any, top: Any, right: Any, bott
       return np.arange((lo * n) // size, (hi * n) // size)
     return np.unique((np.arange(lo, hi) * n) // size)
   rows, cols = screen(box["top"], box["bottom"], h), screen(box["left"], box["right"], w)
-  paint = np.array(layers[0], np.uint8, copy=True) if layers else np.zeros((h, w, 4), np.uint8)
-  if paint.ndim == 2 or paint.shape[-1] != 4:  # an RGB or grey layer: painted where any channel is
-    grey = paint.reshape(h, w, -1).max(-1) > 0
+  # the first layer as RGBA paint (an RGB or grey one: PAINT where it is painted), the box added
+  if layers and layers[0].ndim == 3 and layers[0].shape[-1] == 4:
+    paint = np.array(layers[0], np.uint8, copy=True)
+  else:
     paint = np.zeros((h, w, 4), np.uint8)
-    paint[grey] = PAINT
+    if layers:
+      paint[drawn[0]] = PAINT
   paint[np.ix_(rows, cols)] = PAINT
+  layers, drawn = [paint, *layers[1:]], [paint[..., 3] > 0, *drawn[1:]]
   rgba = bg if bg.ndim == 3 and bg.shape[-1] == 4 else np.concatenate(
       [np.repeat(bg[..., None], 3, -1) if bg.ndim == 2 else bg[..., :3],
        np.full((h, w, 1), 255, np.uint8)], -1)
-  layers = [paint, *layers[1:]]
   composite = rgba.astype(np.uint8, copy=True)
-  for layer in layers:  # what the editor shows: each layer's paint over the image
-    drawn = (layer[..., 3] > 0) if layer.ndim == 3 and layer.shape[-1] == 4 else None
-    if drawn is not None:
-      composite[drawn] = layer[drawn]
+  for layer, where in zip(layers, drawn, strict=True):  # what the editor shows: each RGBA layer over the image
+    if layer.ndim == 3 and layer.shape[-1] == 4:
+      composite[where] = layer[where]
   return {"background": value["background"], "layers": layers, "composite": composite}
 
 

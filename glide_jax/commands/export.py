@@ -200,7 +200,7 @@ def sampling_function(config, settings: dict):
   import jax
   import jax.numpy as jnp
 
-  from glide_jax.diffusion import pipeline
+  from glide_jax.diffusion import pipeline, residual
   from glide_jax.models import registry
   from glide_jax.sampling import canonical_sampler
 
@@ -221,7 +221,7 @@ def sampling_function(config, settings: dict):
     run = pipeline.sampling_program(
         model, diffusion, (b, size, size, 3), sampler=sampler, cfg="uncond_tokens" in named,
         low_res=upsampler, inpaint=inpaint, inpaint_inputs=inpaint, guided_input=name == "student",
-        upsample_residual=settings["upsample_residual"] if upsampler else "")
+        upsample_residual=residual.residual_of(settings) if upsampler else "")
     return run(params, named["tokens"], named["mask"], named.get("uncond_tokens"), named.get("uncond_mask"),
                f32("low_res"), f32("image"), f32("image_mask"), named["key_data"],
                named.get("guidance_scale", 1.0), named.get("temperature", 1.0), 0.0, None, None, 0.0)
